@@ -307,3 +307,30 @@ def profile_config(config, batch_size: int, seq_len: int, target_len: int | None
         except OSError:
             pass
     return prof
+
+
+class FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of the ops actually executed (torch's FlopCounterMode formulas), cheaply.
+
+    Used around every forward, backward and overhead pass of training; accumulates into ``total``.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            self.total += int(flop_registry[packet](*args, **kwargs, out_val=out))
+        return out
+
+
+def full_step_flops(meta_model, batch: dict) -> int:
+    """FLOPs of a full fine-tuning step on a batch of this shape, measured on a weightless copy."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    seq2seq = getattr(meta_model.config, "is_encoder_decoder", False)
+    return measure_step_flops(meta_model, [n for n, _ in unique_named_parameters(meta_model)],
+                              ids.shape[0], ids.shape[1], labels.shape[1] if seq2seq else None)

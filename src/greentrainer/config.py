@@ -1,0 +1,181 @@
+"""Every option with its default, validated once before anything heavy is loaded."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from .errors import UsageError
+
+METHODS = ("greentrainer", "full", "top2", "lora", "dora", "prefix", "smt")
+IMPORTANCE_METRICS = ("dw_grad", "dw", "grad")
+SMT_TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass
+class GreenTrainerConfig:
+    """GreenTrainer (adaptive backpropagation) knobs."""
+
+    rho: float = 0.6                 # fraction of full fine-tuning FLOPs per step
+    rho_schedule: str | None = None  # JSON file {step: rho}; the latest entry at or before a selection applies
+    select_every: int | None = None  # re-select every K optimizer steps (default: at every epoch start)
+    select_once: bool = False        # select once at the start and keep it
+    importance: str = "dw_grad"      # paper Table 4: dw_grad (-Σ Δw·g), dw (Σ|Δw|), grad (Σ g²)
+    resolution: int | None = None    # coarse selector (paper Table 7); None = exact
+
+    def validate(self) -> None:
+        if not 0 < self.rho <= 1:
+            raise UsageError(f"--rho must be in (0, 1], got {self.rho}")
+        if self.select_every is not None and self.select_every <= 0:
+            raise UsageError(f"--select-every must be a positive number of steps, got {self.select_every}")
+        if self.importance not in IMPORTANCE_METRICS:
+            raise UsageError(f"--importance must be one of {', '.join(IMPORTANCE_METRICS)}, got {self.importance!r}")
+        if self.resolution is not None and self.resolution < 2:
+            raise UsageError(f"--selector-resolution must be at least 2, got {self.resolution}")
+        if self.rho_schedule is not None:
+            load_rho_schedule(self.rho_schedule)
+
+
+def load_rho_schedule(path: str) -> dict[int, float]:
+    """Read a ρ schedule: JSON object {"0": 0.5, "100": 0.4} or lines "step rho"."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"ρ schedule file not found: {path}")
+    text = p.read_text()
+    try:
+        raw = json.loads(text)
+        items = list(raw.items()) if isinstance(raw, dict) else None
+    except ValueError:
+        items = [ln.replace(",", " ").split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not items:
+        raise UsageError(f"ρ schedule {path}: expected JSON {{step: rho}} or lines 'step rho'")
+    sched = {}
+    for item in items:
+        try:
+            step, rho = int(item[0]), float(item[1])
+        except (ValueError, IndexError, TypeError):
+            raise UsageError(f"ρ schedule {path}: cannot read entry {item!r}") from None
+        if step < 0 or not 0 < rho <= 1:
+            raise UsageError(f"ρ schedule {path}: step must be ≥ 0 and rho in (0, 1], got {step} → {rho}")
+        sched[step] = rho
+    return dict(sorted(sched.items()))
+
+
+@dataclasses.dataclass
+class PeftMethodConfig:
+    """LoRA / DoRA / Prefix tuning knobs (passed to peft)."""
+
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str | None = None   # comma-separated module names; default: the model's query and value
+    prefix_tokens: int = 20
+
+    def validate(self) -> None:
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            raise UsageError("--lora-r and --lora-alpha must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.prefix_tokens <= 0:
+            raise UsageError(f"--prefix-tokens must be positive, got {self.prefix_tokens}")
+
+
+@dataclasses.dataclass
+class SMTConfig:
+    """Sparse Matrix Tuning knobs."""
+
+    warmup_steps: int = 100
+    targets: str = "q,k,v"
+    params_percent: float = 1.0   # trainable parameters, % of all model parameters
+    block_size: int = 256
+
+    def target_kinds(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def validate(self) -> None:
+        kinds = self.target_kinds()
+        bad = [k for k in kinds if k not in SMT_TARGET_KINDS]
+        if not kinds or bad:
+            raise UsageError(f"--smt-targets: unknown target {', '.join(bad) or '(empty)'}; "
+                             f"choose from {','.join(SMT_TARGET_KINDS)}")
+        if not 0 < self.params_percent <= 100:
+            raise UsageError(f"--smt-params must be a percentage in (0, 100], got {self.params_percent}")
+        if self.block_size <= 0:
+            raise UsageError(f"--smt-block must be a positive block size, got {self.block_size}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"--smt-warmup must be ≥ 0, got {self.warmup_steps}")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A training run. Paper defaults: AdamW, lr 2e-5, linear schedule, wd 0.01, batch 4, 5 epochs."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "scitldr"
+    method: str = "greentrainer"
+    output_dir: str | None = None
+    overwrite: bool = False
+    epochs: int = 5
+    batch_size: int = 4
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_input_length: int = 512
+    max_train: int | None = None
+    max_eval: int | None = None
+    seed: int = 42
+    device: str = "auto"
+    bf16: bool = False
+    num_beams: int = 4
+    max_new_tokens: int | None = None
+    eval_batch_size: int = 8
+    do_eval: bool = True
+    eval_before: bool = False
+    greentrainer: GreenTrainerConfig = dataclasses.field(default_factory=GreenTrainerConfig)
+    peft: PeftMethodConfig = dataclasses.field(default_factory=PeftMethodConfig)
+    smt: SMTConfig = dataclasses.field(default_factory=SMTConfig)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "num_beams"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise UsageError("--weight-decay and --warmup-steps must be ≥ 0")
+        if self.max_input_length < 8:
+            raise UsageError(f"--max-input-length must be at least 8, got {self.max_input_length}")
+        for name in ("max_train", "max_eval", "max_new_tokens"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        self.greentrainer.validate()
+        self.peft.validate()
+        self.smt.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> Path:
+    """Refuse a non-empty output folder unless --overwrite; never leave a half-written one looking done."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output path exists and is not a folder: {out}")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace it")
+        import shutil
+        shutil.rmtree(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {out}: {e.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"output folder {out} is not writable")
+    return out

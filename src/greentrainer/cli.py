@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("greentrainer: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return 0
 
 
 def _main(argv) -> int:

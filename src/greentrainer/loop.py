@@ -150,16 +150,16 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device, log=print
     ctx = TrainContext(model=model, tokenizer=tokenizer, cfg=cfg, device=device, train_data=train_data,
                        profile=profile, meta_model=meta_model, seq2seq=seq2seq, log=log)
     ctx._probe_rng = random.Random(cfg.seed + 1)
-    model = method.prepare(model, ctx)
-    ctx.model = model
-    model.to(device)
-    model.train()
-    from transformers import get_linear_schedule_with_warmup
     g = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, generator=g,
                                          collate_fn=lambda items: items)
     ctx.steps_per_epoch = len(loader)
     ctx.total_steps = len(loader) * cfg.epochs
+    model = method.prepare(model, ctx)
+    ctx.model = model
+    model.to(device)
+    model.train()
+    from transformers import get_linear_schedule_with_warmup
     params = method.optimizer_parameters(model)
     if not params:
         raise RuntimeError(f"method {method.name} left no parameter to train")
@@ -210,7 +210,7 @@ def _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, lo
                 if key not in ref_cache:
                     ref_cache[key] = full_step_flops(meta_model, batch)
                 ref_epoch += ref_cache[key]
-                losses.append(float(loss))
+                losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         elapsed = time.perf_counter() - t0
         val = eval_loss(model, ctx, val_data, cfg.eval_batch_size) if val_data else float("nan")

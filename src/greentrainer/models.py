@@ -55,6 +55,9 @@ def load_config(name: str):
     from transformers import AutoConfig
     _check_name(name)
     if name in _PACKAGED:
+        cached = _cache_root() / "models" / name / "config.json"
+        if cached.exists():
+            return AutoConfig.from_pretrained(cached.parent)
         folder, gguf = packaged_model_dir(name)
         cfg = AutoConfig.from_pretrained(folder, gguf_file=gguf)
         _drop_quant(cfg)
@@ -90,6 +93,8 @@ def load_model(name: str, dtype=torch.float32):
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
             _drop_quant(model.config)
+            model.hf_quantizer = None  # weights are plain float32 tensors after dequantisation
+            model.is_quantized = False
             try:  # dequantising takes ~20 s; keep a float copy for next time
                 tmp = folder.with_name(folder.name + ".tmp")
                 model.save_pretrained(tmp)

@@ -12,6 +12,9 @@ class Method:
 
     name = "base"
 
+    def check(self, profile, steps_per_epoch: int, total_steps: int) -> None:
+        """Reject impossible settings (raise UsageError) before any output is written."""
+
     def prepare(self, model, ctx):
         """Freeze/wrap the model before the optimizer is built; return the model to train."""
         return model

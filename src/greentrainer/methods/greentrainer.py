@@ -1,0 +1,197 @@
+"""GreenTrainer: adaptive backpropagation under a FLOPs budget (ICLR 2024).
+
+At every selection point (each epoch by default) a probe scores each tensor's importance, the exact
+selector picks the most important set whose backward FLOPs fit ρ·t_full − t_fp (less the probe's own cost
+spread over the steps it governs), and only those tensors train until the next selection.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..config import load_rho_schedule
+from ..errors import UsageError
+from ..importance import probe_importance
+from ..selection import min_feasible_rho, rho_to_backward_budget, select_tensors
+from .base import Method
+
+
+def probe_cost(profile, probe_upto: int) -> int:
+    """Predicted FLOPs of one probe: a forward and a backward to tensor ``probe_upto`` training all above."""
+    t = profile.tensors
+    return profile.t_fp + sum(x.t_dw + x.t_dy for x in t[: probe_upto + 1])
+
+
+def deepest_reachable(profile, backward_budget: int) -> int:
+    """Index of the deepest tensor that fits the budget on its own (paper Eq. 12), or -1."""
+    acc, best = 0, -1
+    for j, t in enumerate(profile.tensors):
+        acc += t.t_dy
+        if acc + t.t_dw <= backward_budget:
+            best = j
+    return best
+
+
+def budget_for(profile, rho: float, steps_per_selection: int) -> tuple[int, int]:
+    """(backward budget per step, probe depth) for ρ, paying for the probe out of the same budget."""
+    upto = deepest_reachable(profile, rho_to_backward_budget(rho, profile.t_fp, profile.t_full))
+    for _ in range(3):  # the probe is cheaper when it stops higher; a few rounds settle it
+        overhead = probe_cost(profile, max(upto, 0)) / max(steps_per_selection, 1)
+        budget = rho_to_backward_budget(rho, profile.t_fp, profile.t_full, overhead)
+        upto = deepest_reachable(profile, budget)
+    return budget, upto
+
+
+def check_budget(profile, rho: float, steps_per_selection: int) -> None:  # noqa: C901
+    """Stop early, stating the smallest feasible ρ, when nothing can train within ρ."""
+    budget, upto = budget_for(profile, rho, steps_per_selection)
+    if upto < 0:
+        dw, dy = [t.t_dw for t in profile.tensors], [t.t_dy for t in profile.tensors]
+        lo = min_feasible_rho(dw, dy, profile.t_fp, profile.t_full)
+        hi = 1.0
+        for _ in range(40):  # smallest ρ that also pays for its probes
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if budget_for(profile, mid, steps_per_selection)[1] >= 0 else (mid, hi)
+        if budget_for(profile, 1.0, steps_per_selection)[1] < 0:
+            raise UsageError(f"the importance probe (about one training step) cannot be paid for when it is "
+                             f"spread over only {steps_per_selection} step(s) per selection; select less often "
+                             f"(--select-every K, --select-once) or train on more data")
+        raise UsageError(f"--rho {rho} is below what the forward pass plus the cheapest useful selection "
+                         f"(and the probe, spread over {steps_per_selection} steps) costs for this model and "
+                         f"batch shape; the smallest feasible rho is {hi:.4f}")
+
+
+class GreenTrainerMethod(Method):
+    name = "greentrainer"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.schedule = load_rho_schedule(cfg.rho_schedule) if cfg.rho_schedule else {}
+        self.selections: list[dict] = []
+        self._epoch_selections: list[dict] = []
+        self.current: list[str] | None = None
+
+    # -- the plug-in interface ------------------------------------------------------------------
+    def check(self, profile, steps_per_epoch, total_steps):
+        steps = self._steps(steps_per_epoch, total_steps)
+        for rho in {self.cfg.rho, *self.schedule.values()}:
+            check_budget(profile, rho, steps)
+
+    def prepare(self, model, ctx):
+        self.params = dict(model.named_parameters())
+        self.names = ctx.profile.names
+        missing = [n for n in self.names if n not in self.params]
+        if missing:
+            raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
+        self.check(ctx.profile, ctx.steps_per_epoch, ctx.total_steps)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return model
+
+    def optimizer_parameters(self, model):
+        return list(self.params.values())  # frozen tensors have no grad, so AdamW skips them
+
+    def on_epoch_start(self, ctx):
+        self._epoch_selections = []
+        if self.cfg.select_every is None and (not self.cfg.select_once or self.current is None):
+            self.select(ctx)
+
+    def on_step_start(self, ctx):
+        if self.cfg.select_every is not None and ctx.global_step % self.cfg.select_every == 0:
+            self.select(ctx)
+
+    def epoch_report(self):
+        return {"selections": self._epoch_selections}
+
+    # -- selection ----------------------------------------------------------------------------
+    def _steps_per_selection(self, ctx) -> int:
+        return self._steps(ctx.steps_per_epoch, ctx.total_steps)
+
+    def _steps(self, steps_per_epoch, total_steps) -> int:
+        if self.cfg.select_once:
+            return total_steps or 1
+        if self.cfg.select_every is not None:
+            return min(self.cfg.select_every, total_steps or self.cfg.select_every)
+        return steps_per_epoch or 1
+
+    def rho_at(self, step: int) -> float:
+        rho = self.cfg.rho
+        for s, r in self.schedule.items():
+            if s <= step:
+                rho = r
+        return rho
+
+    def select(self, ctx) -> list[str]:
+        prof = ctx.profile
+        rho = self.rho_at(ctx.global_step)
+        budget, upto = budget_for(prof, rho, self._steps_per_selection(ctx))
+        probe = probe_importance(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batch(), self.names, upto,
+                                 self.cfg.importance, ctx.count, ctx.autocast)
+        imp = probe["importance"]
+        dw = [t.t_dw for t in prof.tensors]
+        dy = [t.t_dy for t in prof.tensors]
+        sel = select_tensors(dw, dy, imp, budget, self.cfg.resolution)
+        note = ""
+        if not sel.indices:
+            if self.current is not None:
+                note = "every importance ≤ 0 (the probe step made no progress): keeping the previous selection"
+                chosen = self.current
+            else:
+                note = "every importance ≤ 0: selecting by |importance| instead"
+                sel = select_tensors(dw, dy, np.abs(imp) + 1e-12, budget, self.cfg.resolution)
+                chosen = [self.names[i] for i in sel.indices]
+            ctx.log(f"GreenTrainer: {note}")
+        else:
+            chosen = [self.names[i] for i in sel.indices]
+        self.current = chosen
+        keep = set(chosen)
+        for n, p in self.params.items():
+            p.requires_grad_(n in keep)
+        predicted = prof.predict(chosen)
+        rec = {"step": ctx.global_step, "epoch": ctx.epoch + 1, "rho": rho, "n_selected": len(chosen),
+               "selected": chosen, "predicted_step_flops": predicted,
+               "predicted_fraction_of_full": predicted / prof.t_full, "backward_budget": budget,
+               "probe_depth": upto, "probe_grad_bytes": probe["grad_bytes"],
+               "probe_grad_bytes_full_backward": probe["grad_bytes_full"], "exact": sel.exact,
+               "importance": [float(x) for x in imp]}
+        if note:
+            rec["note"] = note
+        self.selections.append(rec)
+        self._epoch_selections.append({k: v for k, v in rec.items() if k != "importance"})
+        ctx.log(f"GreenTrainer: step {ctx.global_step}, rho {rho}: {len(chosen)}/{len(self.names)} tensors, "
+                f"predicted {100 * predicted / prof.t_full:.1f}% of a full step; probe stopped at depth "
+                f"{upto} ({probe['grad_bytes'] / 2**20:.1f} of {probe['grad_bytes_full'] / 2**20:.1f} MiB "
+                f"gradient memory)")
+        return chosen
+
+    # -- outputs -----------------------------------------------------------------------------
+    def write_artifacts(self, out_dir) -> None:
+        with open(out_dir / "selections.json", "w") as f:
+            json.dump({"tensors": self.names, "selections": self.selections}, f, indent=1)
+        if self.selections:
+            plot_selection_heatmap(self.names, self.selections, out_dir / "selection_heatmap.png")
+
+
+def plot_selection_heatmap(names, selections, path) -> None:
+    """Which tensors trained after which selection (rows: tensors, output at the top)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = np.zeros((len(names), len(selections)))
+    index = {n: i for i, n in enumerate(names)}
+    for j, s in enumerate(selections):
+        for n in s["selected"]:
+            grid[index[n], j] = 1
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(selections) + 3), 8))
+    ax.imshow(grid, aspect="auto", cmap="Greens", interpolation="nearest", vmin=0, vmax=1)
+    ax.set_xlabel("selection (epoch / step)")
+    ax.set_xticks(range(len(selections)))
+    ax.set_xticklabels([f"e{s['epoch']}\ns{s['step']}" for s in selections], fontsize=7)
+    step = max(1, len(names) // 40)
+    ax.set_yticks(range(0, len(names), step))
+    ax.set_yticklabels([names[i] for i in range(0, len(names), step)], fontsize=5)
+    ax.set_title("GreenTrainer: selected tensors (green) per selection")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

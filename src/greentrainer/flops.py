@@ -13,6 +13,7 @@ predicts, so a selection the selector accepts never exceeds its budget.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -107,6 +108,20 @@ def dummy_batch(model, batch_size: int, seq_len: int, target_len: int | None = N
     return {"input_ids": ids, "labels": ids}
 
 
+@contextlib.contextmanager
+def meta_safe(model):
+    """Skip transformers' data-dependent padding check (it reads values, which meta tensors lack)."""
+    cfg = model.config
+    pad, cache = getattr(cfg, "pad_token_id", None), getattr(cfg, "use_cache", None)
+    if not getattr(cfg, "is_encoder_decoder", False):
+        cfg.pad_token_id = None
+        cfg.use_cache = True  # with a cache object, the packed-sequence check (value-dependent) is skipped
+    try:
+        yield
+    finally:
+        cfg.pad_token_id, cfg.use_cache = pad, cache
+
+
 def unique_named_parameters(model):
     """Named parameters with tied tensors reported once (the first name wins)."""
     seen, out = set(), []
@@ -139,7 +154,7 @@ def profile_model(model, batch_size: int, seq_len: int, target_len: int | None =
         for _, p in params:
             p.requires_grad_(True)
         batch = dummy_batch(model, batch_size, seq_len, target_len, device=device)
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, meta_safe(model):
             loss = model(**batch).loss
         t_fp = int(fc.get_total_flops())
         nodes = _collect_graph(loss.grad_fn)
@@ -261,7 +276,7 @@ def measure_step_flops(model, selected_names, batch_size: int, seq_len: int, tar
         for n, p in params:
             p.requires_grad_(n in sel)
         batch = dummy_batch(model, batch_size, seq_len, target_len, device=params[0][1].device)
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, meta_safe(model):
             loss = model(**batch).loss
             if loss.requires_grad:
                 loss.backward()
@@ -274,7 +289,9 @@ def measure_step_flops(model, selected_names, batch_size: int, seq_len: int, tar
 
 def meta_model_from_config(config):
     """Build a weightless copy of a model on the meta device from its config (eager attention)."""
+    import copy
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    config = copy.deepcopy(config)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device("meta"):
         return cls.from_config(config, attn_implementation="eager")

@@ -135,33 +135,34 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def tiny_config(arch: str, **overrides):
-    """Tiny randomly initialised configs (tests, examples): llama, opt, bloom, gpt2, qwen2, t5.
+def tiny_config(arch: str, size: str = "tiny"):
+    """Randomly initialisable configs built in code: llama, opt, bloom, gpt2, qwen2, t5.
 
-    Vocabulary and special ids match :func:`tiny_tokenizer`."""
+    ``tiny`` (hidden 64, 2 layers; vocabulary and special ids match :func:`tiny_tokenizer`) trains in
+    seconds; ``small`` (hidden 512, 4 layers) has realistic proportions for FLOPs checks on the meta device.
+    """
     from transformers import (BloomConfig, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config, T5Config)
-    base = dict(vocab_size=260, pad_token_id=256, eos_token_id=257, bos_token_id=257)
+    h, f, n, heads, vocab = (64, 128, 2, 4, 260) if size == "tiny" else (512, 2048, 4, 8, 8192)
+    base = dict(vocab_size=vocab, pad_token_id=256, eos_token_id=257, bos_token_id=257)
     if arch == "llama":
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=512, **base)
-    elif arch == "opt":
-        cfg = OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                        word_embed_proj_dim=64, max_position_embeddings=512, **base)
-    elif arch == "bloom":
-        cfg = BloomConfig(hidden_size=64, n_layer=2, n_head=4, **base)
-    elif arch == "gpt2":
-        cfg = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **base)
-    elif arch == "qwen2":
-        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False, **base)
-    elif arch == "t5":
-        cfg = T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
-                       decoder_start_token_id=256, **base)
-    else:
-        raise ValueError(f"no tiny config for {arch!r}")
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    return cfg
+        return LlamaConfig(hidden_size=h, intermediate_size=f, num_hidden_layers=n, num_attention_heads=heads,
+                           num_key_value_heads=heads // 2, tie_word_embeddings=True, max_position_embeddings=512,
+                           **base)
+    if arch == "opt":
+        return OPTConfig(hidden_size=h, ffn_dim=f, num_hidden_layers=n, num_attention_heads=heads,
+                         word_embed_proj_dim=h, max_position_embeddings=512, **base)
+    if arch == "bloom":
+        return BloomConfig(hidden_size=h, n_layer=n, n_head=heads, **base)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=h, n_layer=n, n_head=heads, n_positions=512, **base)
+    if arch == "qwen2":
+        return Qwen2Config(hidden_size=h, intermediate_size=f, num_hidden_layers=n, num_attention_heads=heads,
+                           num_key_value_heads=heads // 2, max_position_embeddings=512, tie_word_embeddings=False,
+                           **base)
+    if arch == "t5":
+        return T5Config(d_model=h, d_ff=f, d_kv=h // heads, num_layers=n, num_decoder_layers=n, num_heads=heads,
+                        decoder_start_token_id=256, **base)
+    raise ValueError(f"no tiny config for {arch!r}")
 
 
 def tiny_tokenizer():

@@ -62,6 +62,47 @@ def check_budget(profile, rho: float, steps_per_selection: int) -> None:  # noqa
                          f"batch shape; the smallest feasible rho is {hi:.4f}")
 
 
+def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, importance="dw_grad",
+                resolution=None, previous=None, count=None, autocast=None, log=print):
+    """Probe importance, select within ρ, and make exactly the selected tensors trainable.
+
+    Returns (selected names, a record of the selection for logs)."""
+    names = profile.names
+    budget, upto = budget_for(profile, rho, steps_per_selection)
+    probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast)
+    imp = probe["importance"]
+    dw = [t.t_dw for t in profile.tensors]
+    dy = [t.t_dy for t in profile.tensors]
+    sel = select_tensors(dw, dy, imp, budget, resolution)
+    note = ""
+    if sel.indices:
+        chosen = [names[i] for i in sel.indices]
+    elif previous:
+        note = "every importance ≤ 0 (the probe step made no progress): keeping the previous selection"
+        chosen = list(previous)
+    else:
+        note = "every importance ≤ 0: selecting by |importance| instead"
+        sel = select_tensors(dw, dy, np.abs(imp) + 1e-12, budget, resolution)
+        chosen = [names[i] for i in sel.indices]
+    if note:
+        log(f"GreenTrainer: {note}")
+    keep = set(chosen)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in keep)
+    predicted = profile.predict(chosen)
+    rec = {"rho": rho, "n_selected": len(chosen), "selected": chosen, "predicted_step_flops": predicted,
+           "predicted_fraction_of_full": predicted / profile.t_full, "backward_budget": budget,
+           "probe_depth": upto, "probe_grad_bytes": probe["grad_bytes"],
+           "probe_grad_bytes_full_backward": probe["grad_bytes_full"], "exact": sel.exact,
+           "importance": [float(x) for x in imp]}
+    if note:
+        rec["note"] = note
+    log(f"GreenTrainer: rho {rho}: {len(chosen)}/{len(names)} tensors, predicted "
+        f"{100 * predicted / profile.t_full:.1f}% of a full step; probe stopped at depth {upto} "
+        f"({probe['grad_bytes'] / 2**20:.1f} of {probe['grad_bytes_full'] / 2**20:.1f} MiB gradient memory)")
+    return chosen, rec
+
+
 class GreenTrainerMethod(Method):
     name = "greentrainer"
 
@@ -123,46 +164,14 @@ class GreenTrainerMethod(Method):
         return rho
 
     def select(self, ctx) -> list[str]:
-        prof = ctx.profile
         rho = self.rho_at(ctx.global_step)
-        budget, upto = budget_for(prof, rho, self._steps_per_selection(ctx))
-        probe = probe_importance(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batch(), self.names, upto,
-                                 self.cfg.importance, ctx.count, ctx.autocast)
-        imp = probe["importance"]
-        dw = [t.t_dw for t in prof.tensors]
-        dy = [t.t_dy for t in prof.tensors]
-        sel = select_tensors(dw, dy, imp, budget, self.cfg.resolution)
-        note = ""
-        if not sel.indices:
-            if self.current is not None:
-                note = "every importance ≤ 0 (the probe step made no progress): keeping the previous selection"
-                chosen = self.current
-            else:
-                note = "every importance ≤ 0: selecting by |importance| instead"
-                sel = select_tensors(dw, dy, np.abs(imp) + 1e-12, budget, self.cfg.resolution)
-                chosen = [self.names[i] for i in sel.indices]
-            ctx.log(f"GreenTrainer: {note}")
-        else:
-            chosen = [self.names[i] for i in sel.indices]
+        chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batch(), ctx.profile, rho,
+                                  self._steps_per_selection(ctx), self.cfg.importance, self.cfg.resolution,
+                                  self.current, ctx.count, ctx.autocast, ctx.log)
+        rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
         self.current = chosen
-        keep = set(chosen)
-        for n, p in self.params.items():
-            p.requires_grad_(n in keep)
-        predicted = prof.predict(chosen)
-        rec = {"step": ctx.global_step, "epoch": ctx.epoch + 1, "rho": rho, "n_selected": len(chosen),
-               "selected": chosen, "predicted_step_flops": predicted,
-               "predicted_fraction_of_full": predicted / prof.t_full, "backward_budget": budget,
-               "probe_depth": upto, "probe_grad_bytes": probe["grad_bytes"],
-               "probe_grad_bytes_full_backward": probe["grad_bytes_full"], "exact": sel.exact,
-               "importance": [float(x) for x in imp]}
-        if note:
-            rec["note"] = note
         self.selections.append(rec)
         self._epoch_selections.append({k: v for k, v in rec.items() if k != "importance"})
-        ctx.log(f"GreenTrainer: step {ctx.global_step}, rho {rho}: {len(chosen)}/{len(self.names)} tensors, "
-                f"predicted {100 * predicted / prof.t_full:.1f}% of a full step; probe stopped at depth "
-                f"{upto} ({probe['grad_bytes'] / 2**20:.1f} of {probe['grad_bytes_full'] / 2**20:.1f} MiB "
-                f"gradient memory)")
         return chosen
 
     # -- outputs -----------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""GreenTrainer for your own ``transformers.Trainer`` script, as a ``TrainerCallback``.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator,
+                      callbacks=[GreenTrainerCallback(rho=0.5)])
+
+The Trainer builds its optimizer before ``on_train_begin``, while every tensor still requires grad, so
+tensors selected later have optimizer state and really train. Selection runs at every epoch start (or
+every ``select_every`` steps).
+"""
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from .flops import profile_config, unique_named_parameters
+from .methods.greentrainer import check_budget, select_step
+
+
+class GreenTrainerCallback(TrainerCallback):
+    def __init__(self, rho: float = 0.6, importance: str = "dw_grad", select_every: int | None = None,
+                 seq_len: int | None = None, log=print):
+        self.rho, self.importance, self.select_every, self.seq_len, self.log = rho, importance, select_every, seq_len, log
+        self.selections: list[dict] = []
+        self.current = None
+
+    def _batch(self, dataloader, device):
+        it = getattr(self, "_it", None)
+        try:
+            batch = next(it)
+        except (StopIteration, TypeError):
+            self._it = iter(dataloader)
+            batch = next(self._it)
+        return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+        batch = self._batch(train_dataloader, model.device)
+        ids, labels = batch["input_ids"], batch["labels"]
+        seq2seq = getattr(model.config, "is_encoder_decoder", False)
+        self.profile = profile_config(model.config, ids.shape[0], self.seq_len or ids.shape[1],
+                                      labels.shape[1] if seq2seq else None)
+        self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
+        check_budget(self.profile, self.rho, self.select_every or self.steps_per_epoch)
+        for _, p in unique_named_parameters(model):
+            p.requires_grad_(False)
+
+    def _select(self, state, model, optimizer, lr_scheduler, train_dataloader):
+        chosen, rec = select_step(model, optimizer, lr_scheduler, self._batch(train_dataloader, model.device),
+                                  self.profile, self.rho, self.select_every or self.steps_per_epoch,
+                                  self.importance, previous=self.current, log=self.log)
+        rec["step"] = state.global_step
+        self.current = chosen
+        self.selections.append(rec)
+
+    def on_epoch_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                       train_dataloader=None, **kw):
+        if self.select_every is None:
+            self._select(state, model, optimizer, lr_scheduler, train_dataloader)
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
+                      train_dataloader=None, **kw):
+        if self.select_every is not None and state.global_step % self.select_every == 0:
+            self._select(state, model, optimizer, lr_scheduler, train_dataloader)

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+import torch
+
+
+def make_tiny(arch="llama"):
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from greentrainer.models import tiny_config
+    cfg = tiny_config(arch)
+    torch.manual_seed(0)
+    cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    return cls.from_config(cfg, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny LLaMA-like model + byte tokenizer saved as a local Hugging Face folder."""
+    from greentrainer.models import tiny_tokenizer
+    d = tmp_path_factory.mktemp("tiny_llama")
+    make_tiny("llama").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    from greentrainer.models import tiny_tokenizer
+    d = tmp_path_factory.mktemp("tiny_t5")
+    make_tiny("t5").save_pretrained(d)
+    tiny_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    def write(rows, name="data.jsonl"):
+        p = tmp_path / name
+        p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        return str(p)
+    return write
+
+
+@pytest.fixture
+def small_rows():
+    return [{"source": f"the cat number {i} sat on the mat and looked at the dog", "target": f"cat {i} sat"}
+            for i in range(20)]

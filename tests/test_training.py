@@ -1,0 +1,155 @@
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from greentrainer.config import GreenTrainerConfig, TrainConfig
+from greentrainer.data import Example, collate, encode_all
+from greentrainer.importance import probe_importance
+from greentrainer.loop import train
+from greentrainer.methods import build_method
+from greentrainer.methods.greentrainer import GreenTrainerMethod
+from greentrainer.models import tiny_tokenizer
+
+TOK = tiny_tokenizer()
+
+
+def examples(n=16):
+    return [Example(source=f"the quick brown fox {i} jumps over the lazy dog", target=f"fox {i % 3}",
+                    targets=[f"fox {i % 3}"]) for i in range(n)]
+
+
+def encoded(model, n=16):
+    return encode_all(examples(n), TOK, "summarization", model.config.is_encoder_decoder, 64)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "t5"])
+def test_a_few_full_steps_lower_the_loss_on_a_fixed_batch(arch):
+    model = make_tiny(arch)
+    batch = collate(encoded(model, 4), TOK.pad_token_id, model.config.is_encoder_decoder)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(8):
+        loss = model(**batch).loss
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert float(model(**batch).loss) < 0.8 * first
+
+
+def run(method_name, model, epochs=2, **gt):
+    cfg = TrainConfig(method=method_name, epochs=epochs, batch_size=4, lr=1e-3, seed=0,
+                      greentrainer=GreenTrainerConfig(**gt) if gt else GreenTrainerConfig())
+    data = encoded(model)
+    method = build_method(cfg)
+    out = train(model, TOK, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None, progress=False)
+    return out, method
+
+
+def test_full_fine_tuning_measures_exactly_the_full_reference():
+    out, _ = run("full", make_tiny("llama"), epochs=1)
+    t = out["totals"]
+    assert t["flops_total"] == t["flops_full_ft_reference"] > 0
+    assert t["flops_backward"] == 2 * t["flops_forward"]
+
+
+def test_top2_freezes_all_but_output_embedding_and_final_norm():
+    model = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, _ = run("top2", model, epochs=1)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"model.embed_tokens.weight", "model.norm.weight"}  # lm_head is tied to embed_tokens
+    assert out["totals"]["trainable_params"] == sum(before[n].numel() for n in changed)
+
+
+def test_greentrainer_stays_within_rho_and_newly_selected_tensors_train():
+    model = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, method = run("greentrainer", model, epochs=3, rho=0.7)
+    t = out["totals"]
+    assert t["flops_total"] <= 0.7 * t["flops_full_ft_reference"]
+    assert t["flops_overhead"] > 0  # the probes are counted
+    selected_ever = {n for s in method.selections for n in s["selected"]}
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == selected_ever
+    # every selection's tensors received updates while they were selected
+    assert all(len(s["selected"]) > 0 for s in method.selections) and len(method.selections) == 3
+
+
+def test_greentrainer_rejects_an_infeasible_rho_with_the_smallest_feasible_one():
+    from greentrainer.errors import UsageError
+    with pytest.raises(UsageError, match=r"smallest feasible rho is 0\.\d+"):
+        run("greentrainer", make_tiny("llama"), epochs=1, rho=0.34, select_once=True)
+
+
+def _train_fixed_selection(with_probe: bool):
+    torch.manual_seed(0)
+    model = make_tiny("llama")
+    names = [n for n, _ in model.named_parameters()]
+    chosen = {names[-1], names[-2], names[3]}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    from transformers import get_linear_schedule_with_warmup
+    sched = get_linear_schedule_with_warmup(opt, 1, 10)
+    data = encoded(model, 8)
+    batch = collate(data[:4], TOK.pad_token_id, False)
+    probe_batch = collate(data[4:], TOK.pad_token_id, False)
+    order = list(reversed(names))
+    for step in range(4):
+        if with_probe:
+            probe_importance(model, opt, sched, probe_batch, order, len(order) - 1)
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in chosen)
+        model(**batch).loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt, torch.rand(3)
+
+
+def test_probe_leaves_no_trace():
+    a, opt_a, rng_a = _train_fixed_selection(True)
+    b, opt_b, rng_b = _train_fixed_selection(False)
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), n
+    sa, sb = opt_a.state_dict(), opt_b.state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    for k in sa["state"]:
+        for key in sa["state"][k]:
+            assert torch.equal(sa["state"][k][key], sb["state"][k][key])
+    assert torch.equal(rng_a, rng_b)
+
+
+def test_probe_stops_early_and_reports_gradient_memory():
+    model = make_tiny("llama")
+    names = [n for n, _ in model.named_parameters()][::-1]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batch = collate(encoded(model, 4), TOK.pad_token_id, False)
+    res = probe_importance(model, opt, None, batch, names, 3)
+    assert (res["importance"][4:] == 0).all() and res["grad_bytes"] < res["grad_bytes_full"]
+    assert abs(res["importance"]).max() == pytest.approx(1.0)
+
+
+def test_transformers_trainer_callback(tmp_path):
+    from transformers import Trainer, TrainingArguments
+    from greentrainer.callback import GreenTrainerCallback
+    model = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 16)]
+
+    def collator(items):
+        from greentrainer.data import Encoded
+        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
+
+    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=3,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb]).train()
+    assert len(cb.selections) == 3
+    later = set(cb.selections[1]["selected"]) | set(cb.selections[2]["selected"])
+    only_later = later - set(cb.selections[0]["selected"])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set().union(*(s["selected"] for s in cb.selections))
+    assert only_later <= changed

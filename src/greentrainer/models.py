@@ -50,6 +50,37 @@ def _check_name(name: str) -> None:
         raise UsageError(f"model folder not found: {name}")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    import socket
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _from_hub(loader, name: str, **kw):
+    """Load from a local folder, the local HF cache, or (when online) the hub; one clear error otherwise."""
+    if os.path.isdir(name):
+        try:
+            return loader(name, **kw)
+        except (OSError, ValueError) as e:
+            raise _hub_error(name, e) from None
+    try:
+        return loader(name, local_files_only=True, **kw)
+    except (OSError, ValueError):
+        pass
+    if not _hub_reachable():
+        raise UsageError(f"model {name!r} is not a packaged model ({', '.join(_PACKAGED)}), a local folder or "
+                         f"in the local Hugging Face cache, and the Hugging Face Hub cannot be reached (offline)")
+    try:
+        return loader(name, **kw)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name, e) from None
+
+
 def load_config(name: str):
     """A model's config only (no weights): enough to profile FLOPs of any size of model."""
     from transformers import AutoConfig
@@ -62,10 +93,7 @@ def load_config(name: str):
         cfg = AutoConfig.from_pretrained(folder, gguf_file=gguf)
         _drop_quant(cfg)
         return cfg
-    try:
-        return AutoConfig.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise _hub_error(name, e) from None
+    return _from_hub(AutoConfig.from_pretrained, name)
 
 
 def _drop_quant(cfg) -> None:
@@ -109,13 +137,10 @@ def load_model(name: str, dtype=torch.float32):
                 model.config._attn_implementation = "eager"
                 return _finish(model.to(dtype), tok)
         name = str(folder)
-    try:
-        cfg = AutoConfig.from_pretrained(name)
-        cls = AutoModelForSeq2SeqLM if is_seq2seq(cfg) else AutoModelForCausalLM
-        model = cls.from_pretrained(name, dtype=dtype, attn_implementation="eager")
-        tok = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        raise _hub_error(name, e) from None
+    cfg = _from_hub(AutoConfig.from_pretrained, name)
+    cls = AutoModelForSeq2SeqLM if is_seq2seq(cfg) else AutoModelForCausalLM
+    model = _from_hub(cls.from_pretrained, name, dtype=dtype, attn_implementation="eager")
+    tok = _from_hub(AutoTokenizer.from_pretrained, name)
     return _finish(model, tok)
 
 

@@ -47,7 +47,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     method.check(profile_config(model.config, *typical_shape(train_enc, cfg.batch_size, seq2seq)),
                  steps_per_epoch, steps_per_epoch * cfg.epochs)
     out = prepare_output_dir(out_dir, cfg.overwrite)
-    _write_json(out / "config.json", cfg.to_dict())
+    _write_json(out / "train_config.json", cfg.to_dict())
     max_new = cfg.max_new_tokens or spec.max_new_tokens
     metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name,
                "n_train": len(train_ex), "n_eval": len(eval_ex), "device": str(device)}
@@ -122,7 +122,7 @@ def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int,
 def load_any(path: str):
     """A model name/folder, a run folder (uses its model/), or a PEFT adapter folder."""
     p = Path(path)
-    if (p / "model").is_dir() and not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+    if (p / "model").is_dir() and (p / "train_config.json").exists():
         p = p / "model"
     if (p / "adapter_config.json").exists():
         info = p / "greentrainer_base.json"

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-beams", type=int, default=4)
     e.add_argument("--max-new-tokens", type=int, default=None)
     e.add_argument("--max-input-length", type=int, default=512)
-    e.add_argument("--eval-batch-size", type=int, default=8)
+    e.add_argument("--eval-batch-size", type=int, default=4)
     e.add_argument("--seed", type=int, default=42)
     e.add_argument("--device", default="auto")
     e.add_argument("--output", default=None, help="write metrics and predictions to this JSON file")

@@ -129,7 +129,7 @@ class TrainConfig:
     bf16: bool = False
     num_beams: int = 4
     max_new_tokens: int | None = None
-    eval_batch_size: int = 8
+    eval_batch_size: int = 4
     do_eval: bool = True
     eval_before: bool = False
     greentrainer: GreenTrainerConfig = dataclasses.field(default_factory=GreenTrainerConfig)

@@ -82,6 +82,7 @@ class TrainContext:
     total_steps: int = 0
     steps_per_epoch: int = 0
     flops: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0, "overhead": 0})
+    flops_reference: int = 0        # measured FLOPs full fine-tuning would have spent on the steps so far
     log: object = print
     _probe_rng: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))
 
@@ -210,6 +211,7 @@ def _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, lo
                 if key not in ref_cache:
                     ref_cache[key] = full_step_flops(meta_model, batch)
                 ref_epoch += ref_cache[key]
+                ctx.flops_reference += ref_cache[key]
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         elapsed = time.perf_counter() - t0

@@ -44,7 +44,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     from .flops import profile_config
     from .loop import typical_shape
     steps_per_epoch = -(-len(train_enc) // cfg.batch_size)
-    method.check(profile_config(model.config, *typical_shape(train_enc, cfg.batch_size, seq2seq)),
+    method.check(model, profile_config(model.config, *typical_shape(train_enc, cfg.batch_size, seq2seq)),
                  steps_per_epoch, steps_per_epoch * cfg.epochs)
     out = prepare_output_dir(out_dir, cfg.overwrite)
     _write_json(out / "train_config.json", cfg.to_dict())

@@ -16,7 +16,7 @@ def build_method(cfg, **kw):
         return GreenTrainerMethod(cfg.greentrainer)
     if name in ("lora", "dora", "prefix"):
         from .peft_methods import PeftMethod
-        return PeftMethod(name, cfg.peft)
+        return PeftMethod(name, cfg.peft, cfg.model)
     if name == "smt":
         from .smt import SMTMethod
         return SMTMethod(cfg.smt)

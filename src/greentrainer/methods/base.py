@@ -12,7 +12,7 @@ class Method:
 
     name = "base"
 
-    def check(self, profile, steps_per_epoch: int, total_steps: int) -> None:
+    def check(self, model, profile, steps_per_epoch: int, total_steps: int) -> None:
         """Reject impossible settings (raise UsageError) before any output is written."""
 
     def prepare(self, model, ctx):

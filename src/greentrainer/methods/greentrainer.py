@@ -33,11 +33,16 @@ def deepest_reachable(profile, backward_budget: int) -> int:
     return best
 
 
-def budget_for(profile, rho: float, steps_per_selection: int) -> tuple[int, int]:
-    """(backward budget per step, probe depth) for ρ, paying for the probe out of the same budget."""
+SAFETY_MARGIN = 0.005  # of t_full per step: batch shapes vary around the profiled one
+
+
+def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0) -> tuple[int, int]:
+    """(backward budget per step, probe depth) for ρ, paying for the probe, and for any FLOPs measured
+    above ρ × full fine-tuning so far (``debt``), out of the same budget over the next steps."""
     upto = deepest_reachable(profile, rho_to_backward_budget(rho, profile.t_fp, profile.t_full))
+    steps = max(steps_per_selection, 1)
     for _ in range(3):  # the probe is cheaper when it stops higher; a few rounds settle it
-        overhead = probe_cost(profile, max(upto, 0)) / max(steps_per_selection, 1)
+        overhead = (probe_cost(profile, max(upto, 0)) + max(debt, 0.0)) / steps + SAFETY_MARGIN * profile.t_full
         budget = rho_to_backward_budget(rho, profile.t_fp, profile.t_full, overhead)
         upto = deepest_reachable(profile, budget)
     return budget, upto
@@ -63,12 +68,14 @@ def check_budget(profile, rho: float, steps_per_selection: int) -> None:  # noqa
 
 
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, importance="dw_grad",
-                resolution=None, previous=None, count=None, autocast=None, log=print):
+                resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0):
     """Probe importance, select within ρ, and make exactly the selected tensors trainable.
 
     Returns (selected names, a record of the selection for logs)."""
     names = profile.names
-    budget, upto = budget_for(profile, rho, steps_per_selection)
+    budget, upto = budget_for(profile, rho, steps_per_selection, debt)
+    if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
+        budget, upto = budget_for(profile, rho, steps_per_selection)
     probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast)
     imp = probe["importance"]
     dw = [t.t_dw for t in profile.tensors]
@@ -114,7 +121,7 @@ class GreenTrainerMethod(Method):
         self.current: list[str] | None = None
 
     # -- the plug-in interface ------------------------------------------------------------------
-    def check(self, profile, steps_per_epoch, total_steps):
+    def check(self, model, profile, steps_per_epoch, total_steps):
         steps = self._steps(steps_per_epoch, total_steps)
         for rho in {self.cfg.rho, *self.schedule.values()}:
             check_budget(profile, rho, steps)
@@ -125,7 +132,7 @@ class GreenTrainerMethod(Method):
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
-        self.check(ctx.profile, ctx.steps_per_epoch, ctx.total_steps)
+        self.check(model, ctx.profile, ctx.steps_per_epoch, ctx.total_steps)
         for p in model.parameters():
             p.requires_grad_(False)
         return model
@@ -165,9 +172,11 @@ class GreenTrainerMethod(Method):
 
     def select(self, ctx) -> list[str]:
         rho = self.rho_at(ctx.global_step)
+        debt = sum(ctx.flops.values()) - rho * ctx.flops_reference  # measured overspend so far
         chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batch(), ctx.profile, rho,
                                   self._steps_per_selection(ctx), self.cfg.importance, self.cfg.resolution,
-                                  self.current, ctx.count, ctx.autocast, ctx.log)
+                                  self.current, ctx.count, ctx.autocast, ctx.log, debt)
+        rec["debt_flops"] = debt
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
         self.current = chosen
         self.selections.append(rec)

@@ -1,0 +1,178 @@
+"""SMT (Sparse Matrix Tuning): warm up with full fine-tuning while accumulating |∂L/∂W| of the target
+projections, keep the l×l blocks with the largest mean |grad| up to a parameter budget, then train only
+those blocks through :class:`~greentrainer.smt_layer.SMTLinear`.
+
+Block size: l must divide every target weight's dimensions. If the requested l does not (SmolLM2's 576),
+the largest divisor of the dimensions' GCD that is ≤ l is used (192 for SmolLM2) and reported.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+from torch import nn
+
+from ..errors import UsageError
+from ..smt_layer import SMTLinear
+from .base import Method
+
+# target kind -> leaf module names used by common architectures (separate nn.Linear projections)
+KIND_NAMES = {
+    "q": ("q_proj", "q", "query"), "k": ("k_proj", "k", "key"), "v": ("v_proj", "v", "value"),
+    "o": ("o_proj", "out_proj", "o"), "gate": ("gate_proj", "wi_0"), "up": ("up_proj", "fc1", "wi_1", "wi"),
+    "down": ("down_proj", "fc2", "wo"),
+}
+
+
+def find_targets(model, kinds: list[str]) -> dict[str, str]:
+    """{module name: kind} for the nn.Linear target projections; a clear error when a kind is absent."""
+    found: dict[str, str] = {}
+    for kind in kinds:
+        hits = [n for n, m in model.named_modules()
+                if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in KIND_NAMES[kind]]
+        if not hits:
+            raise UsageError(f"SMT target '{kind}' has no separate nn.Linear projection in this "
+                             f"{model.config.model_type} model (looked for {', '.join(KIND_NAMES[kind])})")
+        for n in hits:
+            found[n] = kind
+    return found
+
+
+def effective_block_size(shapes, l: int) -> int:
+    """Largest divisor of the GCD of all target dimensions that is ≤ l."""
+    g = 0
+    for s in shapes:
+        for d in s:
+            g = math.gcd(g, d)
+    return max(d for d in range(1, min(l, g) + 1) if g % d == 0)
+
+
+def select_blocks(scores: dict[str, torch.Tensor], n_blocks: int) -> dict[str, list[tuple[int, int]]]:
+    """Top ``n_blocks`` blocks across all targets by mean |grad| (scores[name]: [rows, cols] block means)."""
+    flat = [(float(v), name, r, c) for name, s in scores.items() for (r, c), v in _items(s)]
+    flat.sort(key=lambda t: -t[0])
+    chosen: dict[str, list[tuple[int, int]]] = {}
+    for _, name, r, c in flat[:n_blocks]:
+        chosen.setdefault(name, []).append((r, c))
+    return chosen
+
+
+def _items(s):
+    for r in range(s.shape[0]):
+        for c in range(s.shape[1]):
+            yield (r, c), s[r, c]
+
+
+def block_means(abs_grad: torch.Tensor, l: int) -> torch.Tensor:
+    out_f, in_f = abs_grad.shape
+    return abs_grad.view(out_f // l, l, in_f // l, l).mean(dim=(1, 3))
+
+
+class SMTMethod(Method):
+    name = "smt"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.layers: dict[str, SMTLinear] = {}
+        self.report: dict = {}
+        self._reported = False
+
+    def check(self, model, profile, steps_per_epoch, total_steps):
+        find_targets(model, self.cfg.target_kinds())
+        if self.cfg.warmup_steps == 0:
+            raise UsageError("--smt-warmup must be at least 1 step: blocks are chosen from warm-up gradients")
+        if self.cfg.warmup_steps >= total_steps:
+            raise UsageError(f"--smt-warmup {self.cfg.warmup_steps} leaves no step for sparse training "
+                             f"(the run has {total_steps} steps); lower it or train longer")
+
+    def prepare(self, model, ctx):
+        self.targets = find_targets(model, self.cfg.target_kinds())
+        modules = dict(model.named_modules())
+        shapes = [tuple(modules[n].weight.shape) for n in self.targets]
+        self.l = effective_block_size(shapes, self.cfg.block_size)
+        if self.l != self.cfg.block_size:
+            ctx.log(f"SMT: block size {self.cfg.block_size} does not divide the target shapes; using {self.l}")
+        self.total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        self.abs_grad = {n: torch.zeros_like(modules[n].weight, device="cpu") for n in self.targets}
+        self._hooks = []
+        for n in self.targets:
+            w = modules[n].weight
+
+            def hook(p, _n=n):
+                self.abs_grad[_n] += p.grad.detach().abs().cpu()
+            self._hooks.append(w.register_post_accumulate_grad_hook(hook))
+        for p in model.parameters():  # warm-up = full fine-tuning
+            p.requires_grad_(True)
+        self.model = model
+        return model
+
+    def optimizer_parameters(self, model):
+        return list({id(p): p for p in model.parameters()}.values())
+
+    def on_step_start(self, ctx):
+        if ctx.global_step == self.cfg.warmup_steps and not self.layers:
+            self._switch_to_sparse(ctx)
+
+    def after_optimizer_step(self, ctx):
+        for layer in self.layers.values():
+            layer.write_blocks()
+
+    def _switch_to_sparse(self, ctx):
+        for h in self._hooks:
+            h.remove()
+        budget = int(self.cfg.params_percent / 100 * self.total_params)
+        n_blocks = max(1, budget // (self.l * self.l))
+        scores = {n: block_means(g, self.l) for n, g in self.abs_grad.items()}
+        chosen = select_blocks(scores, n_blocks)
+        model = ctx.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, blocks in chosen.items():
+            parent_name, leaf = name.rsplit(".", 1)
+            parent = model.get_submodule(parent_name)
+            layer = SMTLinear(getattr(parent, leaf), blocks, self.l)
+            setattr(parent, leaf, layer)
+            self.layers[name] = layer
+        params = [layer.blocks for layer in self.layers.values()]
+        from transformers import get_linear_schedule_with_warmup
+        ctx.optimizer = torch.optim.AdamW(params, lr=ctx.cfg.lr, weight_decay=ctx.cfg.weight_decay)
+        self.optimizer = ctx.optimizer
+        ctx.scheduler = get_linear_schedule_with_warmup(ctx.optimizer, ctx.cfg.warmup_steps, ctx.total_steps)
+        for _ in range(ctx.global_step):  # continue the same learning-rate schedule
+            ctx.scheduler.step()
+        by_kind, by_layer = Counter(), Counter()
+        for name, blocks in chosen.items():
+            by_kind[self.targets[name]] += len(blocks) * self.l ** 2
+            layer_id = next((p for p in name.split(".") if p.isdigit()), "?")
+            by_layer[layer_id] += len(blocks) * self.l ** 2
+        selected = sum(by_kind.values())
+        self.report = {"block_size": self.l, "n_blocks": sum(len(b) for b in chosen.values()),
+                       "selected_params": selected, "budget_params": budget,
+                       "budget_share_by_kind": {k: v / selected for k, v in sorted(by_kind.items())},
+                       "params_by_layer": dict(sorted(by_layer.items(), key=lambda kv: (len(kv[0]), kv[0])))}
+        share = ", ".join(f"{k} {100 * v:.0f}%" for k, v in self.report["budget_share_by_kind"].items())
+        ctx.log(f"SMT: {self.report['n_blocks']} blocks of {self.l}x{self.l} ({selected:,} parameters, "
+                f"{100 * selected / self.total_params:.2f}% of the model) after {ctx.global_step} warm-up steps; "
+                f"budget by projection: {share}")
+
+    def epoch_report(self):
+        if self.report and not self._reported:
+            self._reported = True
+            return {"smt": self.report}
+        return {}
+
+    def trainable_summary(self, model):
+        if not self.layers:
+            return super().trainable_summary(model)
+        return {"trainable_params": sum(l.blocks.numel() for l in self.layers.values()),
+                "total_params": self.total_params}
+
+    def finalize(self, model):
+        """Merge the blocks back and restore plain nn.Linear modules: a plain transformers model."""
+        for name, layer in self.layers.items():
+            layer.write_blocks()
+            parent_name, leaf = name.rsplit(".", 1)
+            setattr(model.get_submodule(parent_name), leaf, layer.linear)
+        self.layers = {}
+        return model

@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny
+from greentrainer.config import SMTConfig, TrainConfig
+from greentrainer.errors import UsageError
+from greentrainer.methods.smt import SMTMethod, block_means, effective_block_size, find_targets, select_blocks
+from greentrainer.smt_layer import SMTLinear
+
+
+def test_sparse_layer_gradients_equal_dense_restricted_to_blocks_float64():
+    torch.manual_seed(0)
+    dense = nn.Linear(12, 8, bias=True).double()
+    blocks = [(0, 1), (1, 2), (1, 0)]  # l = 4: rows 0..1, cols 0..2
+    sparse = SMTLinear(nn.Linear(12, 8, bias=True).double(), blocks, 4)
+    with torch.no_grad():
+        sparse.linear.weight.copy_(dense.weight)
+        sparse.linear.bias.copy_(dense.bias)
+        sparse.blocks.copy_(sparse._weight_blocks()[sparse.rows, sparse.cols])
+    x = torch.randn(2, 3, 5, 12, dtype=torch.float64, requires_grad=True)  # any rank
+    x2 = x.detach().clone().requires_grad_(True)
+    y_dense, y_sparse = dense(x), sparse(x2)
+    assert torch.allclose(y_dense, y_sparse)
+    g = torch.randn_like(y_dense)
+    y_dense.backward(g)
+    y_sparse.backward(g)
+    assert torch.allclose(x.grad, x2.grad)
+    W = dense.weight.grad.view(2, 4, 3, 4).permute(0, 2, 1, 3)
+    for k, (r, c) in enumerate(blocks):
+        assert torch.allclose(sparse.blocks.grad[k], W[r, c])
+    assert sparse.linear.weight.grad is None and sparse.linear.bias.grad is None
+    # a step changes only the selected blocks of the dense weight
+    before = sparse.linear.weight.detach().clone()
+    torch.optim.SGD([sparse.blocks], lr=0.1).step()
+    sparse.write_blocks()
+    changed = (sparse.linear.weight != before).view(2, 4, 3, 4).permute(0, 2, 1, 3).any(-1).any(-1)
+    expect = torch.zeros(2, 3, dtype=torch.bool)
+    for r, c in blocks:
+        expect[r, c] = True
+    assert torch.equal(changed, expect)
+
+
+def test_sparse_layer_saves_only_needed_input_columns_and_honours_needs_input_grad():
+    layer = SMTLinear(nn.Linear(16, 8), [(0, 3)], 4)
+    x = torch.randn(5, 16)  # input needs no grad
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    assert (5, 1, 4) in saved  # one column block of 4, not the whole input
+    y.sum().backward()
+    assert layer.blocks.grad is not None and x.grad is None
+
+
+def test_block_selection_uses_mean_abs_grad_and_budget():
+    g = torch.zeros(8, 8)
+    g[0:4, 4:8] = 1.0
+    g[4:8, 0:4] = torch.tensor([3.0, -3.0] * 8).view(4, 4).abs()  # signs cancel in |mean|, not in mean |g|
+    scores = {"a": block_means(g.abs(), 4)}
+    assert select_blocks(scores, 1) == {"a": [(1, 0)]}
+    assert effective_block_size([(576, 576), (192, 576), (1536, 576)], 256) == 192
+
+
+def test_smt_trains_only_selected_blocks_and_saves_a_plain_model(tmp_path):
+    from greentrainer.data import Example, encode_all
+    from greentrainer.loop import train
+    from greentrainer.models import tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = make_tiny("llama")
+    exs = [Example(f"the fox {i} jumps over the dog", f"fox {i}", [f"fox {i}"]) for i in range(16)]
+    data = encode_all(exs, tok, "summarization", False, 64)
+    cfg = TrainConfig(method="smt", epochs=2, lr=1e-3, smt=SMTConfig(warmup_steps=2, params_percent=1.0,
+                                                                    block_size=16, targets="q,k,v"))
+    method = SMTMethod(cfg.smt)
+    out = train(model, tok, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
+                progress=False)
+    rep = out["history"][0]["smt"]
+    assert rep["selected_params"] <= rep["budget_params"] and rep["n_blocks"] >= 1
+    state_numel = sum(v.numel() for s in method.optimizer.state.values() for v in s.values()
+                      if torch.is_tensor(v) and v.dim() > 0)
+    assert state_numel == 2 * rep["selected_params"]  # Adam moments over the selected blocks only
+    model = method.finalize(out["model"])
+    assert not any(isinstance(m, SMTLinear) for m in model.modules())
+    model.save_pretrained(tmp_path)
+    from transformers import AutoModelForCausalLM
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for (n, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_bad_smt_input():
+    with pytest.raises(UsageError, match="unknown target"):
+        SMTConfig(targets="q,zz").validate()
+    with pytest.raises(UsageError, match="percentage"):
+        SMTConfig(params_percent=0).validate()
+    with pytest.raises(UsageError, match="percentage"):
+        SMTConfig(params_percent=150).validate()
+    with pytest.raises(UsageError, match="block size"):
+        SMTConfig(block_size=0).validate()
+    with pytest.raises(UsageError, match="no separate nn.Linear"):
+        find_targets(make_tiny("gpt2"), ["q"])  # GPT-2 fuses Q/K/V into one Conv1D

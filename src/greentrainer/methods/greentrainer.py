@@ -7,6 +7,7 @@ spread over the steps it governs), and only those tensors train until the next s
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 
@@ -76,11 +77,14 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
     budget, upto = budget_for(profile, rho, steps_per_selection, debt)
     if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
         budget, upto = budget_for(profile, rho, steps_per_selection)
+    t0 = time.perf_counter()
     probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast)
+    t1 = time.perf_counter()
     imp = probe["importance"]
     dw = [t.t_dw for t in profile.tensors]
     dy = [t.t_dy for t in profile.tensors]
     sel = select_tensors(dw, dy, imp, budget, resolution)
+    t2 = time.perf_counter()
     note = ""
     if sel.indices:
         chosen = [names[i] for i in sel.indices]
@@ -101,7 +105,7 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
            "predicted_fraction_of_full": predicted / profile.t_full, "backward_budget": budget,
            "probe_depth": upto, "probe_grad_bytes": probe["grad_bytes"],
            "probe_grad_bytes_full_backward": probe["grad_bytes_full"], "exact": sel.exact,
-           "importance": [float(x) for x in imp]}
+           "probe_time_s": t1 - t0, "selector_time_s": t2 - t1, "importance": [float(x) for x in imp]}
     if note:
         rec["note"] = note
     log(f"GreenTrainer: rho {rho}: {len(chosen)}/{len(names)} tensors, predicted "

@@ -139,8 +139,11 @@ class SMTMethod(Method):
         ctx.optimizer = torch.optim.AdamW(params, lr=ctx.cfg.lr, weight_decay=ctx.cfg.weight_decay)
         self.optimizer = ctx.optimizer
         ctx.scheduler = get_linear_schedule_with_warmup(ctx.optimizer, ctx.cfg.warmup_steps, ctx.total_steps)
-        for _ in range(ctx.global_step):  # continue the same learning-rate schedule
-            ctx.scheduler.step()
+        import warnings
+        with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is skipped
+            warnings.simplefilter("ignore")
+            for _ in range(ctx.global_step):  # continue the same learning-rate schedule
+                ctx.scheduler.step()
         by_kind, by_layer = Counter(), Counter()
         for name, blocks in chosen.items():
             by_kind[self.targets[name]] += len(blocks) * self.l ** 2

@@ -7,7 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+import os
+
+RESULTS = Path(os.environ.get("GREENTRAINER_BENCH_RESULTS", Path(__file__).parent / "results"))
 
 
 def big_configs(quick: bool = False) -> dict:

@@ -1,0 +1,50 @@
+"""Smoke test of the benchmark scripts' --quick modes (real default model; a few minutes in all)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def run(script, tmp_path):
+    env = dict(os.environ, GREENTRAINER_BENCH_RESULTS=str(tmp_path))
+    subprocess.run([sys.executable, script, "--quick"], cwd=BENCH, env=env, check=True, capture_output=True,
+                   timeout=900)
+    name = script.replace(".py", "_quick")
+    assert (tmp_path / f"{name}.md").exists()
+    return json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+
+
+def test_selector_bench_quick(tmp_path):
+    rows = run("selector.py", tmp_path)
+    exact = [r for r in rows if r["solver"] == "exact (ours)"]
+    assert exact and all(r["cost/budget"] <= 1 for r in exact if r["objective_%_of_exact"] != "infeasible")
+    assert all(r["cost/budget"] <= 1 for r in rows if r["solver"].startswith("ours"))  # never over budget
+    assert all(r["objective_%_of_exact"] <= 100 + 1e-9 for r in rows if r["solver"].startswith("ours"))
+
+
+def test_flops_accuracy_bench_quick(tmp_path):
+    rows = run("flops_accuracy.py", tmp_path)
+    assert all(r["under_predictions"] == 0 for r in rows)
+    assert next(r for r in rows if r["model"].startswith("SmolLM2"))["max_rel_error_%"] < 1
+
+
+def test_time_vs_flops_bench_quick(tmp_path):
+    rows = run("time_vs_flops.py", tmp_path)
+    full = next(r for r in rows if r["setting"] == "full")
+    assert full["flops_ratio"] == 1
+    assert all(r["flops_ratio"] < 1 for r in rows if r["setting"] != "full")
+
+
+def test_methods_bench_quick(tmp_path):
+    rows = run("methods.py", tmp_path)
+    by = {r["method"]: r for r in rows}
+    assert by["full"]["flops_%_full"] == pytest.approx(100)
+    gt = next(r for m, r in by.items() if m.startswith("GreenTrainer"))
+    assert gt["flops_%_full"] <= 70
+    assert all("rougeL" in r for r in rows)
+    assert (tmp_path / "methods_quick.png").exists()

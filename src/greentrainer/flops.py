@@ -74,14 +74,14 @@ class TensorFlopsProfile:
                    tensors=[TensorFlops(**t) for t in d["tensors"]])
 
 
-class _AttributingCounter(TorchDispatchMode):
-    """Counts FLOPs of every op and remembers, per autograd node being executed, its ops."""
+class FlopCounter(TorchDispatchMode):
+    """Counts the FLOPs of the ops actually executed (torch's FlopCounterMode formulas), cheaply.
+
+    Used around every forward, backward and overhead pass of training; accumulates into ``total``.
+    """
 
     def __init__(self):
         super().__init__()
-        self.current = None          # node now running in backward
-        self.per_node: dict[int, list[tuple[int, int]]] = {}
-        self.unattributed = 0
         self.total = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -89,14 +89,29 @@ class _AttributingCounter(TorchDispatchMode):
         out = func(*args, **kwargs)
         packet = func._overloadpacket
         if packet in flop_registry:
-            flops = int(flop_registry[packet](*args, **kwargs, out_val=out))
-            self.total += flops
-            if self.current is None:
-                self.unattributed += flops
-            else:
-                numel = out.numel() if isinstance(out, torch.Tensor) else -1
-                self.per_node.setdefault(self.current, []).append((flops, numel))
+            self.record(int(flop_registry[packet](*args, **kwargs, out_val=out)), out)
         return out
+
+    def record(self, flops: int, out) -> None:
+        self.total += flops
+
+
+class _AttributingCounter(FlopCounter):
+    """Also remembers, per autograd node being executed, the (FLOPs, output numel) of its ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = None          # node now running in backward
+        self.per_node: dict[int, list[tuple[int, int]]] = {}
+        self.unattributed = 0
+
+    def record(self, flops, out):
+        super().record(flops, out)
+        if self.current is None:
+            self.unattributed += flops
+        else:
+            numel = out.numel() if isinstance(out, torch.Tensor) else -1
+            self.per_node.setdefault(self.current, []).append((flops, numel))
 
 
 def dummy_batch(model, batch_size: int, seq_len: int, target_len: int | None = None, device="meta"):
@@ -324,25 +339,6 @@ def profile_config(config, batch_size: int, seq_len: int, target_len: int | None
         except OSError:
             pass
     return prof
-
-
-class FlopCounter(TorchDispatchMode):
-    """Counts the FLOPs of the ops actually executed (torch's FlopCounterMode formulas), cheaply.
-
-    Used around every forward, backward and overhead pass of training; accumulates into ``total``.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = func._overloadpacket
-        if packet in flop_registry:
-            self.total += int(flop_registry[packet](*args, **kwargs, out_val=out))
-        return out
 
 
 def full_step_flops(meta_model, batch: dict) -> int:

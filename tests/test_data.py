@@ -68,3 +68,20 @@ def test_user_jsonl_and_errors(jsonl, small_rows):
         load_examples("/nonexistent/data.jsonl", "train")
     with pytest.raises(UsageError, match="unknown dataset"):
         load_examples("nosuchset", "train")
+
+
+def test_corrupt_gzip_is_a_clear_error(tmp_path):
+    bad = tmp_path / "data.jsonl.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(UsageError, match="cannot read"):
+        load_examples(str(bad), "train")
+
+
+def test_rho_schedule_file(tmp_path):
+    from greentrainer.config import load_rho_schedule
+    p = tmp_path / "s.txt"
+    p.write_text("# step rho\n0 0.6\n100 0.5\n")
+    assert load_rho_schedule(str(p)) == {0: 0.6, 100: 0.5}
+    p.write_text("0 1.5\n")
+    with pytest.raises(UsageError, match="rho"):
+        load_rho_schedule(str(p))

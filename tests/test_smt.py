@@ -101,3 +101,26 @@ def test_bad_smt_input():
         SMTConfig(block_size=0).validate()
     with pytest.raises(UsageError, match="no separate nn.Linear"):
         find_targets(make_tiny("gpt2"), ["q"])  # GPT-2 fuses Q/K/V into one Conv1D
+
+
+@pytest.mark.parametrize("which", ["llama", "t5"])
+def test_smt_via_cli_on_tiny_models(which, tmp_path, tiny_model_dir, tiny_t5_dir, jsonl, small_rows, capsys):
+    from greentrainer.cli import main
+    out = tmp_path / "run"
+    model_dir = tiny_model_dir if which == "llama" else tiny_t5_dir
+    assert main(["train", "--model", model_dir, "--dataset", jsonl(small_rows), "--output-dir", str(out),
+                 "--epochs", "2", "--no-progress", "--num-beams", "1", "--max-new-tokens", "4", "--method", "smt",
+                 "--smt-warmup", "2", "--smt-block", "16", "--smt-params", "2", "--lr", "1e-3"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    rep = m["history"][0]["smt"]
+    assert rep["block_size"] == 16 and rep["selected_params"] <= rep["budget_params"]
+    assert abs(sum(rep["budget_share_by_kind"].values()) - 1) < 1e-9
+    from transformers import AutoConfig
+    assert AutoConfig.from_pretrained(out / "model").model_type == ("llama" if which == "llama" else "t5")
+
+
+def test_smt_warmup_longer_than_the_run_is_rejected(tmp_path, tiny_model_dir, jsonl, small_rows, capsys):
+    from greentrainer.cli import main
+    code = main(["train", "--model", tiny_model_dir, "--dataset", jsonl(small_rows), "--output-dir",
+                 str(tmp_path / "r"), "--epochs", "1", "--method", "smt", "--smt-warmup", "100", "--no-progress"])
+    assert code == 2 and "--smt-warmup" in capsys.readouterr().err

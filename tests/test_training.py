@@ -153,3 +153,23 @@ def test_transformers_trainer_callback(tmp_path):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed == set().union(*(s["selected"] for s in cb.selections))
     assert only_later <= changed
+
+
+def test_select_every_k_steps_and_rho_schedule(tmp_path):
+    sched = tmp_path / "rho.json"
+    sched.write_text('{"0": 0.8, "4": 0.7}')
+    out, method = run("greentrainer", make_tiny("llama"), epochs=2, rho=0.8, select_every=2,
+                      rho_schedule=str(sched))
+    assert [s["step"] for s in method.selections] == [0, 2, 4, 6]
+    assert [s["rho"] for s in method.selections] == [0.8, 0.8, 0.7, 0.7]
+    t = out["totals"]
+    assert t["flops_total"] <= 0.8 * t["flops_full_ft_reference"]
+
+
+def test_importance_metric_variants():
+    from greentrainer.importance import importance_scores
+    dw = [torch.tensor([-1.0, 2.0]), torch.tensor([0.5, 0.0])]
+    g = [torch.tensor([1.0, -1.0]), torch.tensor([-2.0, 3.0])]
+    assert importance_scores(dw, g, "dw_grad").tolist() == pytest.approx([1.0, 1 / 3])   # -Σ Δw·g, / max
+    assert importance_scores(dw, g, "dw").tolist() == pytest.approx([1.0, 1 / 6])      # Σ |Δw|
+    assert importance_scores(dw, g, "grad").tolist() == pytest.approx([2 / 13, 1.0])   # Σ g²

@@ -19,6 +19,7 @@ import torch
 from common import RESULTS, write_results
 from greentrainer.config import GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig
 from greentrainer.data import encode_all, load_examples, resolve_dataset
+from greentrainer.errors import UsageError
 from greentrainer.loop import train
 from greentrainer.methods import build_method
 from greentrainer.models import load_model
@@ -87,7 +88,11 @@ def run_row(label, cfg, log):
     with tempfile.TemporaryDirectory() as d:
         cfg.output_dir = d + "/run"
         t0 = time.perf_counter()
-        m = run_training(cfg, log=lambda *x: None, progress=False)
+        try:
+            m = run_training(cfg, log=lambda *x: None, progress=False)
+        except UsageError as e:  # e.g. a rho below the smallest feasible one for this model and data
+            log(f"{label}: {e}")
+            return {"method": label, "lr": cfg.lr, "note": str(e)}
         wall = time.perf_counter() - t0
     t, e = m["totals"], m.get("eval", {})
     row = {"method": label, "lr": cfg.lr, "PFLOPs": t["flops_total"] / 1e15,
@@ -169,11 +174,12 @@ def main():
                 rows.append(run_row(label + " @2e-5", row_config(b, 2e-5, a, seed=seed, **kw), log))
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
-        if full:
+        if full and "train_time_s" in r:
             r["time_%_full"] = 100 * r["train_time_s"] / full["train_time_s"]
     name = a.name or ("methods_quick" if a.quick else f"methods_{a.dataset}")
     cols = ["method", "lr", "trainable_params", "PFLOPs", "flops_%_full", "train_time_s", "time_%_full",
-            "peak_mem_MiB", "rouge1", "rouge2", "rougeL", "rouge1_best", "rougeL_best", "exact_match"]
+            "peak_mem_MiB", "rouge1", "rouge2", "rougeL", "rouge1_best", "rougeL_best", "exact_match",
+            "probe+selector_time_%", "flops_overhead_%", "probe_grad_MiB", "full_grad_MiB", "note"]
     cols = [c for c in cols if any(c in r for r in rows)]
     write_results(name, f"Methods on {a.dataset}: measured cost and accuracy", rows, cols,
                   f"SmolLM2-135M, {a.max_train} train items × {a.epochs} epochs, batch 4, max input "
@@ -189,7 +195,7 @@ def plot(rows, path, dataset):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [r for r in rows if "rougeL" in r]
+    pts = [r for r in rows if "rougeL" in r and "PFLOPs" in r]
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))

@@ -124,3 +124,21 @@ def test_smt_warmup_longer_than_the_run_is_rejected(tmp_path, tiny_model_dir, js
     code = main(["train", "--model", tiny_model_dir, "--dataset", jsonl(small_rows), "--output-dir",
                  str(tmp_path / "r"), "--epochs", "1", "--method", "smt", "--smt-warmup", "100", "--no-progress"])
     assert code == 2 and "--smt-warmup" in capsys.readouterr().err
+
+
+def test_sparse_weight_gradient_flops_scale_with_selected_blocks():
+    from greentrainer.flops import FlopCounter
+    x = torch.randn(64, 256)
+    counts = {}
+    for nb in (1, 2, 4):
+        layer = SMTLinear(nn.Linear(256, 256, bias=False), [(i, i) for i in range(nb)], 64)
+        y = layer(x)  # input needs no grad: backward is the weight-gradient work only
+        with FlopCounter() as c:
+            y.sum().backward()
+        counts[nb] = c.total
+    assert counts[1] == 2 * 64 * 64 * 64  # one 64x64 block over 64 rows
+    assert counts[2] == 2 * counts[1] and counts[4] == 4 * counts[1]
+    y = nn.Linear(256, 256, bias=False)(x)
+    with FlopCounter() as c:
+        y.sum().backward()
+    assert counts[4] / c.total == pytest.approx(4 / 16)  # 4 of 16 blocks

@@ -173,3 +173,20 @@ def test_importance_metric_variants():
     assert importance_scores(dw, g, "dw_grad").tolist() == pytest.approx([1.0, 1 / 3])   # -Σ Δw·g, / max
     assert importance_scores(dw, g, "dw").tolist() == pytest.approx([1.0, 1 / 6])      # Σ |Δw|
     assert importance_scores(dw, g, "grad").tolist() == pytest.approx([2 / 13, 1.0])   # Σ g²
+
+
+def test_all_importances_zero_fall_back_to_a_non_empty_selection():
+    from greentrainer.flops import profile_config
+    from greentrainer.methods.greentrainer import select_step
+    model = make_tiny("llama")
+    prof = profile_config(model.config, 4, 32)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)  # the probe step moves nothing
+    batch = collate(encoded(model, 4), TOK.pad_token_id, False)
+    logs = []
+    chosen, rec = select_step(model, opt, None, batch, prof, 0.8, 100, log=logs.append)
+    assert chosen and "note" in rec and "every importance" in logs[0]
+    prev = chosen[:1]
+    chosen2, rec2 = select_step(model, opt, None, batch, prof, 0.8, 100, previous=prev, log=logs.append)
+    assert chosen2 == prev and "keeping the previous selection" in rec2["note"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == set(prev)

@@ -29,7 +29,7 @@ def main():
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args()
-    rhos = [0.5, 0.7, 0.9] if a.quick else [0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    rhos = [0.5, 0.7, 0.9] if a.quick else [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
     rounds = 1 if a.quick else a.rounds
     model, tok = load_model("smollm2-135m")
     exs = load_examples("scitldr", "train", 8, 0)
@@ -47,10 +47,12 @@ def main():
     dw = [t.t_dw for t in prof.tensors]
     dy = [t.t_dy for t in prof.tensors]
     settings = {"full": names}
+    infeasible = []
     for rho in rhos:
         budget, upto = budget_for(prof, rho, 10**9)  # per-step budget, probe cost left out here
         if upto < 0:
             print(f"rho {rho}: infeasible, skipped")
+            infeasible.append({"setting": f"rho {rho}", "tensors": "infeasible: below the smallest feasible rho"})
             continue
         imp = probe_importance(model, opt, None, probe_batch, names, upto)["importance"]
         settings[f"rho {rho}"] = [names[i] for i in select_tensors(dw, dy, imp, budget).indices]
@@ -79,7 +81,8 @@ def main():
         rows.append({"setting": k, "tensors": len(settings[k]), "step_GFLOPs": flops[k] / 1e9,
                      "flops_ratio": flops[k] / flops["full"], "median_step_s": t, "time_ratio": t / full_t,
                      "min_step_s": min(times[k]), "max_step_s": max(times[k])})
-    write_results("time_vs_flops" + ("_quick" if a.quick else ""), "Wall time against measured FLOPs", rows,
+    write_results("time_vs_flops" + ("_quick" if a.quick else ""), "Wall time against measured FLOPs",
+                  rows + infeasible,
                   ["setting", "tensors", "step_GFLOPs", "flops_ratio", "median_step_s", "time_ratio", "min_step_s",
                    "max_step_s"],
                   f"SmolLM2-135M, batch 4 × {a.seq_len}, one training step (forward, backward, AdamW) per setting per "

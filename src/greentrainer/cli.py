@@ -108,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """Our own progress bars only; library chatter would bury the one-line errors."""
     import logging
+    import os
     import warnings
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
+    except ImportError:
+        pass
     try:
         from transformers.utils import logging as hf_logging
         hf_logging.set_verbosity_error()

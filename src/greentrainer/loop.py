@@ -107,6 +107,14 @@ class TrainContext:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.bf16))
 
 
+def fmt_flops(x: float) -> str:
+    """FLOPs in a readable unit (GFLOPs, TFLOPs or PFLOPs)."""
+    for unit, scale in (("PFLOPs", 1e15), ("TFLOPs", 1e12)):
+        if x >= scale:
+            return f"{x / scale:.3f} {unit}"
+    return f"{x / 1e9:.3f} GFLOPs"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -227,7 +235,7 @@ def _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, lo
                "time_s": elapsed, "peak_memory_bytes": mem.peak, **method.epoch_report()}
         history.append(rec)
         log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}  val loss {val:.4f}  "
-            f"{total / 1e12:.3f} TFLOPs ({100 * rec['flops_fraction_of_full']:.1f}% of full FT)  "
+            f"{fmt_flops(total)} ({100 * rec['flops_fraction_of_full']:.1f}% of full FT)  "
             f"{elapsed:.1f} s  peak mem {mem.peak / 2**20:.0f} MiB")
         if on_epoch_end is not None:
             on_epoch_end(history)

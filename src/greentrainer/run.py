@@ -9,6 +9,7 @@ from pathlib import Path
 from .config import TrainConfig, prepare_output_dir
 from .data import encode_all, load_examples, resolve_dataset
 from .errors import UsageError
+from .loop import fmt_flops
 from .models import is_seq2seq, load_config, load_model, pick_device
 
 
@@ -92,9 +93,9 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     metrics["status"] = "complete"
     _write_json(out / "metrics.json", metrics)
     t = metrics["totals"]
-    log(f"done: {t['flops_total'] / 1e12:.3f} TFLOPs measured "
-        f"(forward {t['flops_forward'] / 1e12:.3f}, backward {t['flops_backward'] / 1e12:.3f}, "
-        f"overhead {t['flops_overhead'] / 1e12:.3f}) = {100 * t['flops_fraction_of_full']:.1f}% of full "
+    log(f"done: {fmt_flops(t['flops_total'])} measured "
+        f"(forward {fmt_flops(t['flops_forward'])}, backward {fmt_flops(t['flops_backward'])}, "
+        f"overhead {fmt_flops(t['flops_overhead'])}) = {100 * t['flops_fraction_of_full']:.1f}% of full "
         f"fine-tuning on the same data; {t['time_s']:.1f} s training; peak memory "
         f"{t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder {out}")
     return metrics

@@ -4,16 +4,18 @@ set -euo pipefail
 cd "$(dirname "$0")"
 . ../.venv/bin/activate
 Q=${1:-}
-python selector.py $Q
-python flops_accuracy.py $Q
-python time_vs_flops.py $Q
+if [ -z "${SKIP_META:-}" ]; then
+  python selector.py $Q
+  python flops_accuracy.py $Q
+  python time_vs_flops.py $Q
+fi
 if [ "$Q" = "--quick" ]; then
   python methods.py --quick
   exit 0
 fi
-python methods.py --dataset scitldr --max-train 64 --max-eval 24 --epochs 2 --paper-lr-rows
+python methods.py --dataset scitldr --max-train 64 --max-eval 24 --epochs 2
 python methods.py --dataset scitldr --methods gt0.6,gt0.6:dw,gt0.6:grad,gt0.6:once,gt0.6:every4 --no-sweep \
-  --max-train 64 --max-eval 24 --epochs 2 --name ablations
+  --max-train 64 --max-eval 12 --epochs 2 --name ablations
 python methods.py --dataset scitldr --methods full,gt0.5 --no-sweep --seeds 1,2,3 --max-train 32 --max-eval 12 \
   --epochs 2 --name spread
 python methods.py --dataset dialogsum --methods full,lora,gt0.5,gt0.7 --no-sweep --max-train 32 --max-eval 12 \

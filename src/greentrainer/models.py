@@ -86,12 +86,16 @@ def load_config(name: str):
     from transformers import AutoConfig
     _check_name(name)
     if name in _PACKAGED:
-        cached = _cache_root() / "models" / name / "config.json"
-        if cached.exists():
-            return AutoConfig.from_pretrained(cached.parent)
+        for cached in (_cache_root() / "models" / name, _cache_root() / "models" / f"{name}.config"):
+            if (cached / "config.json").exists():
+                return AutoConfig.from_pretrained(cached)
         folder, gguf = packaged_model_dir(name)
         cfg = AutoConfig.from_pretrained(folder, gguf_file=gguf)
         _drop_quant(cfg)
+        try:  # reading the GGUF header is slow; keep the config for the next profile
+            cfg.save_pretrained(_cache_root() / "models" / f"{name}.config")
+        except OSError:
+            pass
         return cfg
     return _from_hub(AutoConfig.from_pretrained, name)
 

@@ -1,7 +1,6 @@
 import random
 
 import pytest
-import torch
 
 from greentrainer.flops import (measure_step_flops, meta_model_from_config, profile_config, profile_model,
                                 unique_named_parameters)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import make_tiny
 from greentrainer.cli import main

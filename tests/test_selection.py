@@ -5,7 +5,6 @@ import numpy as np
 import pytest
 
 from greentrainer.flops import profile_config
-from greentrainer.models import tiny_config
 from greentrainer.selection import (min_feasible_rho, rho_to_backward_budget, select_tensors, selection_cost,
                                     smallest_feasible_cost)
 

@@ -1,4 +1,3 @@
-import dataclasses
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from greentrainer.data import Example, collate, encode_all
 from greentrainer.importance import probe_importance
 from greentrainer.loop import train
 from greentrainer.methods import build_method
-from greentrainer.methods.greentrainer import GreenTrainerMethod
 from greentrainer.models import tiny_tokenizer
 
 TOK = tiny_tokenizer()

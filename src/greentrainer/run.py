@@ -1,7 +1,6 @@
 """A training run end to end: validate, load, (evaluate,) train, evaluate, save a run folder."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path

@@ -205,7 +205,7 @@ def plot_selection_heatmap(names, selections, path) -> None:
     for j, s in enumerate(selections):
         for n in s["selected"]:
             grid[index[n], j] = 1
-    fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(selections) + 3), 8))
+    fig, ax = plt.subplots(figsize=(max(6.5, 0.5 * len(selections) + 4), 8))
     ax.imshow(grid, aspect="auto", cmap="Greens", interpolation="nearest", vmin=0, vmax=1)
     ax.set_xlabel("selection (epoch / step)")
     ax.set_xticks(range(len(selections)))
@@ -213,7 +213,7 @@ def plot_selection_heatmap(names, selections, path) -> None:
     step = max(1, len(names) // 40)
     ax.set_yticks(range(0, len(names), step))
     ax.set_yticklabels([names[i] for i in range(0, len(names), step)], fontsize=5)
-    ax.set_title("GreenTrainer: selected tensors (green) per selection")
+    ax.set_title("GreenTrainer: trained tensors (green) per selection\n(rows in backward order, output at the top)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 import tempfile
 import time
 
@@ -198,9 +200,11 @@ def plot(rows, path, dataset):
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in pts:
+    offsets = [(5, 4), (5, -11), (-10, 9), (5, -20)]  # alternate so close points stay readable
+    for i, r in enumerate(sorted(pts, key=lambda r: r["PFLOPs"])):
         ax.scatter(r["PFLOPs"], r["rougeL"], s=40)
-        ax.annotate(r["method"], (r["PFLOPs"], r["rougeL"]), fontsize=8, xytext=(4, 3), textcoords="offset points")
+        ax.annotate(r["method"], (r["PFLOPs"], r["rougeL"]), fontsize=8, xytext=offsets[i % len(offsets)],
+                    textcoords="offset points")
     ax.set_xlabel("measured training PFLOPs")
     ax.set_ylabel("ROUGE-L (first reference)")
     ax.set_title(f"{dataset}: accuracy vs measured compute")
@@ -211,4 +215,8 @@ def plot(rows, path, dataset):
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":  # redraw a committed table's plot
+        plot(json.loads(Path(sys.argv[2]).read_text())["rows"], Path(sys.argv[2]).with_suffix(".png"),
+             Path(sys.argv[2]).stem.replace("methods_", ""))
+    else:
+        main()

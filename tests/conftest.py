@@ -13,23 +13,23 @@ def make_tiny(arch="llama"):
     return cls.from_config(cfg, attn_implementation="eager")
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    """A tiny LLaMA-like model + byte tokenizer saved as a local Hugging Face folder."""
+def _save_tiny(tmp_path_factory, arch):
+    """A tiny model of ``arch`` + byte tokenizer saved as a local Hugging Face folder."""
     from greentrainer.models import tiny_tokenizer
-    d = tmp_path_factory.mktemp("tiny_llama")
-    make_tiny("llama").save_pretrained(d)
+    d = tmp_path_factory.mktemp(f"tiny_{arch}")
+    make_tiny(arch).save_pretrained(d)
     tiny_tokenizer().save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    return _save_tiny(tmp_path_factory, "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory):
-    from greentrainer.models import tiny_tokenizer
-    d = tmp_path_factory.mktemp("tiny_t5")
-    make_tiny("t5").save_pretrained(d)
-    tiny_tokenizer().save_pretrained(d)
-    return str(d)
+    return _save_tiny(tmp_path_factory, "t5")
 
 
 @pytest.fixture

@@ -157,12 +157,16 @@ class Encoded:
     prompt_ids: list[int]      # what generation starts from
 
 
+def _token_parts(ex: Example, tok, task: str, seq2seq: bool) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the (truncatable) source, the fixed prompt suffix and the target."""
+    src, suffix, tgt = format_example(ex, task, tok.eos_token, seq2seq)
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids if text else []  # noqa: E731
+    return ids(src), ids(suffix), ids(tgt)
+
+
 def encode_example(ex: Example, tok, task: str, seq2seq: bool, max_len: int, max_target_len: int = 256) -> Encoded:
     """Tokenise one example; truncate only the source so the input fits ``max_len``."""
-    src, suffix, tgt = format_example(ex, task, tok.eos_token, seq2seq)
-    src_ids = tok(src, add_special_tokens=False).input_ids
-    suf_ids = tok(suffix, add_special_tokens=False).input_ids if suffix else []
-    tgt_ids = tok(tgt, add_special_tokens=False).input_ids
+    src_ids, suf_ids, tgt_ids = _token_parts(ex, tok, task, seq2seq)
     if seq2seq:
         eos = [tok.eos_token_id]
         room = max_len - len(suf_ids) - 1
@@ -183,9 +187,8 @@ def encode_example(ex: Example, tok, task: str, seq2seq: bool, max_len: int, max
 
 def encode_prompt(ex: Example, tok, task: str, seq2seq: bool, max_len: int) -> list[int]:
     """Prompt ids for generation, the source truncated so the prompt fits ``max_len``."""
-    src, suffix, _ = format_example(ex, task, tok.eos_token, seq2seq)
-    src_ids = tok(src, add_special_tokens=False).input_ids
-    tail = (tok(suffix, add_special_tokens=False).input_ids if suffix else []) + ([tok.eos_token_id] if seq2seq else [])
+    src_ids, suf_ids, _ = _token_parts(ex, tok, task, seq2seq)
+    tail = suf_ids + ([tok.eos_token_id] if seq2seq else [])
     bos = _bos(tok) if not seq2seq else []
     return bos + src_ids[: max(1, max_len - len(tail) - len(bos))] + tail
 

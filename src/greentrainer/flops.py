@@ -137,6 +137,20 @@ def meta_safe(model):
         cfg.pad_token_id, cfg.use_cache = pad, cache
 
 
+@contextlib.contextmanager
+def trainable_exactly(params, names):
+    """Make exactly ``names`` of ``params`` (name, tensor pairs) require grad; restore flags, drop grads after."""
+    saved = [p.requires_grad for _, p in params]
+    try:
+        for n, p in params:
+            p.requires_grad_(n in names)
+        yield
+    finally:
+        for (_, p), rg in zip(params, saved):
+            p.requires_grad_(rg)
+            p.grad = None
+
+
 def unique_named_parameters(model):
     """Named parameters with tied tensors reported once (the first name wins)."""
     seen, out = set(), []
@@ -163,11 +177,8 @@ def _collect_graph(root):
 def profile_model(model, batch_size: int, seq_len: int, target_len: int | None = None) -> TensorFlopsProfile:
     """Profile a model (on any device; a meta copy costs nothing). Leaves requires_grad as it was."""
     params = unique_named_parameters(model)
-    saved = [p.requires_grad for _, p in params]
     device = params[0][1].device
-    try:
-        for _, p in params:
-            p.requires_grad_(True)
+    with trainable_exactly(params, {n for n, _ in params}):
         batch = dummy_batch(model, batch_size, seq_len, target_len, device=device)
         with FlopCounterMode(display=False) as fc, meta_safe(model):
             loss = model(**batch).loss
@@ -199,10 +210,6 @@ def profile_model(model, batch_size: int, seq_len: int, target_len: int | None =
             loss.backward()
         for h in handles:
             h.remove()
-    finally:
-        for (_, p), rg in zip(params, saved):
-            p.requires_grad_(rg)
-            p.grad = None
 
     # Backward order: the order the engine reached each tensor's AccumulateGrad.
     order = list(dict.fromkeys(acc_order))
@@ -285,21 +292,13 @@ def _topo_order(nodes):
 def measure_step_flops(model, selected_names, batch_size: int, seq_len: int, target_len: int | None = None):
     """FLOPs FlopCounterMode measures for one forward+backward with exactly ``selected_names`` trainable."""
     params = unique_named_parameters(model)
-    saved = [p.requires_grad for _, p in params]
-    sel = set(selected_names)
-    try:
-        for n, p in params:
-            p.requires_grad_(n in sel)
+    with trainable_exactly(params, set(selected_names)):
         batch = dummy_batch(model, batch_size, seq_len, target_len, device=params[0][1].device)
         with FlopCounterMode(display=False) as fc, meta_safe(model):
             loss = model(**batch).loss
             if loss.requires_grad:
                 loss.backward()
         return int(fc.get_total_flops())
-    finally:
-        for (_, p), rg in zip(params, saved):
-            p.requires_grad_(rg)
-            p.grad = None
 
 
 def meta_model_from_config(config):

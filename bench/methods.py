@@ -132,6 +132,8 @@ def main():
     ap.add_argument("--methods", default="full,top2,prefix,lora,dora,smt,gt0.4,gt0.5,gt0.6,gt0.7")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--paper-lr-rows", action="store_true", help="also run every method at lr 2e-5")
+    ap.add_argument("--lrs", default="", help="fixed rates instead of a sweep: 'full=1e-4,greentrainer=1e-4'; "
+                                              "'all=2e-5' sets every method")
     ap.add_argument("--sweep-train", type=int, default=32)
     ap.add_argument("--sweep-val", type=int, default=16)
     ap.add_argument("--lora-r", type=int, default=8)
@@ -155,11 +157,14 @@ def main():
         a.smt_params = 100 * lora / 134515008
     rows, lrs, sweeps = [], {}, {}
     base = lambda m: "greentrainer" if m.startswith("gt") else m.split(":")[0]  # noqa: E731
+    fixed = dict(kv.split("=") for kv in a.lrs.split(",") if kv)
     for m in methods:
         b = base(m)
         if b in lrs:
             continue
-        if a.no_sweep:
+        if b in fixed or "all" in fixed:
+            lrs[b] = float(fixed.get(b, fixed.get("all")))
+        elif a.no_sweep:
             lrs[b] = 2e-5 if b in ("full", "greentrainer") else 1e-3 if b in ("lora", "dora") else 1e-4
         else:
             lrs[b], sweeps[b] = sweep_lr(b, a, log)
@@ -187,7 +192,7 @@ def main():
                   f"{a.max_input_length}; {a.max_eval} test items, beam {a.num_beams}. ROUGE: F1 ×100 against the "
                   f"first reference (`_best`: best of all references). lr: best of a sweep on the validation "
                   f"split ({json.dumps({k: {str(x): round(y, 4) for x, y in v.items()} for k, v in sweeps.items()})})"
-                  if sweeps else "lr: fixed defaults (no sweep).",
+                  if sweeps else f"lr: fixed ({', '.join(f'{k} {v:g}' for k, v in lrs.items())}; no sweep).",
                   {"lrs": lrs, "sweeps": {k: {str(x): y for x, y in v.items()} for k, v in sweeps.items()}})
     plot(rows, RESULTS / f"{name}.png", a.dataset)
 

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The full benchmark suite (results in bench/results/). Pass --quick for the few-minute smoke version.
+# Learning rates: the SciTLDR table sweeps them on the validation split; the other tables reuse its choices
+# (full 1e-4, GreenTrainer 1e-4, LoRA 1e-3, SMT 1e-4) so that each runs in one pass.
 set -euo pipefail
 cd "$(dirname "$0")"
 . ../.venv/bin/activate
@@ -13,10 +15,13 @@ if [ "$Q" = "--quick" ]; then
   python methods.py --quick
   exit 0
 fi
-python methods.py --dataset scitldr --max-train 64 --max-eval 24 --epochs 2
-python methods.py --dataset scitldr --methods gt0.6,gt0.6:dw,gt0.6:grad,gt0.6:once,gt0.6:every4 --no-sweep \
+SWEPT=full=1e-4,greentrainer=1e-4,lora=1e-3,smt=1e-4
+[ -n "${SKIP_MAIN:-}" ] || python methods.py --dataset scitldr --max-train 64 --max-eval 24 --epochs 2
+python methods.py --dataset scitldr --methods gt0.6,gt0.6:dw,gt0.6:grad,gt0.6:once,gt0.6:every4 --lrs $SWEPT \
   --max-train 64 --max-eval 12 --epochs 2 --name ablations
-python methods.py --dataset scitldr --methods full,gt0.5 --no-sweep --seeds 1,2,3 --max-train 32 --max-eval 12 \
+python methods.py --dataset scitldr --methods full,gt0.5 --lrs $SWEPT --seeds 1,2,3 --max-train 32 --max-eval 12 \
   --epochs 2 --name spread
-python methods.py --dataset dialogsum --methods full,lora,gt0.5,gt0.7 --no-sweep --max-train 32 --max-eval 12 \
-  --epochs 2 --max-input-length 384 --name methods_dialogsum
+python methods.py --dataset dialogsum --methods full,lora,smt,gt0.5,gt0.7 --lrs $SWEPT --max-train 32 \
+  --max-eval 12 --epochs 2 --max-input-length 384 --name methods_dialogsum
+python methods.py --dataset scitldr --methods full,top2,prefix,lora,dora,smt,gt0.5,gt0.6,gt0.7 --lrs all=2e-5 \
+  --max-train 64 --max-eval 24 --epochs 2 --name methods_scitldr_lr2e-5

@@ -44,8 +44,6 @@ def main():
     names = prof.names
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(params.values(), lr=1e-5)
-    dw = [t.t_dw for t in prof.tensors]
-    dy = [t.t_dy for t in prof.tensors]
     settings = {"full": names}
     infeasible = []
     for rho in rhos:
@@ -55,7 +53,7 @@ def main():
             infeasible.append({"setting": f"rho {rho}", "tensors": "infeasible: below the smallest feasible rho"})
             continue
         imp = probe_importance(model, opt, None, probe_batch, names, upto)["importance"]
-        settings[f"rho {rho}"] = [names[i] for i in select_tensors(dw, dy, imp, budget).indices]
+        settings[f"rho {rho}"] = [names[i] for i in select_tensors(prof.t_dws, prof.t_dys, imp, budget, branches=prof.branch_tuples).indices]
     times = {k: [] for k in settings}
     flops = {}
     for r in range(rounds + 1):  # round 0 warms up

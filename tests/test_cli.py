@@ -85,9 +85,14 @@ def test_profile_cli_json_contract(capsys, tmp_path):
     tiny_config("opt", "small").save_pretrained(d)  # a folder with only config.json
     assert main(["profile", "--model", str(d), "--batch-size", "2", "--seq-len", "64", "--json"]) == 0
     prof = json.loads(capsys.readouterr().out)
-    assert set(prof) == {"t_fp", "t_full", "tensors"}
+    assert set(prof) == {"t_fp", "t_full", "tensors", "branches"}
     assert set(prof["tensors"][0]) == {"name", "t_dw", "t_dy"}
     assert prof["t_fp"] + sum(t["t_dw"] + t["t_dy"] for t in prof["tensors"]) == prof["t_full"]
+    names = [t["name"] for t in prof["tensors"]]
+    assert prof["branches"]  # OPT's K/V (weight and bias) are side branches beside Q
+    for b in prof["branches"]:
+        assert b["flops"] > 0 and set(b["tensors"]) <= set(names)
+        assert b["joins"] is None or names.index(b["joins"]) > max(names.index(t) for t in b["tensors"])
     assert main(["profile", "--model", str(d), "--batch-size", "2", "--seq-len", "64"]) == 0
     assert "t_dw GFLOPs" in capsys.readouterr().out
     assert "--seq-len" in err(capsys, ["profile", "--model", str(d), "--seq-len", "0"])

@@ -9,11 +9,11 @@ from greentrainer.selection import (min_feasible_rho, rho_to_backward_budget, se
                                     smallest_feasible_cost)
 
 
-def brute_force(dw, dy, imp, budget):
+def brute_force(dw, dy, imp, budget, branches=()):
     best = 0.0
     for r in range(1, len(dw) + 1):
         for s in itertools.combinations(range(len(dw)), r):
-            if selection_cost(dw, dy, s) <= budget:
+            if selection_cost(dw, dy, s, branches) <= budget:
                 best = max(best, sum(imp[i] for i in s))
     return best
 
@@ -33,44 +33,87 @@ def test_exact_against_brute_force(seed):
     assert sel.value == pytest.approx(max(brute_force(dw, dy, imp, budget), 0.0))
 
 
-def milp_optimum(dw, dy, imp, budget):
-    """Independent solver: x_i selects tensor i, u_j says the gradient must reach j (u_j ≥ x_j, u_j ≥ u_{j+1})."""
+@pytest.mark.parametrize("seed", range(60))
+def test_exact_with_side_branches_against_brute_force(seed):
+    rng = random.Random(1000 + seed)
+    n = rng.randint(2, 11)
+    unit = rng.choice([1, 6, 1000])
+    dw = [rng.choice([0, rng.randint(1, 60)]) * unit for _ in range(n)]
+    dy = [rng.randint(0, 40) * unit for _ in range(n)]
+    imp = [rng.uniform(-0.5, 1.0) for _ in range(n)]
+    branches = []
+    for _ in range(rng.randint(1, 4)):  # sibling-like side branches: 1-3 tensors, joining further down
+        group = tuple(sorted(rng.sample(range(n), min(rng.randint(1, 3), n))))
+        flops = rng.randint(1, 20) * unit
+        branches.append((flops, group, rng.randint(group[-1] + 1, n)))
+        dy[group[0]] += flops  # the chain charges a branch where it starts
+    budget = rng.randint(0, sum(dw) + sum(dy))
+    sel = select_tensors(dw, dy, imp, budget, branches=branches)
+    assert sel.cost <= budget
+    assert sel.cost == selection_cost(dw, dy, sel.indices, branches)
+    assert sel.value == pytest.approx(max(brute_force(dw, dy, imp, budget, branches), 0.0))
+    chain = select_tensors(dw, dy, imp, budget)  # paying every branch can only do worse
+    assert chain.value <= sel.value + 1e-9
+
+
+def milp_optimum(dw, dy, imp, budget, branches=()):
+    """Independent solver: x_i selects tensor i, u_j says the gradient must reach j (u_j ≥ x_j, u_j ≥ u_{j+1}),
+    y_b pays side branch b (y_b ≥ x_i for its tensors, y_b ≥ u_join)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
-    n = len(dw)
+    n, nb = len(dw), len(branches)
+    dy = [int(x) for x in dy]
+    for f, g, _ in branches:
+        dy[min(g)] -= f  # the chain's charge for the branch moves to y_b
     scale = max(max(dw), max(dy))
-    c = np.concatenate([-np.asarray(imp), np.zeros(n)])
+    nv = 2 * n + nb
+    c = np.concatenate([-np.asarray(imp), np.zeros(n + nb)])
     rows, lo, hi = [], [], []
-    rows.append(np.concatenate([np.asarray(dw) / scale, np.asarray(dy) / scale]))
+    rows.append(np.concatenate([np.asarray(dw) / scale, np.asarray(dy) / scale,
+                                np.asarray([f for f, _, _ in branches], dtype=float) / scale]))
     lo.append(-np.inf)
     hi.append(budget / scale)
-    for j in range(n):
-        r = np.zeros(2 * n)
-        r[n + j], r[j] = 1, -1
+
+    def geq(a, b):  # variable a ≥ variable b
+        r = np.zeros(nv)
+        r[a], r[b] = 1, -1
         rows.append(r); lo.append(0); hi.append(np.inf)
+    for j in range(n):
+        geq(n + j, j)
         if j + 1 < n:
-            r = np.zeros(2 * n)
-            r[n + j], r[n + j + 1] = 1, -1
-            rows.append(r); lo.append(0); hi.append(np.inf)
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(2 * n),
+            geq(n + j, n + j + 1)
+    for k, (_, g, joins) in enumerate(branches):
+        for i in g:
+            geq(2 * n + k, i)
+        if joins < n:
+            geq(2 * n + k, n + joins)
+    res = milp(c, constraints=LinearConstraint(np.array(rows), lo, hi), integrality=np.ones(nv),
                bounds=Bounds(0, 1), options={"mip_rel_gap": 1e-9})
     return -res.fun
 
 
-@pytest.mark.parametrize("rho", [0.45, 0.6, 0.8])
-def test_exact_against_milp_on_a_realistic_profile(rho):
-    from transformers import LlamaConfig
-    cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                      num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M
-    prof = profile_config(cfg, 4, 512)
-    assert len(prof.tensors) >= 250
-    dw = [t.t_dw for t in prof.tensors]
-    dy = [t.t_dy for t in prof.tensors]
+def _realistic(arch):
+    from transformers import LlamaConfig, Qwen2Config
+    if arch == "smollm2":
+        return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                           num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M
+    return Qwen2Config(hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8,
+                       num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True)  # Q/K/V with biases
+
+
+@pytest.mark.parametrize("arch,rho", [("smollm2", 0.45), ("smollm2", 0.6), ("smollm2", 0.8), ("qwen2", 0.6)])
+def test_exact_against_milp_on_a_realistic_profile(arch, rho):
+    prof = profile_config(_realistic(arch), 4, 512)
+    assert len(prof.tensors) >= 250 and prof.branches
+    dw, dy, br = prof.t_dws, prof.t_dys, prof.branch_tuples
     imp = np.random.default_rng(int(rho * 100)).random(len(dw))
     budget = rho_to_backward_budget(rho, prof.t_fp, prof.t_full)
-    sel = select_tensors(dw, dy, imp, budget)
+    sel = select_tensors(dw, dy, imp, budget, branches=br)
     assert sel.exact and sel.cost <= budget
-    assert sel.value == pytest.approx(milp_optimum(dw, dy, imp, budget), rel=1e-6)
-    coarse = select_tensors(dw, dy, imp, budget, resolution=100)
+    assert sel.value == pytest.approx(milp_optimum(dw, dy, imp, budget, br), rel=1e-6)
+    chain = select_tensors(dw, dy, imp, budget)  # Eq. 5's pure chain: the paper's model
+    assert chain.value == pytest.approx(milp_optimum(dw, dy, imp, budget), rel=1e-6)
+    assert chain.value <= sel.value + 1e-9
+    coarse = select_tensors(dw, dy, imp, budget, resolution=100, branches=br)
     assert coarse.cost <= budget and coarse.value <= sel.value + 1e-9
 
 
@@ -84,3 +127,15 @@ def test_nothing_fits_the_budget():
     assert select_tensors(dw, dy, [1.0, 1.0], 40).indices == []
     assert smallest_feasible_cost(dw, dy) == 60
     assert min_feasible_rho(dw, dy, 100, 300) == pytest.approx(160 / 300)
+
+
+def test_a_side_branch_is_not_paid_when_its_tensor_is_not_selected():
+    # tensor 0 (say V) has 30 FLOPs of branch work that tensor 1 (say Q) does not need; they join at 2
+    dw, dy, br = [10, 10, 10], [30 + 5, 5, 5], [(30, (0,), 2)]
+    assert selection_cost(dw, dy, [1], br) == 10 + 10          # Q alone: the V branch is skipped
+    assert selection_cost(dw, dy, [0, 1], br) == 20 + 40        # both: paid
+    assert selection_cost(dw, dy, [2], br) == 10 + 45           # below the join: paid
+    assert smallest_feasible_cost(dw, dy, br) == 20 and smallest_feasible_cost(dw, dy) == 45
+    sel = select_tensors(dw, dy, [0.1, 1.0, 0.1], 25, branches=br)
+    assert sel.indices == [1] and sel.cost == 20
+    assert select_tensors(dw, dy, [0.1, 1.0, 0.1], 25).indices == []  # the chain: Q costs 45, V 45

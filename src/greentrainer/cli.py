@@ -191,14 +191,22 @@ def _profile(a) -> int:
     from .models import load_config
     prof = profile_config(load_config(a.model), a.batch_size, a.seq_len, a.target_len)
     if a.json:
+        names = prof.names
         print(json.dumps({"t_fp": prof.t_fp, "t_full": prof.t_full,
-                          "tensors": [{"name": t.name, "t_dw": t.t_dw, "t_dy": t.t_dy} for t in prof.tensors]}))
+                          "tensors": [{"name": t.name, "t_dw": t.t_dw, "t_dy": t.t_dy} for t in prof.tensors],
+                          "branches": [{"flops": b.flops, "tensors": [names[i] for i in b.tensors],
+                                        "joins": names[b.joins] if b.joins < len(names) else None}
+                                       for b in prof.branches]}))
         return 0
     print(f"{a.model}: batch {a.batch_size} x {a.seq_len}; forward {prof.t_fp / 1e9:,.1f} GFLOPs, "
           f"full fine-tuning step {prof.t_full / 1e9:,.1f} GFLOPs ({len(prof.tensors)} tensors, backward order)")
     print(f"{'#':>4}  {'tensor':60} {'t_dw GFLOPs':>12} {'t_dy GFLOPs':>12}")
     for i, t in enumerate(prof.tensors):
         print(f"{i:4d}  {t.name:60} {t.t_dw / 1e9:12.3f} {t.t_dy / 1e9:12.3f}")
+    if prof.branches:
+        side = sum(b.flops for b in prof.branches)
+        print(f"{len(prof.branches)} side branches ({side / 1e9:,.1f} GFLOPs of the t_dy above) are paid only when "
+              f"one of their tensors is selected or the gradient passes their join (--json lists them)")
     return 0
 
 

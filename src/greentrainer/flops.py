@@ -8,13 +8,16 @@ weight-gradient work (``t_dw``); any other edge is activation-gradient work, cha
 shallowest tensor it leads to, because that is the first selection depth that makes it necessary.
 
 This makes Eq. 5 of the paper, ``t_fp + Σ_{i∈S} t_dw[i] + Σ_{j≤deepest(S)} t_dy[j]``, exact along the
-main gradient path and a conservative upper bound where sibling branches (Q/K/V) meet: it never under-
-predicts, so a selection the selector accepts never exceeds its budget.
+main gradient path and a conservative upper bound where sibling branches meet (Q/K/V fed by one input;
+T5's cross-attention K/V feeding the encoder): a branch's work is needed only when one of its own tensors
+is selected or the gradient must pass its join point. The profile records those ``branches`` (work,
+tensors, join), and :func:`greentrainer.selection.selection_cost` uses them to make the prediction exact.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -34,6 +37,17 @@ class TensorFlops:
 
 
 @dataclasses.dataclass
+class Branch:
+    """Activation-gradient work needed only if one of ``tensors`` is selected or the deepest selected tensor
+    lies at or below ``joins`` (``len(tensors)`` of the profile: never). Eq. 5's chain charges it to
+    ``t_dy[min(tensors)]``, i.e. as soon as the deepest selected tensor reaches the branch."""
+
+    flops: int
+    tensors: list[int]
+    joins: int
+
+
+@dataclasses.dataclass
 class TensorFlopsProfile:
     """Trainable tensors in backward order (index 0 nearest the output)."""
 
@@ -43,6 +57,7 @@ class TensorFlopsProfile:
     batch_size: int = 0
     seq_len: int = 0
     target_len: int = 0
+    branches: list[Branch] = dataclasses.field(default_factory=list)
 
     @property
     def names(self) -> list[str]:
@@ -52,26 +67,48 @@ class TensorFlopsProfile:
     def t_bp(self) -> int:
         return self.t_full - self.t_fp
 
-    def predict(self, selected) -> int:
-        """Step FLOPs (forward + backward) predicted for a selection of tensor indices or names (Eq. 5)."""
+    @property
+    def t_dws(self) -> list[int]:
+        return [t.t_dw for t in self.tensors]
+
+    @property
+    def t_dys(self) -> list[int]:
+        return [t.t_dy for t in self.tensors]
+
+    @property
+    def branch_tuples(self) -> list[tuple[int, tuple[int, ...], int]]:
+        """Branches as (flops, tensor indices, join index), the form the selector takes."""
+        return [(b.flops, tuple(b.tensors), b.joins) for b in self.branches]
+
+    @functools.cached_property
+    def single_costs(self) -> list[int]:
+        """Backward FLOPs of training each tensor alone."""
+        from .selection import single_costs
+        return single_costs(self.t_dws, self.t_dys, self.branch_tuples)
+
+    def indices(self, selected) -> list[int]:
         index = {t.name: i for i, t in enumerate(self.tensors)}
-        idx = sorted({index[s] if isinstance(s, str) else int(s) for s in selected})
-        if not idx:
-            return self.t_fp
-        deepest = idx[-1]
-        return (self.t_fp + sum(self.tensors[i].t_dw for i in idx)
-                + sum(t.t_dy for t in self.tensors[: deepest + 1]))
+        return sorted({index[s] if isinstance(s, str) else int(s) for s in selected})
+
+    def predict(self, selected, exact: bool = True) -> int:
+        """Step FLOPs (forward + backward) predicted for a selection of tensor indices or names: Eq. 5, with
+        sibling branches paid only when needed (``exact=False``: the paper's pure chain, an upper bound)."""
+        from .selection import selection_cost
+        return self.t_fp + selection_cost(self.t_dws, self.t_dys, self.indices(selected),
+                                          self.branch_tuples if exact else ())
 
     def to_json(self) -> dict:
         return {"t_fp": self.t_fp, "t_full": self.t_full, "batch_size": self.batch_size,
                 "seq_len": self.seq_len, "target_len": self.target_len,
-                "tensors": [dataclasses.asdict(t) for t in self.tensors]}
+                "tensors": [dataclasses.asdict(t) for t in self.tensors],
+                "branches": [dataclasses.asdict(b) for b in self.branches]}
 
     @classmethod
     def from_json(cls, d: dict) -> "TensorFlopsProfile":
         return cls(t_fp=d["t_fp"], t_full=d["t_full"], batch_size=d.get("batch_size", 0),
                    seq_len=d.get("seq_len", 0), target_len=d.get("target_len", 0),
-                   tensors=[TensorFlops(**t) for t in d["tensors"]])
+                   tensors=[TensorFlops(**t) for t in d["tensors"]],
+                   branches=[Branch(**b) for b in d.get("branches", [])])
 
 
 class FlopCounter(TorchDispatchMode):
@@ -229,6 +266,8 @@ def profile_model(model, batch_size: int, seq_len: int, target_len: int | None =
 
     t_dw = [0] * len(order)
     t_dy = [0] * len(order)
+    branches: dict[tuple[int, int], int] = {}
+    charge = lambda mask, flops: _charge(mask, flops, t_dw, t_dy, branches, len(order))  # noqa: E731
     for node in nodes:
         ops = counter.per_node.get(id(node))
         if not ops:
@@ -244,28 +283,35 @@ def profile_model(model, batch_size: int, seq_len: int, target_len: int | None =
             if match:
                 i = min(match, key=lambda k: used.get(k, 0))
                 used[i] = used.get(i, 0) + 1
-                _charge(edges[i], flops, t_dw, t_dy)
+                charge(edges[i], flops)
             else:  # no shape match: split evenly over the live edges
                 share = flops // len(live)
                 for j, i in enumerate(live):
-                    _charge(edges[i], share + (flops - share * len(live) if j == 0 else 0), t_dw, t_dy)
+                    charge(edges[i], share + (flops - share * len(live) if j == 0 else 0))
     numel_of = {n: p.numel() for n, p in params}
     tensors = [TensorFlops(n, t_dw[i], t_dy[i], numel_of[n]) for i, n in enumerate(order)]
     t_full = t_fp + counter.total
+    branch_list = [Branch(f, [i for i in range(len(order)) if g >> i & 1], b)
+                   for (g, b), f in sorted(branches.items(), key=lambda kv: ((kv[0][0] & -kv[0][0]), kv[0][1]))]
     prof = TensorFlopsProfile(t_fp=t_fp, t_full=t_full, tensors=tensors, batch_size=batch_size,
-                              seq_len=seq_len, target_len=target_len or 0)
+                              seq_len=seq_len, target_len=target_len or 0, branches=branch_list)
     assert sum(t.t_dw + t.t_dy for t in tensors) + counter.unattributed == counter.total
     if counter.unattributed:  # work outside any node (rare): pay it with the first tensor
         tensors[0].t_dy += counter.unattributed
     return prof
 
 
-def _charge(mask: int, flops: int, t_dw: list[int], t_dy: list[int]) -> None:
+def _charge(mask: int, flops: int, t_dw: list[int], t_dy: list[int], branches: dict, n: int) -> None:
+    """Attribute work whose gradient leads to the tensors in ``mask`` (bits = backward positions)."""
     low = (mask & -mask).bit_length() - 1
     if mask & (mask - 1) == 0:
         t_dw[low] += flops
-    else:
-        t_dy[low] += flops
+        return
+    t_dy[low] += flops  # Eq. 5's chain: needed once the deepest selected tensor reaches ``low``
+    joins = (((1 << n) - 1) & ~mask).bit_length()  # every tensor from ``joins`` down is reached
+    group = mask & ((1 << joins) - 1)
+    if group:  # a side branch: needed only for its own tensors, or below ``joins``
+        branches[(group, joins)] = branches.get((group, joins), 0) + flops
 
 
 def _topo_order(nodes):
@@ -321,7 +367,7 @@ def profile_config(config, batch_size: int, seq_len: int, target_len: int | None
                    cache: bool = True) -> TensorFlopsProfile:
     """Profile from a config alone (meta device), cached per config and batch shape."""
     key = hashlib.sha256(json.dumps([config.to_json_string(use_diff=False), batch_size, seq_len,
-                                     target_len, torch.__version__, 1]).encode()).hexdigest()[:24]
+                                     target_len, torch.__version__, 2]).encode()).hexdigest()[:24]
     path = _cache_dir() / f"{key}.json"
     if cache and path.exists():
         try:

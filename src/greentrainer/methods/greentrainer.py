@@ -26,12 +26,8 @@ def probe_cost(profile, probe_upto: int) -> int:
 
 def deepest_reachable(profile, backward_budget: int) -> int:
     """Index of the deepest tensor that fits the budget on its own (paper Eq. 12), or -1."""
-    acc, best = 0, -1
-    for j, t in enumerate(profile.tensors):
-        acc += t.t_dy
-        if acc + t.t_dw <= backward_budget:
-            best = j
-    return best
+    fits = [j for j, c in enumerate(profile.single_costs) if c <= backward_budget]
+    return max(fits, default=-1)
 
 
 SAFETY_MARGIN = 0.005  # of t_full per step: batch shapes vary around the profiled one
@@ -53,8 +49,8 @@ def check_budget(profile, rho: float, steps_per_selection: int) -> None:  # noqa
     """Stop early, stating the smallest feasible ρ, when nothing can train within ρ."""
     budget, upto = budget_for(profile, rho, steps_per_selection)
     if upto < 0:
-        dw, dy = [t.t_dw for t in profile.tensors], [t.t_dy for t in profile.tensors]
-        lo = min_feasible_rho(dw, dy, profile.t_fp, profile.t_full)
+        lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
+                              branches=profile.branch_tuples)
         hi = 1.0
         for _ in range(40):  # smallest ρ that also pays for its probes
             mid = (lo + hi) / 2
@@ -81,9 +77,8 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
     probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast)
     t1 = time.perf_counter()
     imp = probe["importance"]
-    dw = [t.t_dw for t in profile.tensors]
-    dy = [t.t_dy for t in profile.tensors]
-    sel = select_tensors(dw, dy, imp, budget, resolution)
+    dw, dy, br = profile.t_dws, profile.t_dys, profile.branch_tuples
+    sel = select_tensors(dw, dy, imp, budget, resolution, br)
     t2 = time.perf_counter()
     note = ""
     if sel.indices:
@@ -93,7 +88,7 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
         chosen = list(previous)
     else:
         note = "every importance ≤ 0: selecting by |importance| instead"
-        sel = select_tensors(dw, dy, np.abs(imp) + 1e-12, budget, resolution)
+        sel = select_tensors(dw, dy, np.abs(imp) + 1e-12, budget, resolution, br)
         chosen = [names[i] for i in sel.indices]
     if note:
         log(f"GreenTrainer: {note}")

@@ -178,9 +178,11 @@ def main():
             rows.append(run_row(label, row_config(b, lrs[b], a, seed=seed, **kw), log))
             if a.paper_lr_rows and lrs[b] != 2e-5:
                 rows.append(run_row(label + " @2e-5", row_config(b, 2e-5, a, seed=seed, **kw), log))
+    if len(a.seeds) > 1:
+        rows += seed_summary(rows)
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
-        if full and "train_time_s" in r:
+        if full and "train_time_s" in r and isinstance(r["train_time_s"], float):
             r["time_%_full"] = 100 * r["train_time_s"] / full["train_time_s"]
     name = a.name or ("methods_quick" if a.quick else f"methods_{a.dataset}")
     cols = ["method", "lr", "trainable_params", "PFLOPs", "flops_%_full", "train_time_s", "time_%_full",
@@ -197,11 +199,29 @@ def main():
     plot(rows, RESULTS / f"{name}.png", a.dataset)
 
 
+def seed_summary(rows):
+    """One 'mean ± sd (min–max)' row per method over its seeds, so a difference can be told from noise."""
+    import statistics
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if "(seed " in r["method"] and "PFLOPs" in r:
+            groups.setdefault(r["method"].split(" (seed ")[0], []).append(r)
+    out = []
+    for label, rs in groups.items():
+        row = {"method": f"{label}: mean ± sd over {len(rs)} seeds", "lr": rs[0]["lr"]}
+        for k in ("PFLOPs", "flops_%_full", "train_time_s", "peak_mem_MiB", "rouge1", "rouge2", "rougeL"):
+            v = [r[k] for r in rs if k in r]
+            if len(v) > 1:
+                row[k] = f"{statistics.mean(v):.4g} ± {statistics.stdev(v):.2g} ({min(v):.4g}–{max(v):.4g})"
+        out.append(row)
+    return out
+
+
 def plot(rows, path, dataset):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [r for r in rows if "rougeL" in r and "PFLOPs" in r]
+    pts = [r for r in rows if isinstance(r.get("rougeL"), float) and isinstance(r.get("PFLOPs"), float)]
     if not pts:
         return
     fig, ax = plt.subplots(figsize=(6.5, 4.5))

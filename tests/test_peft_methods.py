@@ -49,3 +49,29 @@ def test_lora_bad_targets_via_cli(capsys, tmp_path, tiny_model_dir, jsonl, small
     err = capsys.readouterr().err.strip()
     assert code == 2 and "not found" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+def test_prefix_starts_from_the_models_own_keys_and_values_on_training_prompts():
+    """With the data initialisation, the prefixed model on x equals the base model on (prompt tokens, x)."""
+    import contextlib
+    import types
+
+    import torch
+    from greentrainer.config import PeftMethodConfig
+    from greentrainer.data import Encoded
+    from greentrainer.methods.peft_methods import PeftMethod
+    model = make_tiny("llama").eval()
+    prompts = [Encoded(input_ids=[], labels=[], prompt_ids=list(range(5 + i, 12 + i))) for i in range(3)]
+    counted = []
+    ctx = types.SimpleNamespace(train_data=prompts, device=torch.device("cpu"), log=print,
+                                count=lambda kind: counted.append(kind) or contextlib.nullcontext())
+    n = 10  # spans the first two prompts
+    peft_model = PeftMethod("prefix", PeftMethodConfig(prefix_tokens=n)).prepare(model, ctx)
+    assert counted == ["overhead"]  # the initialising forward pass is counted in the run's FLOPs
+    x = torch.tensor([[40, 41, 42, 43]])
+    context = torch.tensor([(prompts[0].prompt_ids + prompts[1].prompt_ids)[:n]])
+    with torch.no_grad():
+        got = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+        with peft_model.disable_adapter():
+            want = peft_model(input_ids=torch.cat([context, x], 1)).logits[:, n:]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -55,6 +55,9 @@ def _add_train_args(p):
     pg.add_argument("--lora-dropout", type=float, default=pe.lora_dropout)
     pg.add_argument("--lora-targets", default=None, help="comma-separated module names (default: query, value)")
     pg.add_argument("--prefix-tokens", type=int, default=pe.prefix_tokens)
+    pg.add_argument("--prefix-init", default=pe.prefix_init, choices=("data", "random"),
+                    help="data: the base model's keys/values on the first training prompts (decoder-only); "
+                         "random: peft's default")
     sg = p.add_argument_group("smt")
     sg.add_argument("--smt-warmup", type=int, default=s.warmup_steps)
     sg.add_argument("--smt-targets", default=s.targets, help="comma list of q,k,v,o,gate,up,down")
@@ -74,7 +77,8 @@ def config_from_args(a) -> TrainConfig:
                                         select_once=a.select_once, importance=a.importance,
                                         resolution=a.selector_resolution),
         peft=PeftMethodConfig(lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                              lora_targets=a.lora_targets, prefix_tokens=a.prefix_tokens),
+                              lora_targets=a.lora_targets, prefix_tokens=a.prefix_tokens,
+                              prefix_init=a.prefix_init),
         smt=SMTConfig(warmup_steps=a.smt_warmup, targets=a.smt_targets, params_percent=a.smt_params,
                       block_size=a.smt_block))
 

@@ -71,6 +71,7 @@ class PeftMethodConfig:
     lora_dropout: float = 0.05
     lora_targets: str | None = None   # comma-separated module names; default: the model's query and value
     prefix_tokens: int = 20
+    prefix_init: str = "data"         # "data": keys/values of real training prompts; "random": peft's default
 
     def validate(self) -> None:
         if self.lora_r <= 0 or self.lora_alpha <= 0:

@@ -1,7 +1,11 @@
 """Paper baselines through ``peft``: LoRA (query and value projections by default), DoRA, Prefix tuning.
 
 For encoder-decoder models peft's prefix tuning feeds the prefixes to the decoder (its self- and
-cross-attention caches); the encoder gets none, as in the GreenTrainer paper.
+cross-attention caches); the encoder gets none, as in the GreenTrainer paper. For decoder-only models the
+prefix starts from the base model's own keys and values on the first training prompts (real-word
+initialisation, Li & Liang 2021; peft's ``initialize_kv_prefix_from_past_key_values``): peft's random
+prefix starts far from the model (SmolLM2: validation loss 8.7 against 3.3 zero-shot) and does not recover
+in a short run.
 """
 from __future__ import annotations
 
@@ -36,6 +40,25 @@ def check_targets(model, targets: list[str]) -> None:
                          f"{model.config.model_type} model; its linear layers are: {', '.join(linear)}")
 
 
+@torch.no_grad()
+def init_prefix_from_prompts(peft_model, ctx) -> None:
+    """Set the prefix to the base model's keys/values on the first training prompts (FLOPs counted)."""
+    from peft.tuners.cartridge.utils import initialize_kv_prefix_from_past_key_values
+    n = peft_model.peft_config[peft_model.active_adapter].num_virtual_tokens
+    ids: list[int] = []
+    for item in ctx.train_data:
+        ids += item.prompt_ids
+        if len(ids) >= n:
+            break
+    if len(ids) < n:
+        ctx.log(f"prefix: the training prompts have fewer than {n} tokens; keeping the random initialisation")
+        return
+    x = torch.tensor([ids[:n]], device=ctx.device)
+    with ctx.count("overhead"), peft_model.disable_adapter():
+        past = peft_model(input_ids=x, attention_mask=torch.ones_like(x), use_cache=True).past_key_values
+    initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=past, num_virtual_tokens=n)
+
+
 class PeftMethod(Method):
     def __init__(self, kind: str, cfg, base_model: str | None = None):
         self.name = kind
@@ -63,7 +86,13 @@ class PeftMethod(Method):
             config = LoraConfig(task_type=task, r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
                                 lora_dropout=self.cfg.lora_dropout, target_modules=targets,
                                 use_dora=self.name == "dora")
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+        if self.name == "prefix" and self.cfg.prefix_init == "data":
+            if model.config.is_encoder_decoder:
+                ctx.log("prefix: encoder-decoder models keep peft's random prefix initialisation")
+            else:
+                init_prefix_from_prompts(peft_model, ctx)
+        return peft_model
 
     def epoch_report(self):
         return {"lora_targets": self.targets} if hasattr(self, "targets") else {}

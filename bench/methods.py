@@ -141,6 +141,8 @@ def main():
     ap.add_argument("--smt-warmup", type=int, default=8)
     ap.add_argument("--smt-params", type=float, default=None, help="default: match LoRA's trainable count")
     ap.add_argument("--name", default=None)
+    ap.add_argument("--update", action="store_true",
+                    help="re-run only --methods and replace their rows in the existing table of the same name")
     ap.add_argument("--seeds", default="42", help="comma-separated; several seeds repeat every row")
     a = ap.parse_args()
     if a.quick:
@@ -180,11 +182,20 @@ def main():
                 rows.append(run_row(label + " @2e-5", row_config(b, 2e-5, a, seed=seed, **kw), log))
     if len(a.seeds) > 1:
         rows += seed_summary(rows)
+    name = a.name or ("methods_quick" if a.quick else f"methods_{a.dataset}")
+    updated = ""
+    if a.update and (RESULTS / f"{name}.json").exists():
+        old = json.loads((RESULTS / f"{name}.json").read_text())
+        new = {r["method"]: r for r in rows}
+        rows = [new.pop(r["method"], r) for r in old["rows"]] + list(new.values())
+        lrs = {**old.get("lrs", {}), **lrs}
+        sweeps = {**{k: {float(x): y for x, y in v.items()} for k, v in old.get("sweeps", {}).items()}, **sweeps}
+        updated = (f" Rows {', '.join(new_labels(a, methods))} re-run by `python {' '.join(sys.argv)}`; the others "
+                   f"by `{old['meta']['command']}` ({old['meta']['date']}).")
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
         if full and "train_time_s" in r and isinstance(r["train_time_s"], float):
             r["time_%_full"] = 100 * r["train_time_s"] / full["train_time_s"]
-    name = a.name or ("methods_quick" if a.quick else f"methods_{a.dataset}")
     cols = ["method", "lr", "trainable_params", "PFLOPs", "flops_%_full", "train_time_s", "time_%_full",
             "peak_mem_MiB", "rouge1", "rouge2", "rougeL", "rouge1_best", "rougeL_best", "exact_match",
             "probe+selector_time_%", "flops_overhead_%", "probe_grad_MiB", "full_grad_MiB", "note"]
@@ -194,9 +205,14 @@ def main():
                   f"{a.max_input_length}; {a.max_eval} test items, beam {a.num_beams}. ROUGE: F1 ×100 against the "
                   f"first reference (`_best`: best of all references). lr: best of a sweep on the validation "
                   f"split ({json.dumps({k: {str(x): round(y, 4) for x, y in v.items()} for k, v in sweeps.items()})})"
-                  if sweeps else f"lr: fixed ({', '.join(f'{k} {v:g}' for k, v in lrs.items())}; no sweep).",
+                  + updated if sweeps else f"lr: fixed ({', '.join(f'{k} {v:g}' for k, v in lrs.items())}; no sweep)."
+                  + updated,
                   {"lrs": lrs, "sweeps": {k: {str(x): y for x, y in v.items()} for k, v in sweeps.items()}})
     plot(rows, RESULTS / f"{name}.png", a.dataset)
+
+
+def new_labels(a, methods):
+    return [parse_variant(m)[0] for m in methods]
 
 
 def seed_summary(rows):

@@ -38,6 +38,7 @@ class Selection:
 
 Branch = tuple  # (flops, tensor indices, join index): see greentrainer.flops.Branch
 MAX_GROUP = 4   # tensors tied by side branches at one depth, solved as one multiple-choice group
+LONG_TIE = 16   # depths a tensor must stay tied (at one weight) to be kept in a table of its own
 
 
 def chain_costs(t_dy) -> list[int]:
@@ -184,42 +185,94 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
                 row[wo:][better] = k + 1
                 tab[wo:] = np.where(better, shifted, tab[wo:])
 
-    best = (0.0, -1, 0, 0, [], None)  # value, d, capacity, settled count, groups, their choice rows
+    # A tensor tied with one constant weight until it settles, for at least LONG_TIE more depths (T5's
+    # cross-attention K/V: tied over the whole decoder), goes into a second table, ``long``, grown like the
+    # first and rebuilt from it when one of its tensors settles, instead of being re-added at every d.
+    weight_at: dict[int, dict[int, int | None]] = {}  # d -> tensor -> its single weight there (None: in a group)
+    for d in deepest_ok:
+        wd: dict[int, int | None] = {}
+        for opts in depth[d][1]:
+            members = opts[-1][0]
+            for m in members:
+                wd[m] = opts[0][1] if len(members) == 1 else None
+        weight_at[d] = wd
+    steady_from = {}  # tensor -> first depth from which its weight stays constant until it settles
+    for j in cand:
+        if last_tie[j] < 0:
+            continue
+        start, w0 = last_tie[j] + 1, "unset"
+        for d in range(last_tie[j], j, -1):
+            if d in weight_at:
+                w = weight_at[d].get(j, t_dw[j])
+                if w is None or (w0 != "unset" and w != w0):
+                    break
+                w0 = w
+            start = d
+        steady_from[j] = (start, w0 if w0 != "unset" else t_dw[j])
+
+    def add_item(tab, wj, value, row):
+        if wj <= C:
+            shifted = tab[: C + 1 - wj] + value
+            better = shifted > tab[wj:]
+            row[wj:] = better
+            tab[wj:] = np.where(better, shifted, tab[wj:])
+
+    long_w: dict[int, int] = {}    # tensor -> weight in ``long``
+    long_tab, long_log, long_count = None, [], 0  # table, its additions since built, settled count then
+    best = (0.0, -1, 0, 0, [], [], None)  # value, d, capacity, settled count, long additions, groups, rows
     pending: list[int] = []  # candidates above d that a side branch still ties to this or a deeper d
     ok_d = set(deepest_ok)
     for d in range(n):
         if d in ok_d:
             c = min(cap(d), C)
-            base, groups = depth[d]
-            if imp[d] + table[c] + sum(imp[j] for j in pending) <= best[0]:
-                groups = None  # even every pending tensor on top could not beat the best so far
-            else:
+            base_tab = table if long_tab is None else long_tab
+            short = [j for j in pending if j not in long_w]
+            groups = None
+            if imp[d] + base_tab[c] + sum(imp[j] for j in short) > best[0]:  # else it cannot win
+                groups = [[(sub, q(wo), float(imp[list(sub)].sum())) for sub, wo in opts]
+                          for opts in depth[d][1] if not (len(opts) == 1 and opts[0][0][0] in long_w)]
                 tied = {m for opts in groups for m in opts[-1][0]}
-                groups = [[(sub, q(wo), float(imp[list(sub)].sum())) for sub, wo in opts] for opts in groups]
-                groups += [[((j,), q(t_dw[j]), float(imp[j]))] for j in pending if j not in tied]
-            if groups is not None:
-                tab, rows = table, None
+                groups += [[((j,), q(t_dw[j]), float(imp[j]))] for j in short if j not in tied]
+                tab, rows = base_tab, None
                 if groups:
-                    tab = table.copy()
+                    tab = base_tab.copy()
                     rows = np.zeros((len(groups), C + 1), dtype=np.int16)
                     for k, opts in enumerate(groups):
                         add_group(tab, opts, rows[k])
                 v = imp[d] + tab[c]
                 if v > best[0]:
-                    best = (v, d, c, len(settled), groups, rows)
+                    count = len(settled) if long_tab is None else long_count
+                    best = (v, d, c, count, list(long_log), groups, rows)
         newly = [j for j in pending if last_tie[j] <= d]  # no longer tied from d + 1 on
         pending = [j for j in pending if last_tie[j] > d]
         if ok[d]:
             (newly if last_tie[d] <= d else pending).append(d)
         for j in newly:
             wj = q(t_dw[j])
-            if wj <= C:
-                shifted = table[: C + 1 - wj] + imp[j]
-                better = shifted > table[wj:]
-                keep[len(settled), wj:] = better
-                table[wj:] = np.where(better, shifted, table[wj:])
+            add_item(table, wj, imp[j], keep[len(settled)])
             settled.append((j, wj))
-    value, d, c, count, groups, rows = best
+        left = [j for j in newly if j in long_w]
+        for j in left:
+            del long_w[j]
+        if left or (long_tab is None and any(j in steady_from and steady_from[j][0] <= d + 1
+                                             and last_tie[j] - d >= LONG_TIE for j in pending)):
+            long_tab, long_log, long_count = table.copy(), [], len(settled)  # (re)build from the settled table
+            for j, wj in long_w.items():
+                long_log.append((j, wj, np.zeros(C + 1, dtype=bool)))
+                add_item(long_tab, wj, imp[j], long_log[-1][2])
+        elif long_tab is not None:
+            for j in newly:
+                long_log.append((j, q(t_dw[j]), np.zeros(C + 1, dtype=bool)))
+                add_item(long_tab, long_log[-1][1], imp[j], long_log[-1][2])
+        if long_tab is not None:
+            for j in pending:
+                if j not in long_w and j in steady_from and steady_from[j][0] <= d + 1 and last_tie[j] - d >= LONG_TIE:
+                    long_w[j] = q(steady_from[j][1])
+                    long_log.append((j, long_w[j], np.zeros(C + 1, dtype=bool)))
+                    add_item(long_tab, long_w[j], imp[j], long_log[-1][2])
+            if not long_w:
+                long_tab, long_log = None, []
+    value, d, c, count, added, groups, rows = best
     if d < 0:
         return Selection([], 0.0, 0, budget, exact, unit)
     chosen = [d]
@@ -229,6 +282,10 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
             sub, wo, _ = groups[k][o - 1]
             chosen += list(sub)
             c -= wo
+    for j, wj, row in reversed(added):
+        if row[c]:
+            chosen.append(j)
+            c -= wj
     for k in range(count - 1, -1, -1):
         if keep[k, c]:
             chosen.append(settled[k][0])

@@ -34,7 +34,10 @@ def test_exact_against_brute_force(seed):
 
 
 @pytest.mark.parametrize("seed", range(60))
-def test_exact_with_side_branches_against_brute_force(seed):
+@pytest.mark.parametrize("long_tie", [1, 16])  # 1: every long-tied tensor goes through the second table
+def test_exact_with_side_branches_against_brute_force(seed, long_tie, monkeypatch):
+    import greentrainer.selection
+    monkeypatch.setattr(greentrainer.selection, "LONG_TIE", long_tie)
     rng = random.Random(1000 + seed)
     n = rng.randint(2, 11)
     unit = rng.choice([1, 6, 1000])
@@ -92,7 +95,11 @@ def milp_optimum(dw, dy, imp, budget, branches=()):
 
 
 def _realistic(arch):
-    from transformers import LlamaConfig, Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config, T5Config
+    if arch == "t5":  # cross-attention K/V tied over the whole decoder
+        return T5Config(d_model=512, d_ff=1024, d_kv=64, num_layers=12, num_decoder_layers=12, num_heads=8,
+                        feed_forward_proj="gated-gelu", vocab_size=32128, tie_word_embeddings=False,
+                        decoder_start_token_id=0)
     if arch == "smollm2":
         return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                            num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M
@@ -100,9 +107,10 @@ def _realistic(arch):
                        num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True)  # Q/K/V with biases
 
 
-@pytest.mark.parametrize("arch,rho", [("smollm2", 0.45), ("smollm2", 0.6), ("smollm2", 0.8), ("qwen2", 0.6)])
+@pytest.mark.parametrize("arch,rho", [("smollm2", 0.45), ("smollm2", 0.6), ("smollm2", 0.8), ("qwen2", 0.6),
+                                      ("t5", 0.6)])
 def test_exact_against_milp_on_a_realistic_profile(arch, rho):
-    prof = profile_config(_realistic(arch), 4, 512)
+    prof = profile_config(_realistic(arch), 4, 512, 128 if arch == "t5" else None)
     assert len(prof.tensors) >= 250 and prof.branches
     dw, dy, br = prof.t_dws, prof.t_dys, prof.branch_tuples
     imp = np.random.default_rng(int(rho * 100)).random(len(dw))

@@ -33,13 +33,16 @@ def deepest_reachable(profile, backward_budget: int) -> int:
 SAFETY_MARGIN = 0.005  # of t_full per step: batch shapes vary around the profiled one
 
 
-def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0) -> tuple[int, int]:
+def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
+               probe_paid: bool = False) -> tuple[int, int]:
     """(backward budget per step, probe depth) for ρ, paying for the probe, and for any FLOPs measured
-    above ρ × full fine-tuning so far (``debt``), out of the same budget over the next steps."""
+    above ρ × full fine-tuning so far (``debt``), out of the same budget over the next steps.
+    ``probe_paid``: the probe has run and its measured FLOPs are already in ``debt``."""
     upto = deepest_reachable(profile, rho_to_backward_budget(rho, profile.t_fp, profile.t_full))
     steps = max(steps_per_selection, 1)
-    for _ in range(3):  # the probe is cheaper when it stops higher; a few rounds settle it
-        overhead = (probe_cost(profile, max(upto, 0)) + max(debt, 0.0)) / steps + SAFETY_MARGIN * profile.t_full
+    for _ in range(1 if probe_paid else 3):  # the probe is cheaper when it stops higher; a few rounds settle it
+        probe = 0 if probe_paid else probe_cost(profile, max(upto, 0))
+        overhead = (probe + max(debt, 0.0)) / steps + SAFETY_MARGIN * profile.t_full
         budget = rho_to_backward_budget(rho, profile.t_fp, profile.t_full, overhead)
         upto = deepest_reachable(profile, budget)
     return budget, upto
@@ -68,13 +71,21 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
                 resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0):
     """Probe importance, select within ρ, and make exactly the selected tensors trainable.
 
-    Returns (selected names, a record of the selection for logs)."""
+    ``debt``: FLOPs measured above ρ × full fine-tuning so far, or a callable giving it; a callable is asked
+    again after the probe, so the budget pays the probe's measured cost rather than its prediction (the
+    probe batch's length varies). Returns (selected names, a record of the selection for logs)."""
     names = profile.names
-    budget, upto = budget_for(profile, rho, steps_per_selection, debt)
+    before = debt() if callable(debt) else debt
+    budget, upto = budget_for(profile, rho, steps_per_selection, before)
     if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
         budget, upto = budget_for(profile, rho, steps_per_selection)
     t0 = time.perf_counter()
     probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast)
+    if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
+        paid = max(before, 0.0) + (debt() - before)
+        after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True)
+        if deepest_reachable(profile, after) >= 0:
+            budget = after
     t1 = time.perf_counter()
     imp = probe["importance"]
     dw, dy, br = profile.t_dws, profile.t_dys, profile.branch_tuples
@@ -171,11 +182,13 @@ class GreenTrainerMethod(Method):
 
     def select(self, ctx) -> list[str]:
         rho = self.rho_at(ctx.global_step)
-        debt = sum(ctx.flops.values()) - rho * ctx.flops_reference  # measured overspend so far
+        def debt():  # measured overspend so far (the probe's own FLOPs included once it has run)
+            return sum(ctx.flops.values()) - rho * ctx.flops_reference
+        rec_debt = debt()
         chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batch(), ctx.profile, rho,
                                   self._steps_per_selection(ctx), self.cfg.importance, self.cfg.resolution,
                                   self.current, ctx.count, ctx.autocast, ctx.log, debt)
-        rec["debt_flops"] = debt
+        rec["debt_flops"] = rec_debt
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
         self.current = chosen
         self.selections.append(rec)

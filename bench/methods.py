@@ -185,13 +185,7 @@ def main():
     name = a.name or ("methods_quick" if a.quick else f"methods_{a.dataset}")
     updated = ""
     if a.update and (RESULTS / f"{name}.json").exists():
-        old = json.loads((RESULTS / f"{name}.json").read_text())
-        new = {r["method"]: r for r in rows}
-        rows = [new.pop(r["method"], r) for r in old["rows"]] + list(new.values())
-        lrs = {**old.get("lrs", {}), **lrs}
-        sweeps = {**{k: {float(x): y for x, y in v.items()} for k, v in old.get("sweeps", {}).items()}, **sweeps}
-        updated = (f" Rows {', '.join(new_labels(a, methods))} re-run by `python {' '.join(sys.argv)}`; the others "
-                   f"by `{old['meta']['command']}` ({old['meta']['date']}).")
+        rows, lrs, sweeps, updated = merge_into(RESULTS / f"{name}.json", rows, lrs, sweeps)
     full = next((r for r in rows if r["method"] == "full"), None)
     for r in rows:
         if full and "train_time_s" in r and isinstance(r["train_time_s"], float):
@@ -211,8 +205,18 @@ def main():
     plot(rows, RESULTS / f"{name}.png", a.dataset)
 
 
-def new_labels(a, methods):
-    return [parse_variant(m)[0] for m in methods]
+def merge_into(path, rows, lrs, sweeps):
+    """Replace the rows of an existing table that were re-run (same label), keeping the others and their
+    provenance; returns (rows, lrs, sweeps, a note saying which rows came from which command)."""
+    old = json.loads(Path(path).read_text())
+    new = {r["method"]: r for r in rows}
+    labels = list(new)
+    merged = [new.pop(r["method"], r) for r in old["rows"]] + list(new.values())
+    lrs = {**old.get("lrs", {}), **lrs}
+    sweeps = {**{k: {float(x): y for x, y in v.items()} for k, v in old.get("sweeps", {}).items()}, **sweeps}
+    note = (f" Rows {', '.join(labels)} re-run by `python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d %H:%M')});"
+            f" the others by `{old['meta']['command']}` ({old['meta']['date']}).")
+    return merged, lrs, sweeps, note
 
 
 def seed_summary(rows):

@@ -10,6 +10,7 @@ if [ -z "${SKIP_META:-}" ]; then
   python selector.py $Q
   python flops_accuracy.py $Q
   python time_vs_flops.py $Q
+  python prefix_init.py $Q
 fi
 if [ "$Q" = "--quick" ]; then
   python methods.py --quick

@@ -131,6 +131,21 @@ def typical_shape(data, batch_size: int, seq2seq: bool) -> tuple[int, int, int |
     return batch_size, seq, tgt
 
 
+def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, seed: int = 0) -> float:
+    """Expected tokens per padded batch (input + target for seq2seq) over random shuffles of the data."""
+    rng = random.Random(seed)
+    idx, sizes = list(range(len(data))), []
+    for _ in range(rounds):
+        rng.shuffle(idx)
+        for i in range(0, len(idx), batch_size):
+            items = [data[j] for j in idx[i: i + batch_size]]
+            size = max(len(e.input_ids) for e in items)
+            if seq2seq:
+                size += max(len(e.labels) for e in items)
+            sizes.append(size)
+    return sum(sizes) / max(len(sizes), 1)
+
+
 @torch.no_grad()
 def eval_loss(model, ctx, data, batch_size: int) -> float:
     model.eval()

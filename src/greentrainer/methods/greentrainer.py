@@ -15,6 +15,7 @@ from ..config import load_rho_schedule
 from ..errors import UsageError
 from ..importance import probe_importance
 from ..selection import min_feasible_rho, rho_to_backward_budget, select_tensors
+from ..loop import mean_padded_size
 from .base import Method
 
 
@@ -34,12 +35,14 @@ SAFETY_MARGIN = 0.005  # of t_full per step: batch shapes vary around the profil
 
 
 def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
-               probe_paid: bool = False) -> tuple[int, int]:
+               probe_paid: bool = False, step_scale: float = 1.0) -> tuple[int, int]:
     """(backward budget per step, probe depth) for ρ, paying for the probe, and for any FLOPs measured
     above ρ × full fine-tuning so far (``debt``), out of the same budget over the next steps.
-    ``probe_paid``: the probe has run and its measured FLOPs are already in ``debt``."""
+    ``probe_paid``: the probe has run and its measured FLOPs are already in ``debt``. ``step_scale``: a
+    real step's full fine-tuning FLOPs over the profile's ``t_full`` (batches shorter than the profiled
+    shape leave less room to repay a fixed overhead)."""
     upto = deepest_reachable(profile, rho_to_backward_budget(rho, profile.t_fp, profile.t_full))
-    steps = max(steps_per_selection, 1)
+    steps = max(steps_per_selection, 1) * min(max(step_scale, 0.05), 1.0)
     for _ in range(1 if probe_paid else 3):  # the probe is cheaper when it stops higher; a few rounds settle it
         probe = 0 if probe_paid else probe_cost(profile, max(upto, 0))
         overhead = (probe + max(debt, 0.0)) / steps + SAFETY_MARGIN * profile.t_full
@@ -68,7 +71,8 @@ def check_budget(profile, rho: float, steps_per_selection: int) -> None:  # noqa
 
 
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, importance="dw_grad",
-                resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0):
+                resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0,
+                step_scale=1.0):
     """Probe importance, select within ρ, and make exactly the selected tensors trainable.
 
     ``debt``: FLOPs measured above ρ × full fine-tuning so far, or a callable giving it; a callable is asked
@@ -76,14 +80,14 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
     probe batch's length varies). Returns (selected names, a record of the selection for logs)."""
     names = profile.names
     before = debt() if callable(debt) else debt
-    budget, upto = budget_for(profile, rho, steps_per_selection, before)
+    budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale)
     if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
         budget, upto = budget_for(profile, rho, steps_per_selection)
     t0 = time.perf_counter()
     probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast)
     if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
         paid = max(before, 0.0) + (debt() - before)
-        after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True)
+        after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True, step_scale=step_scale)
         if deepest_reachable(profile, after) >= 0:
             budget = after
     t1 = time.perf_counter()
@@ -185,10 +189,16 @@ class GreenTrainerMethod(Method):
         def debt():  # measured overspend so far (the probe's own FLOPs included once it has run)
             return sum(ctx.flops.values()) - rho * ctx.flops_reference
         rec_debt = debt()
+        if ctx.global_step:  # measured: full fine-tuning FLOPs of the steps so far, per step
+            scale = ctx.flops_reference / ctx.global_step / ctx.profile.t_full
+        else:  # expected from the data's padded batch sizes against the profiled shape
+            p = ctx.profile
+            scale = mean_padded_size(ctx.train_data, p.batch_size, ctx.seq2seq) / (p.seq_len + p.target_len)
         chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batch(), ctx.profile, rho,
                                   self._steps_per_selection(ctx), self.cfg.importance, self.cfg.resolution,
-                                  self.current, ctx.count, ctx.autocast, ctx.log, debt)
+                                  self.current, ctx.count, ctx.autocast, ctx.log, debt, scale)
         rec["debt_flops"] = rec_debt
+        rec["step_scale"] = scale
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
         self.current = chosen
         self.selections.append(rec)

@@ -188,3 +188,31 @@ def test_all_importances_zero_fall_back_to_a_non_empty_selection():
     assert chosen2 == prev and "keeping the previous selection" in rec2["note"]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == set(prev)
+
+
+def test_mean_padded_size_of_random_batches():
+    from greentrainer.data import Encoded
+    from greentrainer.loop import mean_padded_size
+    same = [Encoded(input_ids=[0] * 6, labels=[0] * 2, prompt_ids=[]) for _ in range(8)]
+    assert mean_padded_size(same, 4, False) == 6 and mean_padded_size(same, 4, True) == 8
+    mixed = [Encoded(input_ids=[0] * n, labels=[], prompt_ids=[]) for n in (2, 2, 2, 10)]
+    # batches of 2: the one holding the 10-token item pads to 10, the other to 2
+    assert mean_padded_size(mixed, 2, False) == 6
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greentrainer_stays_within_rho_on_batches_of_uneven_length(seed):
+    """Most batches are shorter than the profiled (90th-percentile) shape: the probe and any overspend must
+    be repaid out of what those real steps allow, not out of the profiled step's budget."""
+    import random
+    rng = random.Random(seed)
+    exs = [Example(source=" ".join(["word"] * rng.choice([2, 3, 4, 40])), target="fox", targets=["fox"])
+           for _ in range(24)]
+    model = make_tiny("llama")
+    data = encode_all(exs, TOK, "summarization", False, 256)
+    cfg = TrainConfig(method="greentrainer", epochs=2, batch_size=4, lr=1e-3, seed=seed,
+                      greentrainer=GreenTrainerConfig(rho=0.6))
+    out = train(model, TOK, build_method(cfg), data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
+                progress=False)
+    t = out["totals"]
+    assert t["flops_total"] <= 0.6 * t["flops_full_ft_reference"]

@@ -26,8 +26,8 @@ from greentrainer.methods import build_method
 from greentrainer.models import load_model
 from greentrainer.run import run_training
 
-SWEEP = {"full": [2e-5, 1e-4], "top2": [2e-5, 1e-4, 5e-4], "lora": [2e-5, 3e-4, 1e-3], "dora": [2e-5, 3e-4, 1e-3],
-         "prefix": [2e-5, 1e-3, 1e-2], "smt": [2e-5, 1e-4, 5e-4], "greentrainer": [2e-5, 1e-4]}
+SWEEP = {"full": [2e-5, 1e-4, 3e-4], "top2": [2e-5, 1e-4, 5e-4], "lora": [2e-5, 3e-4, 1e-3], "dora": [2e-5, 3e-4, 1e-3],
+         "prefix": [2e-5, 1e-3, 1e-2], "smt": [2e-5, 1e-4, 5e-4], "greentrainer": [2e-5, 1e-4, 3e-4, 1e-3]}
 
 
 def row_config(method, lr, a, rho=0.6, seed=42, out=None, importance="dw_grad", select_once=False,

@@ -187,8 +187,8 @@ def main():
     if a.update and (RESULTS / f"{name}.json").exists():
         rows, lrs, sweeps, updated = merge_into(RESULTS / f"{name}.json", rows, lrs, sweeps)
     full = next((r for r in rows if r["method"] == "full"), None)
-    for r in rows:
-        if full and "train_time_s" in r and isinstance(r["train_time_s"], float):
+    for r in rows:  # rows kept from an earlier run (--update) keep the ratio to that run's full FT
+        if full and isinstance(r.get("train_time_s"), float) and "time_%_full" not in r:
             r["time_%_full"] = 100 * r["train_time_s"] / full["train_time_s"]
     cols = ["method", "lr", "trainable_params", "PFLOPs", "flops_%_full", "train_time_s", "time_%_full",
             "peak_mem_MiB", "rouge1", "rouge2", "rougeL", "rouge1_best", "rougeL_best", "exact_match",

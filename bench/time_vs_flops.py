@@ -53,7 +53,8 @@ def main():
             infeasible.append({"setting": f"rho {rho}", "tensors": "infeasible: below the smallest feasible rho"})
             continue
         imp = probe_importance(model, opt, None, probe_batch, names, upto)["importance"]
-        settings[f"rho {rho}"] = [names[i] for i in select_tensors(prof.t_dws, prof.t_dys, imp, budget, branches=prof.branch_tuples).indices]
+        sel = select_tensors(prof.t_dws, prof.t_dys, imp, budget, branches=prof.branch_tuples)
+        settings[f"rho {rho}"] = [names[i] for i in sel.indices]
     times = {k: [] for k in settings}
     flops = {}
     for r in range(rounds + 1):  # round 0 warms up

@@ -39,8 +39,8 @@ class TensorFlops:
 @dataclasses.dataclass
 class Branch:
     """Activation-gradient work needed only if one of ``tensors`` is selected or the deepest selected tensor
-    lies at or below ``joins`` (``len(tensors)`` of the profile: never). Eq. 5's chain charges it to
-    ``t_dy[min(tensors)]``, i.e. as soon as the deepest selected tensor reaches the branch."""
+    lies at or below ``joins`` (``joins`` equal to the profile's tensor count: it never joins). Eq. 5's chain
+    charges it to ``t_dy[min(tensors)]``, i.e. as soon as the deepest selected tensor reaches the branch."""
 
     flops: int
     tensors: list[int]

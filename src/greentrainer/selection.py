@@ -36,7 +36,6 @@ class Selection:
         return max(self.indices) if self.indices else -1
 
 
-Branch = tuple  # (flops, tensor indices, join index): see greentrainer.flops.Branch
 MAX_GROUP = 4   # tensors tied by side branches at one depth, solved as one multiple-choice group
 LONG_TIE = 16   # depths a tensor must stay tied (at one weight) to be kept in a table of its own
 
@@ -172,13 +171,14 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
         C = max(cap(d) for d in deepest_ok)
     q = lambda x: -(-x // unit)  # noqa: E731  (exact when unit divides x)
     table = np.zeros(C + 1)
-    keep = np.zeros((len(cand), C + 1), dtype=bool)
+    keep = np.zeros((len(cand), C + 1), dtype=np.int8)
     settled: list[tuple[int, int]] = []  # (tensor, weight) in the order they entered ``table``
 
-    def add_group(tab, opts, row):
-        """Multiple-choice knapsack step: at most one option of the group; row[c] = option taken + 1."""
-        old = tab.copy()
-        for k, (_, wo, v) in enumerate(opts):
+    def add(tab, opts, row):
+        """Knapsack step for a group of options (weight, value), at most one taken; row[c] = option + 1.
+        A single option is a plain 0/1 item."""
+        old = tab.copy() if len(opts) > 1 else tab  # one option: ``shifted`` below is already a copy
+        for k, (wo, v) in enumerate(opts):
             if wo <= C:
                 shifted = old[: C + 1 - wo] + v
                 better = shifted > tab[wo:]
@@ -210,12 +210,12 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
             start = d
         steady_from[j] = (start, w0 if w0 != "unset" else t_dw[j])
 
-    def add_item(tab, wj, value, row):
-        if wj <= C:
-            shifted = tab[: C + 1 - wj] + value
-            better = shifted > tab[wj:]
-            row[wj:] = better
-            tab[wj:] = np.where(better, shifted, tab[wj:])
+    def goes_long(j, d):  # from d + 1 on, j keeps one weight until it settles, at least LONG_TIE depths away
+        return j in steady_from and steady_from[j][0] <= d + 1 and last_tie[j] - d >= LONG_TIE
+
+    def grow_long(j, wj):
+        long_log.append((j, wj, np.zeros(C + 1, dtype=np.int8)))
+        add(long_tab, [(wj, imp[j])], long_log[-1][2])
 
     long_w: dict[int, int] = {}    # tensor -> weight in ``long``
     long_tab, long_log, long_count = None, [], 0  # table, its additions since built, settled count then
@@ -236,9 +236,9 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
                 tab, rows = base_tab, None
                 if groups:
                     tab = base_tab.copy()
-                    rows = np.zeros((len(groups), C + 1), dtype=np.int16)
+                    rows = np.zeros((len(groups), C + 1), dtype=np.int8)
                     for k, opts in enumerate(groups):
-                        add_group(tab, opts, rows[k])
+                        add(tab, [(wo, v) for _, wo, v in opts], rows[k])
                 v = imp[d] + tab[c]
                 if v > best[0]:
                     count = len(settled) if long_tab is None else long_count
@@ -249,27 +249,23 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
             (newly if last_tie[d] <= d else pending).append(d)
         for j in newly:
             wj = q(t_dw[j])
-            add_item(table, wj, imp[j], keep[len(settled)])
+            add(table, [(wj, imp[j])], keep[len(settled)])
             settled.append((j, wj))
         left = [j for j in newly if j in long_w]
         for j in left:
             del long_w[j]
-        if left or (long_tab is None and any(j in steady_from and steady_from[j][0] <= d + 1
-                                             and last_tie[j] - d >= LONG_TIE for j in pending)):
+        if left or (long_tab is None and any(goes_long(j, d) for j in pending)):
             long_tab, long_log, long_count = table.copy(), [], len(settled)  # (re)build from the settled table
             for j, wj in long_w.items():
-                long_log.append((j, wj, np.zeros(C + 1, dtype=bool)))
-                add_item(long_tab, wj, imp[j], long_log[-1][2])
+                grow_long(j, wj)
         elif long_tab is not None:
             for j in newly:
-                long_log.append((j, q(t_dw[j]), np.zeros(C + 1, dtype=bool)))
-                add_item(long_tab, long_log[-1][1], imp[j], long_log[-1][2])
+                grow_long(j, q(t_dw[j]))
         if long_tab is not None:
             for j in pending:
-                if j not in long_w and j in steady_from and steady_from[j][0] <= d + 1 and last_tie[j] - d >= LONG_TIE:
+                if j not in long_w and goes_long(j, d):
                     long_w[j] = q(steady_from[j][1])
-                    long_log.append((j, long_w[j], np.zeros(C + 1, dtype=bool)))
-                    add_item(long_tab, long_w[j], imp[j], long_log[-1][2])
+                    grow_long(j, long_w[j])
             if not long_w:
                 long_tab, long_log = None, []
     value, d, c, count, added, groups, rows = best

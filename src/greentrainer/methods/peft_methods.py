@@ -4,7 +4,7 @@ For encoder-decoder models peft's prefix tuning feeds the prefixes to the decode
 cross-attention caches); the encoder gets none, as in the GreenTrainer paper. For decoder-only models the
 prefix starts from the base model's own keys and values on the first training prompts (real-word
 initialisation, Li & Liang 2021; peft's ``initialize_kv_prefix_from_past_key_values``): peft's random
-prefix starts far from the model (SmolLM2: validation loss 8.7 against 3.3 zero-shot) and does not recover
+prefix starts far from the model (bench/prefix_init.py: SmolLM2 validation loss 7.76 against 3.06) and does not recover
 in a short run.
 """
 from __future__ import annotations

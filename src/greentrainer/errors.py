@@ -1,5 +1,18 @@
-"""One exception type for bad input: the CLI prints its message on one line and exits with code 2."""
+"""The exceptions the command line turns into one line on stderr and an exit code.
+
+``UsageError``: bad input from the user (exit 2, nothing written). ``RunFailed``: a fault during a run
+(non-finite loss, gradient or importance; disk full): the run folder is marked ``failed`` with the reason,
+the last good weights stay on disk, exit 1.
+"""
 
 
 class UsageError(Exception):
     """Bad input from the user (model, data, option value, output folder)."""
+
+
+class RunFailed(Exception):
+    """A run could not go on; the message says why (one line)."""
+
+
+class NonFiniteError(RunFailed):
+    """A loss, gradient or importance score is NaN or infinite."""

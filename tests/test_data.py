@@ -57,7 +57,9 @@ def test_bundled_datasets_load_with_fixed_subsample():
 
 def test_user_jsonl_and_errors(jsonl, small_rows):
     path = jsonl(small_rows)
-    assert len(load_examples(path, "train")) == 18 and len(load_examples(path, "eval")) == 2
+    train, val, test = (load_examples(path, s) for s in ("train", "validation", "test"))
+    assert (len(train), len(val), len(test)) == (17, 1, 2)
+    assert not {e.source for e in train} & ({e.source for e in test} | {e.source for e in val})
     with pytest.raises(UsageError, match="line 2"):
         load_examples(jsonl(['{"source": "a", "target": "b"}', '{oops'], "bad.jsonl"), "train")
     with pytest.raises(UsageError, match="line 1"):

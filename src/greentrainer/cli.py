@@ -3,18 +3,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .config import GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig, METHODS
-from .errors import UsageError
+from .errors import RunFailed, UsageError, warn
 
 DEMO = ["--max-train", "32", "--max-eval", "12", "--epochs", "2", "--max-input-length", "320",
         "--eval-before", "--output-dir", "runs/demo", "--overwrite"]
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *a, **kw):
+        kw.setdefault("allow_abbrev", False)  # --rh is not --rho: every option given is known exactly
+        super().__init__(*a, **kw)
+
     def error(self, message):  # one line, exit code 2
         raise UsageError(message)
+
+
+def _number(kind):
+    """argparse type: a finite number of ``kind`` (float('inf') and float('nan') parse but are not numbers)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+FLOAT, INT = _number(float), _number(int)
+
+# Options that only one method reads: given with another method they are ignored (warned once).
+METHOD_OPTIONS = {
+    "greentrainer": ("rho", "rho_schedule", "select_every", "select_once", "importance", "selector_resolution"),
+    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "dora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
+    "prefix": ("prefix_tokens", "prefix_init"),
+    "smt": ("smt_warmup", "smt_targets", "smt_params", "smt_block"),
+}
 
 
 def _add_train_args(p):
@@ -22,52 +53,54 @@ def _add_train_args(p):
     g, pe, s = GreenTrainerConfig(), PeftMethodConfig(), SMTConfig()
     p.add_argument("--model", default=d.model, help="smollm2-135m (packaged), a local HF folder, or a hub name")
     p.add_argument("--dataset", default=d.dataset, help="scitldr, dialogsum, webquestions, piqa, samsum or a .jsonl file")
+    p.add_argument("--eval-dataset", default=None,
+                   help="your own test set (.jsonl) for a .jsonl --dataset (default: a fixed 10%% held out of it)")
     p.add_argument("--method", default=d.method, choices=METHODS)
     p.add_argument("--output-dir", default=None)
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    p.add_argument("--max-input-length", type=int, default=d.max_input_length)
-    p.add_argument("--max-train", type=int, default=None)
-    p.add_argument("--max-eval", type=int, default=None)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--epochs", type=INT, default=d.epochs)
+    p.add_argument("--batch-size", type=INT, default=d.batch_size)
+    p.add_argument("--lr", type=FLOAT, default=d.lr)
+    p.add_argument("--weight-decay", type=FLOAT, default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=INT, default=d.warmup_steps)
+    p.add_argument("--max-input-length", type=INT, default=d.max_input_length)
+    p.add_argument("--max-train", type=INT, default=None)
+    p.add_argument("--max-eval", type=INT, default=None)
+    p.add_argument("--seed", type=INT, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--num-beams", type=int, default=d.num_beams)
-    p.add_argument("--max-new-tokens", type=int, default=None)
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--num-beams", type=INT, default=d.num_beams)
+    p.add_argument("--max-new-tokens", type=INT, default=None)
+    p.add_argument("--eval-batch-size", type=INT, default=d.eval_batch_size)
     p.add_argument("--no-eval", action="store_true", help="skip generation-based evaluation")
     p.add_argument("--eval-before", action="store_true", help="also evaluate before training")
     p.add_argument("--no-progress", action="store_true")
     gt = p.add_argument_group("greentrainer")
-    gt.add_argument("--rho", type=float, default=g.rho, help="fraction of full fine-tuning FLOPs per step")
+    gt.add_argument("--rho", type=FLOAT, default=g.rho, help="fraction of full fine-tuning FLOPs per step")
     gt.add_argument("--rho-schedule", default=None, help="file: JSON {step: rho} or lines 'step rho'")
-    gt.add_argument("--select-every", type=int, default=None, help="re-select every K steps (default: every epoch)")
+    gt.add_argument("--select-every", type=INT, default=None, help="re-select every K steps (default: every epoch)")
     gt.add_argument("--select-once", action="store_true")
     gt.add_argument("--importance", default=g.importance, choices=("dw_grad", "dw", "grad"))
-    gt.add_argument("--selector-resolution", type=int, default=None, help="coarse DP resolution (paper Table 7)")
+    gt.add_argument("--selector-resolution", type=INT, default=None, help="coarse DP resolution (paper Table 7)")
     pg = p.add_argument_group("lora / dora / prefix")
-    pg.add_argument("--lora-r", type=int, default=pe.lora_r)
-    pg.add_argument("--lora-alpha", type=int, default=pe.lora_alpha)
-    pg.add_argument("--lora-dropout", type=float, default=pe.lora_dropout)
+    pg.add_argument("--lora-r", type=INT, default=pe.lora_r)
+    pg.add_argument("--lora-alpha", type=INT, default=pe.lora_alpha)
+    pg.add_argument("--lora-dropout", type=FLOAT, default=pe.lora_dropout)
     pg.add_argument("--lora-targets", default=None, help="comma-separated module names (default: query, value)")
-    pg.add_argument("--prefix-tokens", type=int, default=pe.prefix_tokens)
+    pg.add_argument("--prefix-tokens", type=INT, default=pe.prefix_tokens)
     pg.add_argument("--prefix-init", default=pe.prefix_init, choices=("data", "random"),
                     help="data: the base model's keys/values on the first training prompts (decoder-only); "
                          "random: peft's default")
     sg = p.add_argument_group("smt")
-    sg.add_argument("--smt-warmup", type=int, default=s.warmup_steps)
+    sg.add_argument("--smt-warmup", type=INT, default=s.warmup_steps)
     sg.add_argument("--smt-targets", default=s.targets, help="comma list of q,k,v,o,gate,up,down")
-    sg.add_argument("--smt-params", type=float, default=s.params_percent, help="trainable %% of all parameters")
-    sg.add_argument("--smt-block", type=int, default=s.block_size)
+    sg.add_argument("--smt-params", type=FLOAT, default=s.params_percent, help="trainable %% of all parameters")
+    sg.add_argument("--smt-block", type=INT, default=s.block_size)
 
 
 def config_from_args(a) -> TrainConfig:
     return TrainConfig(
-        model=a.model, dataset=a.dataset, method=a.method, output_dir=a.output_dir, overwrite=a.overwrite,
+        model=a.model, dataset=a.dataset, eval_dataset=a.eval_dataset, method=a.method, output_dir=a.output_dir, overwrite=a.overwrite,
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
         warmup_steps=a.warmup_steps, max_input_length=a.max_input_length, max_train=a.max_train,
         max_eval=a.max_eval, seed=a.seed, device=a.device, bf16=a.bf16, num_beams=a.num_beams,
@@ -90,21 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     e = sub.add_parser("eval", help="evaluate a model, run folder or adapter folder")
     e.add_argument("--model", default="smollm2-135m")
-    e.add_argument("--dataset", default="scitldr")
-    e.add_argument("--max-eval", type=int, default=None)
-    e.add_argument("--num-beams", type=int, default=4)
-    e.add_argument("--max-new-tokens", type=int, default=None)
-    e.add_argument("--max-input-length", type=int, default=512)
-    e.add_argument("--eval-batch-size", type=int, default=4)
-    e.add_argument("--seed", type=int, default=42)
+    e.add_argument("--dataset", default="scitldr", help="a bundled set (its test split) or a .jsonl (its held-out part)")
+    e.add_argument("--eval-dataset", default=None, help="evaluate on every row of this .jsonl instead")
+    e.add_argument("--max-eval", type=INT, default=None)
+    e.add_argument("--num-beams", type=INT, default=4)
+    e.add_argument("--max-new-tokens", type=INT, default=None)
+    e.add_argument("--max-input-length", type=INT, default=512)
+    e.add_argument("--eval-batch-size", type=INT, default=4)
+    e.add_argument("--seed", type=INT, default=42)
     e.add_argument("--device", default="auto")
     e.add_argument("--output", default=None, help="write metrics and predictions to this JSON file")
     sub.add_parser("datasets", help="list the bundled datasets")
     pr = sub.add_parser("profile", help="per-tensor backward FLOPs of a model (GreenTrainer §3.1)")
     pr.add_argument("--model", default="smollm2-135m", help="model name or a folder (config.json is enough)")
-    pr.add_argument("--batch-size", type=int, default=4)
-    pr.add_argument("--seq-len", type=int, default=512)
-    pr.add_argument("--target-len", type=int, default=None, help="decoder length for encoder-decoder models")
+    pr.add_argument("--batch-size", type=INT, default=4)
+    pr.add_argument("--seq-len", type=INT, default=512)
+    pr.add_argument("--target-len", type=INT, default=None, help="decoder length for encoder-decoder models")
     pr.add_argument("--json", action="store_true")
     return p
 
@@ -132,18 +166,67 @@ def _quiet_libraries() -> None:
 
 
 def main(argv=None) -> int:
+    """Exit codes: 0 done, 1 a fault during a run (marked failed in its folder), 2 bad input,
+    130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Every error is one line on stderr."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_libraries()
+    from .interrupts import Terminated, installed
     try:
-        return _main(argv)
+        with installed():
+            return _main(argv)
     except UsageError as e:
-        print(f"greentrainer: error: {e}", file=sys.stderr)
+        print(f"greentrainer: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"greentrainer: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except Terminated:
+        print("greentrainer: terminated (SIGTERM); the run folder is marked interrupted", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("greentrainer: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        print(f"greentrainer: error: {e.strerror or _one_line(e)}{': ' + str(e.filename) if e.filename else ''}",
+              file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001  (never a bare traceback; GREENTRAINER_DEBUG=1 shows it)
+        import os
+        if os.environ.get("GREENTRAINER_DEBUG"):
+            raise
+        print(f"greentrainer: internal error: {type(e).__name__}: {_one_line(e)} "
+              f"(GREENTRAINER_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.split("\n")[0].split()) if text else type(e).__name__
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """``dest`` of every option written on the command line (abbreviations are off, so this is exact)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    given = set()
+    for tok in argv:
+        if not tok.startswith("--"):
+            continue
+        for p in ([parser] + (list(sub.choices.values()) if sub else [])):
+            act = p._option_string_actions.get(tok.split("=", 1)[0])
+            if act is not None:
+                given.add(act.dest)
+    return given
+
+
+def warn_ignored(method: str, given: set[str]) -> None:
+    """One warning for options that belong to another method than the one that runs."""
+    mine = set(METHOD_OPTIONS.get(method, ()))
+    other = sorted({o for opts in METHOD_OPTIONS.values() for o in opts} - mine)
+    ignored = [o for o in other if o in given]
+    if ignored:
+        warn(f"ignored with --method {method}: " + ", ".join("--" + o.replace("_", "-") for o in ignored))
 
 
 def _main(argv) -> int:
@@ -152,34 +235,40 @@ def _main(argv) -> int:
         argv = argv + DEMO
         print("demo: GreenTrainer (rho 0.6) on 32 SciTLDR training items for 2 epochs, evaluated on 12 test "
               "items before and after (see `greentrainer train --help` for the real options)")
-    a = build_parser().parse_args(argv)
+    parser = build_parser()
+    a = parser.parse_args(argv)
     if a.command is None:
-        build_parser().print_help()
+        parser.print_help()
         return 2
     if a.command == "train":
         from .run import run_training
-        run_training(config_from_args(a), progress=not a.no_progress)
+        cfg = config_from_args(a)
+        cfg.validate()
+        warn_ignored(cfg.method, given_options(parser, argv))
+        run_training(cfg, progress=not a.no_progress)
         return 0
     if a.command == "eval":
-        from .run import run_eval
+        from .run import check_eval_output, run_eval
         for name in ("max_eval", "num_beams", "max_new_tokens", "max_input_length", "eval_batch_size"):
             v = getattr(a, name)
             if v is not None and v <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
+        check_eval_output(a.output)
         res = run_eval(a.model, a.dataset, a.max_eval, a.num_beams, a.max_new_tokens, a.max_input_length,
-                       a.seed, a.eval_batch_size, a.device)
-        print(json.dumps(res["metrics"], indent=2))
+                       a.seed, a.eval_batch_size, a.device, eval_dataset=a.eval_dataset)
+        print(json.dumps({**res["metrics"], **({"run_status": res["run_status"]} if "run_status" in res else {})},
+                         indent=2))
         if a.output:
-            with open(a.output, "w") as f:
-                json.dump(res, f, indent=2)
+            from .files import write_json_atomic
+            write_json_atomic(a.output, res)
         return 0
     if a.command == "datasets":
         from .data import DATASETS, load_examples
-        print(f"{'name':14} {'task':14} {'train':>6} {'eval':>6}  licence")
+        print(f"{'name':14} {'task':14} {'train':>6} {'valid':>6} {'test':>6}  licence")
         for name, spec in DATASETS.items():
-            n_tr = len(load_examples(name, "train"))
-            n_ev = len(load_examples(name, "eval"))
-            print(f"{name:14} {spec.task:14} {n_tr:6d} {n_ev:6d}  {spec.licence}" + (f"  ({spec.note})" if spec.note else ""))
+            n = [len(load_examples(name, s)) for s in ("train", "validation", "test")]
+            print(f"{name:14} {spec.task:14} {n[0]:6d} {n[1]:6d} {n[2]:6d}  {spec.licence}"
+                  + (f"  ({spec.note})" if spec.note else ""))
         return 0
     if a.command == "profile":
         return _profile(a)

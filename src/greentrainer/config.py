@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 from .errors import UsageError
@@ -11,6 +13,13 @@ from .errors import UsageError
 METHODS = ("greentrainer", "full", "top2", "lora", "dora", "prefix", "smt")
 IMPORTANCE_METRICS = ("dw_grad", "dw", "grad")
 SMT_TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def check_finite(**values) -> None:
+    """Every number a user gives must be a finite number (``inf``/``nan`` parse as floats)."""
+    for name, v in values.items():
+        if v is not None and isinstance(v, float) and not math.isfinite(v):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
 
 
 @dataclasses.dataclass
@@ -25,6 +34,9 @@ class GreenTrainerConfig:
     resolution: int | None = None    # coarse selector (paper Table 7); None = exact
 
     def validate(self) -> None:
+        check_finite(rho=self.rho)
+        if self.select_once and self.select_every is not None:
+            raise UsageError("--select-once and --select-every contradict each other; give one of them")
         if not 0 < self.rho <= 1:
             raise UsageError(f"--rho must be in (0, 1], got {self.rho}")
         if self.select_every is not None and self.select_every <= 0:
@@ -42,7 +54,12 @@ def load_rho_schedule(path: str) -> dict[int, float]:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"ρ schedule file not found: {path}")
-    text = p.read_text()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"ρ schedule {path} is not a UTF-8 text file") from None
+    except OSError as e:
+        raise UsageError(f"cannot read ρ schedule {path}: {e.strerror}") from None
     try:
         raw = json.loads(text)
         items = list(raw.items()) if isinstance(raw, dict) else None
@@ -56,7 +73,7 @@ def load_rho_schedule(path: str) -> dict[int, float]:
             step, rho = int(item[0]), float(item[1])
         except (ValueError, IndexError, TypeError):
             raise UsageError(f"ρ schedule {path}: cannot read entry {item!r}") from None
-        if step < 0 or not 0 < rho <= 1:
+        if not math.isfinite(rho) or step < 0 or not 0 < rho <= 1:
             raise UsageError(f"ρ schedule {path}: step must be ≥ 0 and rho in (0, 1], got {step} → {rho}")
         sched[step] = rho
     return dict(sorted(sched.items()))
@@ -74,6 +91,7 @@ class PeftMethodConfig:
     prefix_init: str = "data"         # "data": keys/values of real training prompts; "random": peft's default
 
     def validate(self) -> None:
+        check_finite(lora_dropout=self.lora_dropout)
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise UsageError("--lora-r and --lora-alpha must be positive")
         if not 0 <= self.lora_dropout < 1:
@@ -95,6 +113,7 @@ class SMTConfig:
         return [t.strip() for t in self.targets.split(",") if t.strip()]
 
     def validate(self) -> None:
+        check_finite(smt_params=self.params_percent)
         kinds = self.target_kinds()
         bad = [k for k in kinds if k not in SMT_TARGET_KINDS]
         if not kinds or bad:
@@ -114,6 +133,7 @@ class TrainConfig:
 
     model: str = "smollm2-135m"
     dataset: str = "scitldr"
+    eval_dataset: str | None = None   # a user's own test set (JSONL) for a user's training file
     method: str = "greentrainer"
     output_dir: str | None = None
     overwrite: bool = False
@@ -143,8 +163,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "num_beams"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        check_finite(lr=self.lr, weight_decay=self.weight_decay)
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.eval_before and not self.do_eval:
+            raise UsageError("--eval-before and --no-eval contradict each other; give one of them")
+        if self.seed < 0:
+            raise UsageError(f"--seed must be ≥ 0, got {self.seed}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0")
         if self.max_input_length < 8:
@@ -163,20 +188,54 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> Path:
-    """Refuse a non-empty output folder unless --overwrite; never leave a half-written one looking done."""
+RUN_MARKER = ".greentrainer-run"
+# Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
+RUN_ENTRIES = {RUN_MARKER, "train_config.json", "metrics.json", "progress.json", "predictions.jsonl", "model",
+               "selections.json", "selection_heatmap.png", "model.tmp", "model.old"}
+
+
+def is_run_folder(out: Path) -> bool:
+    """A folder this program made: our marker (or, from older versions, train_config.json + metrics.json or
+    progress.json)."""
+    return (out / RUN_MARKER).is_file() or ((out / "train_config.json").is_file()
+                                            and ((out / "metrics.json").is_file() or (out / "progress.json").is_file()))
+
+
+def check_output_dir(path: str, overwrite: bool) -> Path:
+    """Refuse an output path we may not write to, before anything is loaded or written.
+
+    A non-empty folder is replaced only with ``--overwrite`` and only if it is one of our run folders that
+    holds nothing we did not write; anything else is never touched."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"output path exists and is not a folder: {out}")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace it")
-        import shutil
-        shutil.rmtree(out)
+        if not is_run_folder(out):
+            raise UsageError(f"output folder {out} is not empty and is not a greentrainer run folder; "
+                             f"--overwrite only replaces run folders (choose another --output-dir)")
+        foreign = sorted(e.name for e in out.iterdir() if e.name not in RUN_ENTRIES and not e.name.endswith(".tmp"))
+        if foreign:
+            raise UsageError(f"output folder {out} holds files greentrainer did not write "
+                             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); not replacing it")
+    return out
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> Path:
+    """Create the run folder (replacing our own previous run there when ``overwrite``) and mark it as ours."""
+    out = check_output_dir(path, overwrite)
+    if out.is_dir():
+        for e in out.iterdir():  # only our own entries (checked above); links are removed, never followed
+            if e.is_symlink() or not e.is_dir():
+                e.unlink()
+            else:
+                shutil.rmtree(e)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create output folder {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK):
         raise UsageError(f"output folder {out} is not writable")
+    (out / RUN_MARKER).write_text(json.dumps({"created_by": "greentrainer"}) + "\n")
     return out

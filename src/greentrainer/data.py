@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -23,22 +24,26 @@ class DatasetSpec:
     name: str
     task: str                 # summarization | qa | piqa
     train_split: str
-    eval_split: str
+    eval_split: str           # the test split: final reports only
     max_new_tokens: int
     licence: str
     note: str = ""
+    val_split: str | None = None  # None: a fixed part of the train split is held out (see held_out)
 
 
 DATASETS = {
-    "scitldr": DatasetSpec("scitldr", "summarization", "train", "test", 64, "Apache-2.0"),
-    "dialogsum": DatasetSpec("dialogsum", "summarization", "train", "test", 128, "CC BY-NC-SA 4.0 (non-commercial)"),
+    "scitldr": DatasetSpec("scitldr", "summarization", "train", "test", 64, "Apache-2.0", val_split="validation"),
+    "dialogsum": DatasetSpec("dialogsum", "summarization", "train", "test", 128, "CC BY-NC-SA 4.0 (non-commercial)",
+                             val_split="validation"),
     "samsum": DatasetSpec("samsum", "summarization", "validation", "test", 128, "CC BY-NC-ND 4.0 (non-commercial)",
-                          "no train split is bundled: trains on validation, evaluates on test"),
-    "webquestions": DatasetSpec("webquestions", "qa", "train", "test", 32, "CC-BY 4.0"),
+                          "no train split is bundled: trains on validation (less a held-out 10%), evaluates on test"),
+    "webquestions": DatasetSpec("webquestions", "qa", "train", "test", 32, "CC-BY 4.0",
+                                "validation: a fixed 10% held out of train"),
     "piqa": DatasetSpec("piqa", "piqa", "validation[:-500]", "validation[-500:]", 8, "AFL-3.0",
-                        "only the labelled validation split exists: its first 1338 items train, the last 500 evaluate"),
+                        "only the labelled validation split exists: its first 1338 items train (less a held-out "
+                        "10% for validation), the last 500 evaluate"),
 }
-
+SPLITS = ("train", "validation", "test")
 
 @dataclasses.dataclass
 class Example:
@@ -105,30 +110,93 @@ def resolve_dataset(name: str) -> tuple[DatasetSpec, Path | None]:
     raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or give a .jsonl file")
 
 
+def held_out(exs: list[Example], frac: float = 0.1, minimum: int = 1) -> tuple[list[Example], list[Example]]:
+    """(rest, held-out part): a fixed ``frac`` of ``exs`` chosen by a hash of each item's text.
+
+    Independent of ``--seed`` and of the file's order, so every run and ``eval`` of the same file agree on
+    which items were never trained on."""
+    def key(i):
+        e = exs[i]
+        return hashlib.sha256(f"{e.source}\x00{e.target}\x00{i}".encode()).hexdigest()
+    order = sorted(range(len(exs)), key=key)
+    held = set(order[: max(minimum, int(len(exs) * frac))])
+    return [e for i, e in enumerate(exs) if i not in held], [e for i, e in enumerate(exs) if i in held]
+
+
+def _user_splits(path: Path, eval_file: str | None) -> dict[str, list[Example]]:
+    exs = [_to_example(path, ln, r) for ln, r in _read_jsonl(path)]
+    if not exs:
+        raise UsageError(f"dataset {str(path)!r} is empty")
+    if eval_file is not None:
+        ep = Path(eval_file)
+        if not ep.is_file():
+            raise UsageError(f"eval dataset file not found: {eval_file}")
+        test = [_to_example(ep, ln, r) for ln, r in _read_jsonl(ep)]
+        if not test:
+            raise UsageError(f"eval dataset {eval_file!r} is empty")
+        train = exs
+    else:
+        if len(exs) < 2:
+            raise UsageError(f"{path}: {len(exs)} row(s) cannot be split into training and held-out evaluation "
+                             f"data; add rows or give --eval-dataset FILE")
+        train, test = held_out(exs)
+    val: list[Example] = []
+    if len(train) >= 10:
+        train, val = held_out(train)
+    check_no_overlap(train, test, str(path), eval_file or f"the held-out part of {path}")
+    return {"train": train, "validation": val, "test": test}
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_no_overlap(train: list[Example], test: list[Example], train_name: str, test_name: str) -> None:
+    """Refuse to evaluate on items the model was trained on (same source text)."""
+    seen = {_norm(e.source) for e in train}
+    both = [e for e in test if _norm(e.source) in seen]
+    if both:
+        raise UsageError(f"{len(both)} of {len(test)} evaluation item(s) in {test_name} also appear in the "
+                         f"training data {train_name} (e.g. id {both[0].id!r}); evaluation must use unseen data")
+
+
 def load_examples(name: str, split: str = "train", limit: int | None = None, seed: int = 42,
                   eval_file: str | None = None) -> list[Example]:
-    """Examples of a split ("train" or "eval"), sub-sampled to ``limit`` with a fixed seed."""
+    """Examples of a split, sub-sampled to ``limit`` with a fixed seed.
+
+    ``split``: "train", "validation" (steers training: per-epoch loss, model choice) or "test" (final report;
+    "eval" is an alias). Datasets without a validation split hold out a fixed 10% of train; a user's single
+    JSONL holds out 10% as test and, from 10 remaining rows on, 10% of the rest as validation. ``eval_file``:
+    a user's own test set for a user's training file (checked for overlap)."""
+    split = "test" if split == "eval" else split
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
     spec, path = resolve_dataset(name)
     if path is not None:
-        rows = _read_jsonl(path)
-        exs = [_to_example(path, ln, r) for ln, r in rows]
-        if len(exs) >= 10:  # hold out a fixed 10% for evaluation
-            rng = random.Random(seed)
-            idx = list(range(len(exs)))
-            rng.shuffle(idx)
-            cut = max(1, len(exs) // 10)
-            keep = sorted(idx[cut:]) if split == "train" else sorted(idx[:cut])
-            exs = [exs[i] for i in keep]
+        exs = _user_splits(path, eval_file)[split]
     else:
-        fname, sl = _split_file(name, spec.train_split if split == "train" else spec.eval_split)
-        rows = _read_jsonl(fname)[sl]
-        exs = [_to_example(fname, ln, r) for ln, r in rows]
-    if not exs:
+        if eval_file is not None:
+            raise UsageError("--eval-dataset is for your own JSONL training file; bundled datasets use their test split")
+        test = _bundled(spec.name, spec.eval_split)
+        if spec.val_split is not None:
+            train, val = _bundled(spec.name, spec.train_split), _bundled(spec.name, spec.val_split)
+        else:
+            train, val = held_out(_bundled(spec.name, spec.train_split))
+        if split == "validation":  # a few upstream items repeat across splits: validation keeps only unseen ones
+            seen = {_norm(e.source) for e in train} | {_norm(e.source) for e in test}
+            val = [e for e in val if _norm(e.source) not in seen]
+        exs = {"train": train, "validation": val, "test": test}[split]
+    if not exs and split != "validation":
         raise UsageError(f"dataset {name!r} ({split}) is empty")
     if limit is not None and limit < len(exs):
         rng = random.Random(seed)
         exs = [exs[i] for i in sorted(rng.sample(range(len(exs)), limit))]
     return exs
+
+
+def _bundled(name: str, split: str) -> list[Example]:
+    fname, sl = _split_file(name, split)
+    return [_to_example(fname, ln, r) for ln, r in _read_jsonl(fname)[sl]]
 
 
 # ---------------------------------------------------------------- prompt formats (GreenTrainer paper)

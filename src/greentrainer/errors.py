@@ -16,3 +16,9 @@ class RunFailed(Exception):
 
 class NonFiniteError(RunFailed):
     """A loss, gradient or importance score is NaN or infinite."""
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (library logging is muted by the command line)."""
+    import sys
+    print(f"greentrainer: warning: {message}", file=sys.stderr)

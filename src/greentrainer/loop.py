@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import collate
+from .errors import NonFiniteError, RunFailed
+from .interrupts import critical
 from .flops import FlopCounter, full_step_flops, meta_model_from_config, profile_config
 
 
@@ -132,7 +134,8 @@ def typical_shape(data, batch_size: int, seq2seq: bool) -> tuple[int, int, int |
 
 
 def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, seed: int = 0) -> float:
-    """Expected tokens per padded batch (input + target for seq2seq) over random shuffles of the data."""
+    """Expected padded length per batch (input + target for seq2seq) over random shuffles of the data, a
+    short last batch counted by its share of a full one (its FLOPs are that much smaller)."""
     rng = random.Random(seed)
     idx, sizes = list(range(len(data))), []
     for _ in range(rounds):
@@ -142,7 +145,7 @@ def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, see
             size = max(len(e.input_ids) for e in items)
             if seq2seq:
                 size += max(len(e.labels) for e in items)
-            sizes.append(size)
+            sizes.append(size * len(items) / batch_size)
     return sum(sizes) / max(len(sizes), 1)
 
 
@@ -159,6 +162,21 @@ def eval_loss(model, ctx, data, batch_size: int) -> float:
         n += k
     model.train()
     return total / max(n, 1)
+
+
+def check_finite_loss(loss, ctx) -> None:
+    """Stop before a non-finite loss reaches the weights."""
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteError(f"non-finite training loss ({loss.item()}) at step {ctx.global_step + 1} "
+                             f"(epoch {ctx.epoch + 1}); the learning rate ({ctx.cfg.lr:g}) may be too high")
+
+
+def check_finite_grads(optimizer, ctx) -> None:
+    """Stop before a non-finite gradient reaches the weights (one norm per trainable tensor)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+        raise NonFiniteError(f"non-finite gradient at step {ctx.global_step + 1} (epoch {ctx.epoch + 1}); "
+                             f"the learning rate ({ctx.cfg.lr:g}) may be too high")
 
 
 def train(model, tokenizer, method, train_data, val_data, cfg, device, log=print, progress=True,
@@ -192,8 +210,8 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device, log=print
     history = []
     try:
         _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, log, on_epoch_end)
-    except KeyboardInterrupt as e:
-        e.model = ctx.model
+    except (KeyboardInterrupt, RunFailed) as e:  # the caller saves the weights of the last completed step
+        e.model, e.step = ctx.model, ctx.global_step
         raise
     totals = {k: sum(h[k] for h in history) for k in
               ("flops_forward", "flops_backward", "flops_overhead", "flops_total", "flops_full_ft_reference",
@@ -222,13 +240,16 @@ def _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, lo
                     loss = model(**batch).loss
                 if not loss.requires_grad:
                     raise RuntimeError("no tensor is trainable in this step (everything is frozen)")
+                check_finite_loss(loss, ctx)
                 with ctx.count("backward"):
                     loss.backward()
-                ctx.optimizer.step()
-                ctx.scheduler.step()
-                ctx.optimizer.zero_grad(set_to_none=True)
-                ctx.global_step += 1
-                method.after_optimizer_step(ctx)
+                check_finite_grads(ctx.optimizer, ctx)
+                with critical():  # an interrupt never leaves a half-updated model
+                    ctx.optimizer.step()
+                    ctx.scheduler.step()
+                    ctx.optimizer.zero_grad(set_to_none=True)
+                    ctx.global_step += 1
+                    method.after_optimizer_step(ctx)
                 key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
                 if key not in ref_cache:  # bookkeeping, not training: kept out of the epoch's time
                     r0 = time.perf_counter()
@@ -239,7 +260,7 @@ def _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, lo
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         elapsed = time.perf_counter() - t0 - bookkeeping
-        val = eval_loss(model, ctx, val_data, cfg.eval_batch_size) if val_data else float("nan")
+        val = eval_loss(model, ctx, val_data, cfg.eval_batch_size) if val_data else None
         spent = {k: ctx.flops[k] - before.get(k, 0) for k in ctx.flops}
         total = sum(spent.values())
         rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
@@ -248,7 +269,8 @@ def _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, lo
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
                "time_s": elapsed, "peak_memory_bytes": mem.peak, **method.epoch_report()}
         history.append(rec)
-        log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}  val loss {val:.4f}  "
+        val_text = f"{val:.4f}" if val is not None else "n/a"
+        log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}  val loss {val_text}  "
             f"{fmt_flops(total)} ({100 * rec['flops_fraction_of_full']:.1f}% of full FT)  "
             f"{elapsed:.1f} s  peak mem {mem.peak / 2**20:.0f} MiB")
         if on_epoch_end is not None:

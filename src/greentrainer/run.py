@@ -1,25 +1,39 @@
-"""A training run end to end: validate, load, (evaluate,) train, evaluate, save a run folder."""
+"""A training run end to end: validate, load, (evaluate,) train, save, evaluate, and a run folder that
+always says truthfully how far it got (``status``: running, complete, failed or interrupted)."""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from .config import TrainConfig, prepare_output_dir
-from .data import encode_all, load_examples, resolve_dataset
-from .errors import UsageError
+from .config import TrainConfig, check_output_dir, is_run_folder, prepare_output_dir
+from .data import check_no_overlap, encode_all, load_examples, resolve_dataset
+from .errors import RunFailed, UsageError, warn
+from .files import save_dir_atomic, write_json_atomic
 from .loop import fmt_flops
-from .models import is_seq2seq, load_config, load_model, pick_device
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+from .models import check_input_length, is_seq2seq, load_config, load_model, pick_device
 
 
 def default_output_dir(cfg: TrainConfig) -> str:
     return f"runs/{cfg.method}-{Path(cfg.dataset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def nonfinite_parameters(model) -> list[str]:
+    import torch
+    return [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+
+
+def _save_model(method, model, tok, out: Path) -> None:
+    """Save the weights atomically; refuse weights that are not finite (they are not a result)."""
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise RunFailed(f"{len(bad)} tensor(s) hold NaN/inf (e.g. {bad[0]}); not saving them")
+    save_dir_atomic(out / "model", lambda tmp: method.save(model, tok, tmp))
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
@@ -27,17 +41,17 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     cfg.validate()
     spec, _ = resolve_dataset(cfg.dataset)
     out_dir = cfg.output_dir or default_output_dir(cfg)
-    out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace it")
-    train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed)
-    eval_ex = load_examples(cfg.dataset, "eval", cfg.max_eval, cfg.seed)
-    load_config(cfg.model)  # fails fast on a bad model name before the weights load
+    check_output_dir(out_dir, cfg.overwrite)
+    train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed, cfg.eval_dataset)
+    val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, cfg.seed, cfg.eval_dataset)
+    test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, cfg.seed, cfg.eval_dataset)
+    check_input_length(load_config(cfg.model), cfg.max_input_length)  # fails fast, before the weights load
     log(f"loading model {cfg.model} ...")
     model, tok = load_model(cfg.model)
     seq2seq = is_seq2seq(model)
     train_enc = encode_all(train_ex, tok, spec.task, seq2seq, cfg.max_input_length)
-    val_enc = encode_all(eval_ex, tok, spec.task, seq2seq, cfg.max_input_length)
+    val_enc = encode_all(val_ex, tok, spec.task, seq2seq, cfg.max_input_length)
+    encode_all(test_ex, tok, spec.task, seq2seq, cfg.max_input_length)  # every prompt fits, or stop now
     from .methods import build_method
     method = build_method(cfg)
     device = pick_device(cfg.device)
@@ -47,50 +61,96 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     method.check(model, profile_config(model.config, *typical_shape(train_enc, cfg.batch_size, seq2seq)),
                  steps_per_epoch, steps_per_epoch * cfg.epochs)
     out = prepare_output_dir(out_dir, cfg.overwrite)
-    _write_json(out / "train_config.json", cfg.to_dict())
+    write_json_atomic(out / "train_config.json", cfg.to_dict())
     max_new = cfg.max_new_tokens or spec.max_new_tokens
+    test_name = cfg.eval_dataset or f"{spec.name} {spec.eval_split}"
     metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name,
-               "n_train": len(train_ex), "n_eval": len(eval_ex), "device": str(device)}
+               "n_train": len(train_ex), "n_validation": len(val_ex), "n_eval": len(test_ex),
+               "splits": {"train": f"{spec.name} {spec.train_split}",
+                          "validation": (f"{len(val_ex)} items, for the per-epoch val_loss (steers nothing but is "
+                                         "the split to choose settings on)") if val_ex else "none (too few rows)",
+                          "eval": f"{test_name}: the final report (eval, eval_before, predictions.jsonl)"},
+               "device": str(device)}
+    write_json_atomic(out / "metrics.json", metrics)
+    saved = False
+
+    def finish(status: str, reason: str | None = None) -> None:
+        metrics["status"] = status
+        if reason:
+            metrics["reason"] = reason
+        metrics["model_saved"] = saved
+        try:
+            write_json_atomic(out / "metrics.json", metrics)
+        except OSError as e:
+            warn(f"could not record status {status!r} in {out / 'metrics.json'}: {e.strerror or e}")
+
+    def trained_model(e):  # the model as the loop left it (after the last completed step)
+        m = getattr(e, "model", None)
+        return method.finalize(m) if m is not None else None
+
     from .evaluate import evaluate
-    model.to(device)
-    if cfg.eval_before and cfg.do_eval:
-        log(f"evaluating before training on {len(eval_ex)} examples ...")
-        m, _ = evaluate(model, tok, eval_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
-                        cfg.num_beams, cfg.eval_batch_size, progress)
-        metrics["eval_before"] = m
-        log("before: " + _fmt(m))
-
-    def checkpoint(history):
-        _write_json(out / "progress.json", {"status": "running", "history": history})
-
-    from .loop import train
     try:
-        result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress, checkpoint)
-    except KeyboardInterrupt as e:
-        log("interrupted: saving the model as it is now")
-        method.save(method.finalize(getattr(e, "model", model)), tok, out / "model")
-        metrics["status"] = "interrupted"
-        _write_json(out / "metrics.json", metrics)
-        raise
-    model = method.finalize(result["model"])
-    metrics.update({"history": result["history"], "totals": result["totals"],
-                    "profile_shape": result["profile_shape"]})
-    if cfg.do_eval:
-        log(f"evaluating on {len(eval_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
-        m, preds = evaluate(model, tok, eval_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
+        model.to(device)
+        if cfg.eval_before and cfg.do_eval:
+            log(f"evaluating before training on {len(test_ex)} examples ...")
+            m, _ = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
                             cfg.num_beams, cfg.eval_batch_size, progress)
-        metrics["eval"] = m
-        with open(out / "predictions.jsonl", "w") as f:
-            for r in preds:
-                f.write(json.dumps(r) + "\n")
-        log("after: " + _fmt(m))
-    method.save(model, tok, out / "model")
-    extra = getattr(method, "write_artifacts", None)
-    if extra is not None:
-        extra(out)
-    (out / "progress.json").unlink(missing_ok=True)
-    metrics["status"] = "complete"
-    _write_json(out / "metrics.json", metrics)
+            metrics["eval_before"] = m
+            log("before: " + _fmt(m))
+
+        def epoch_done(history):
+            metrics["history"] = history
+            write_json_atomic(out / "metrics.json", metrics)
+
+        from .loop import train
+        result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress, epoch_done)
+        model = method.finalize(result["model"])
+        metrics.update({"history": result["history"], "totals": result["totals"],
+                        "profile_shape": result["profile_shape"]})
+        _save_model(method, model, tok, out)  # before the evaluation, which can fail or be interrupted
+        saved = True
+        extra = getattr(method, "write_artifacts", None)
+        if extra is not None:
+            extra(out)
+        write_json_atomic(out / "metrics.json", metrics)
+        if cfg.do_eval:
+            log(f"evaluating on {len(test_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
+            m, preds = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
+                                cfg.num_beams, cfg.eval_batch_size, progress)
+            metrics["eval"] = m
+            from .files import write_text_atomic
+            write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in preds))
+            log("after: " + _fmt(m))
+    except KeyboardInterrupt as e:
+        what = "terminated" if type(e).__name__ == "Terminated" else "interrupted"
+        if not saved and getattr(e, "model", None) is not None:
+            log(f"{what}: saving the model as it is after step {getattr(e, 'step', '?')}")
+            try:
+                _save_model(method, trained_model(e), tok, out)
+                saved = True
+            except (OSError, RunFailed) as err:
+                warn(f"could not save the model: {_one_line(err)}")
+        finish("interrupted", f"{what} by the user or a scheduler")
+        raise
+    except RunFailed as e:
+        if not saved and getattr(e, "model", None) is not None:
+            try:  # the weights of the last step whose loss and gradients were finite
+                _save_model(method, trained_model(e), tok, out)
+                saved = True
+            except (OSError, RunFailed) as err:
+                warn(f"could not save the last good weights: {_one_line(err)}")
+        finish("failed", _one_line(e))
+        raise RunFailed(f"{_one_line(e)} (run folder {out} marked failed"
+                        f"{'; last good weights in model/' if saved else ''})") from None
+    except OSError as e:
+        finish("failed", f"{e.strerror or e}: {e.filename or ''}".strip(": "))
+        raise RunFailed(f"could not write the run folder {out}: {e.strerror or e}"
+                        f"{' (' + str(e.filename) + ')' if e.filename else ''}"
+                        f"{'; the trained weights are saved in model/' if saved else ''}") from None
+    except Exception as e:
+        finish("failed", f"{type(e).__name__}: {_one_line(e)}")
+        raise
+    finish("complete")
     t = metrics["totals"]
     log(f"done: {fmt_flops(t['flops_total'])} measured "
         f"(forward {fmt_flops(t['flops_forward'])}, backward {fmt_flops(t['flops_backward'])}, "
@@ -104,11 +164,30 @@ def _fmt(m: dict) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in m.items() if isinstance(v, float))
 
 
+def check_eval_output(path: str | None) -> None:
+    """An ``eval --output`` file must be writable before minutes of generation are spent."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--output {path} is a folder; give a file name")
+    if not p.parent.is_dir():
+        raise UsageError(f"--output {path}: folder {p.parent} does not exist")
+    import os
+    if not os.access(p.parent, os.W_OK):
+        raise UsageError(f"--output {path}: folder {p.parent} is not writable")
+
+
 def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int, max_new_tokens: int | None,
-             max_input_length: int, seed: int, batch_size: int, device: str, log=print, progress=True) -> dict:
-    """Evaluate a saved model (full model folder or PEFT adapter folder) or a model name."""
+             max_input_length: int, seed: int, batch_size: int, device: str, log=print, progress=True,
+             eval_dataset: str | None = None) -> dict:
+    """Evaluate a saved model (full model folder or PEFT adapter folder) or a model name on the test split
+    (a user file's held-out part, or every row of ``eval_dataset``)."""
     spec, _ = resolve_dataset(dataset)
-    exs = load_examples(dataset, "eval", max_eval, seed)
+    exs = load_examples(dataset, "test", max_eval, seed, eval_dataset)
+    status = run_status(model_dir)
+    if status is not None:
+        _check_unseen(model_dir, exs, eval_dataset or dataset)
     model, tok = load_any(model_dir)
     model.to(pick_device(device))
     seq2seq = is_seq2seq(model)
@@ -116,7 +195,38 @@ def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int,
     m, preds = evaluate(model, tok, exs, spec.task, seq2seq, max_input_length,
                         max_new_tokens or spec.max_new_tokens, num_beams, batch_size, progress)
     log(_fmt(m))
-    return {"metrics": m, "predictions": preds}
+    res = {"metrics": m, "predictions": preds}
+    if status is not None:
+        res["run_status"] = status
+    return res
+
+
+def run_status(path: str) -> str | None:
+    """The status of a run folder (warning on stderr unless complete); None for anything else."""
+    p = Path(path)
+    if not p.is_dir() or not is_run_folder(p):
+        return None
+    try:
+        m = json.loads((p / "metrics.json").read_text())
+        status, reason = m.get("status", "unknown"), m.get("reason")
+    except (OSError, ValueError, AttributeError):
+        status, reason = "unknown", "metrics.json is missing or unreadable"
+    if status != "complete":
+        warn(f"run folder {path} has status {status!r}{' (' + reason + ')' if reason else ''}: "
+             f"evaluating the weights it saved, which are not a finished run")
+    if not (p / "model").is_dir():
+        raise UsageError(f"run folder {path} has no saved model (status {status!r})")
+    return status
+
+
+def _check_unseen(run_dir: str, exs, eval_name: str) -> None:
+    """Refuse to evaluate a run on items it trained on (a user file given to ``eval`` as a whole)."""
+    try:
+        cfg = json.loads((Path(run_dir) / "train_config.json").read_text())
+        train = load_examples(cfg["dataset"], "train", None, 0, cfg.get("eval_dataset"))
+    except (OSError, ValueError, KeyError, UsageError):
+        return  # training data not available here: nothing to compare with
+    check_no_overlap(train, exs, cfg["dataset"], eval_name)
 
 
 def load_any(path: str):
@@ -125,10 +235,18 @@ def load_any(path: str):
     if (p / "model").is_dir() and (p / "train_config.json").exists():
         p = p / "model"
     if (p / "adapter_config.json").exists():
-        info = p / "greentrainer_base.json"
-        base = json.loads(info.read_text())["base_model"] if info.exists() else \
-            json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+        try:
+            info = p / "greentrainer_base.json"
+            base = json.loads(info.read_text())["base_model"] if info.exists() else \
+                json.loads((p / "adapter_config.json").read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UsageError(f"adapter folder {p}: adapter_config.json is unreadable or names no base model") from None
         model, tok = load_model(base)
         from peft import PeftModel
-        return PeftModel.from_pretrained(model, str(p)), tok
+        from .models import describe_load_error
+        try:
+            return PeftModel.from_pretrained(model, str(p)), tok
+        except Exception as e:  # noqa: BLE001  (a truncated or foreign adapter file)
+            raise describe_load_error(str(p), e) from None
     return load_model(str(p) if p.exists() else path)
+

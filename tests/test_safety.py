@@ -292,3 +292,13 @@ def test_eval_output_into_a_missing_folder_is_refused_before_generation(capsys, 
     e = one_line(capsys, ["eval", "--model", "./no/such/model", "--dataset", data, "--output",
                           str(tmp_path / "missing" / "res.json")])
     assert "does not exist" in e
+
+
+def test_bad_inputs_table_quick_mode_handles_every_case(tmp_path):
+    """bench/bad_inputs.py --quick: every sampled row must be one line, the right exit code, nothing lost."""
+    bench = Path(__file__).parent.parent / "bench"
+    env = dict(os.environ, GREENTRAINER_BENCH_RESULTS=str(tmp_path))
+    proc = subprocess.run([sys.executable, "bad_inputs.py", "--quick"], cwd=bench, env=env, capture_output=True,
+                          text=True, timeout=600)
+    rows = json.loads((tmp_path / "bad_inputs_quick.json").read_text())["rows"]
+    assert proc.returncode == 0 and rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]

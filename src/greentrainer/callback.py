@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from .errors import UsageError
 from .flops import profile_config, unique_named_parameters
 from .methods.greentrainer import check_budget, select_step
 
@@ -19,6 +20,10 @@ from .methods.greentrainer import check_budget, select_step
 class GreenTrainerCallback(TrainerCallback):
     def __init__(self, rho: float = 0.6, importance: str = "dw_grad", select_every: int | None = None,
                  seq_len: int | None = None, log=print):
+        from .config import GreenTrainerConfig
+        GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every).validate()  # UsageError
+        if seq_len is not None and seq_len <= 0:
+            raise UsageError(f"seq_len must be positive, got {seq_len}")
         self.rho, self.importance, self.select_every, self.seq_len, self.log = rho, importance, select_every, seq_len, log
         self.selections: list[dict] = []
         self.current = None
@@ -34,6 +39,9 @@ class GreenTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
         batch = self._batch(train_dataloader, model.device)
+        if "input_ids" not in batch or "labels" not in batch:
+            raise UsageError(f"GreenTrainerCallback needs batches with input_ids and labels; got "
+                             f"{', '.join(sorted(batch)) or 'no tensors'} (use a collator that adds labels)")
         ids, labels = batch["input_ids"], batch["labels"]
         seq2seq = getattr(model.config, "is_encoder_decoder", False)
         self.profile = profile_config(model.config, ids.shape[0], self.seq_len or ids.shape[1],

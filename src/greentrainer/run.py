@@ -28,7 +28,14 @@ def _save_model(method, model, tok, out: Path) -> None:
     bad = nonfinite_parameters(model)
     if bad:
         raise RunFailed(f"{len(bad)} tensor(s) hold NaN/inf (e.g. {bad[0]}); not saving them")
-    save_dir_atomic(out / "model", lambda tmp: method.save(model, tok, tmp))
+    try:
+        save_dir_atomic(out / "model", lambda tmp: method.save(model, tok, tmp))
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001  (safetensors reports a full disk as its own error type)
+        if "I/O error" in str(e) or "os error" in str(e):
+            raise RunFailed(f"could not save the model in {out / 'model'}: {_one_line(e)}") from None
+        raise
 
 
 def _one_line(e: BaseException) -> str:

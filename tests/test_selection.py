@@ -59,6 +59,61 @@ def test_exact_with_side_branches_against_brute_force(seed, long_tie, monkeypatc
     assert chain.value <= sel.value + 1e-9
 
 
+def _nested_branches(rng, n, unit, dy):
+    """Side branches like T5's decoder bottom (nested tensor sets of 2-7, joining far below) and Q/K/V
+    siblings (1-2 tensors), so that one depth can tie more than four tensors together."""
+    branches = []
+    top = rng.randint(0, max(0, n - 7))
+    nest = list(range(top, min(n - 1, top + rng.randint(4, 7))))
+    for _ in range(rng.randint(2, 4)):
+        group = tuple(sorted(rng.sample(nest, rng.randint(2, len(nest)))))
+        branches.append((rng.randint(5, 60) * unit, group, rng.choice([n, rng.randint(group[-1] + 1, n)])))
+    for _ in range(rng.randint(0, 2)):
+        group = tuple(sorted(rng.sample(range(n - 1), rng.randint(1, 2))))
+        branches.append((rng.randint(1, 20) * unit, group, rng.randint(group[-1] + 1, n)))
+    for f, group, _ in branches:
+        dy[group[0]] += f  # the chain charges a branch where it starts
+    return branches
+
+
+def _large_group_case(seed):
+    rng = random.Random(5000 + seed)
+    n = rng.randint(7, 12)
+    unit = rng.choice([1, 6, 1000])
+    dw = [rng.choice([0, rng.randint(1, 60)]) * unit for _ in range(n)]
+    dy = [rng.randint(0, 40) * unit for _ in range(n)]
+    imp = [rng.uniform(-0.2, 1.0) for _ in range(n)]
+    branches = _nested_branches(rng, n, unit, dy)
+    return dw, dy, imp, rng.randint(0, sum(dw) + sum(dy)), branches
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("long_tie", [1, 16])  # 1: tied groups go through the second table
+def test_exact_with_more_than_four_tied_tensors_against_brute_force(seed, long_tie, monkeypatch):
+    import greentrainer.selection
+    monkeypatch.setattr(greentrainer.selection, "LONG_TIE", long_tie)
+    dw, dy, imp, budget, branches = _large_group_case(seed)
+    sel = select_tensors(dw, dy, imp, budget, branches=branches)
+    assert sel.exact and sel.bound_flops == 0
+    assert sel.cost <= budget and sel.cost == selection_cost(dw, dy, sel.indices, branches)
+    assert sel.value == pytest.approx(max(brute_force(dw, dy, imp, budget, branches), 0.0))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_groups_over_max_group_are_charged_conservatively_and_reported(seed, monkeypatch):
+    import greentrainer.selection
+    monkeypatch.setattr(greentrainer.selection, "MAX_GROUP", 2)
+    dw, dy, imp, budget, branches = _large_group_case(seed)
+    sel = select_tensors(dw, dy, imp, budget, branches=branches)
+    assert sel.cost <= budget and sel.cost == selection_cost(dw, dy, sel.indices, branches)
+    assert sel.exact == (sel.bound_flops == 0)
+    assert sel.value <= max(brute_force(dw, dy, imp, budget, branches), 0.0) + 1e-9
+    # never worse than the true optimum with bound_flops less budget
+    assert sel.value >= max(brute_force(dw, dy, imp, budget - sel.bound_flops, branches), 0.0) - 1e-9
+    if sel.exact:
+        assert sel.value == pytest.approx(max(brute_force(dw, dy, imp, budget, branches), 0.0))
+
+
 def milp_optimum(dw, dy, imp, budget, branches=()):
     """Independent solver: x_i selects tensor i, u_j says the gradient must reach j (u_j ≥ x_j, u_j ≥ u_{j+1}),
     y_b pays side branch b (y_b ≥ x_i for its tensors, y_b ≥ u_join)."""
@@ -108,7 +163,7 @@ def _realistic(arch):
 
 
 @pytest.mark.parametrize("arch,rho", [("smollm2", 0.45), ("smollm2", 0.6), ("smollm2", 0.8), ("qwen2", 0.6),
-                                      ("t5", 0.6)])
+                                      ("t5", 0.6), ("t5", 0.7)])  # t5 0.7: 0.9998 of optimum with groups ≤ 4
 def test_exact_against_milp_on_a_realistic_profile(arch, rho):
     prof = profile_config(_realistic(arch), 4, 512, 128 if arch == "t5" else None)
     assert len(prof.tensors) >= 250 and prof.branches
@@ -116,13 +171,14 @@ def test_exact_against_milp_on_a_realistic_profile(arch, rho):
     imp = np.random.default_rng(int(rho * 100)).random(len(dw))
     budget = rho_to_backward_budget(rho, prof.t_fp, prof.t_full)
     sel = select_tensors(dw, dy, imp, budget, branches=br)
-    assert sel.exact and sel.cost <= budget
+    assert sel.exact and sel.bound_flops == 0 and sel.cost <= budget
     assert sel.value == pytest.approx(milp_optimum(dw, dy, imp, budget, br), rel=1e-6)
     chain = select_tensors(dw, dy, imp, budget)  # Eq. 5's pure chain: the paper's model
     assert chain.value == pytest.approx(milp_optimum(dw, dy, imp, budget), rel=1e-6)
     assert chain.value <= sel.value + 1e-9
     coarse = select_tensors(dw, dy, imp, budget, resolution=100, branches=br)
     assert coarse.cost <= budget and coarse.value <= sel.value + 1e-9
+    assert not coarse.exact and coarse.bound_flops > 0
 
 
 def test_all_importances_non_positive_selects_nothing():
@@ -147,3 +203,46 @@ def test_a_side_branch_is_not_paid_when_its_tensor_is_not_selected():
     sel = select_tensors(dw, dy, [0.1, 1.0, 0.1], 25, branches=br)
     assert sel.indices == [1] and sel.cost == 20
     assert select_tensors(dw, dy, [0.1, 1.0, 0.1], 25).indices == []  # the chain: Q costs 45, V 45
+
+
+@pytest.fixture(scope="module")
+def t5_small_profile():
+    from greentrainer.models import tiny_config
+    return profile_config(tiny_config("t5", "small"), 4, 512, 128)
+
+
+def test_t5_decoder_bottom_is_solved_exactly(t5_small_profile, monkeypatch):
+    """T5's decoder bottom (eight tensors tied by side branches that join only at the shared embedding) is
+    one group at every encoder depth: solved exactly; charged conservatively (exact False, with the bound)
+    when groups are capped at four tensors, as before."""
+    import greentrainer.selection
+    prof = t5_small_profile
+    dw, dy, br = prof.t_dws, prof.t_dys, prof.branch_tuples
+    imp = np.random.default_rng(455).random(len(dw)) ** 2
+    budget = rho_to_backward_budget(0.55, prof.t_fp, prof.t_full)
+    sel = select_tensors(dw, dy, imp, budget, branches=br)
+    assert prof.names[sel.deepest].startswith("encoder.")  # the decoder-bottom group is active
+    assert sel.exact and sel.bound_flops == 0 and sel.cost <= budget
+    best = milp_optimum(dw, dy, imp, budget, br)
+    assert sel.value == pytest.approx(best, rel=1e-9)
+    monkeypatch.setattr(greentrainer.selection, "MAX_GROUP", 4)
+    capped = select_tensors(dw, dy, imp, budget, branches=br)
+    assert not capped.exact and capped.bound_flops > 0 and capped.cost <= budget
+    assert capped.value < best * (1 - 1e-4)  # this case needs the exact group (0.995 of optimum without)
+    assert capped.value >= milp_optimum(dw, dy, imp, budget - capped.bound_flops, br) * (1 - 1e-9)
+
+
+@pytest.mark.parametrize("rho", [0.4, 0.6, 0.8])
+def test_llama_profile_is_exact(rho):
+    from greentrainer.models import tiny_config
+    prof = profile_config(tiny_config("llama", "small"), 4, 512)
+    dw, dy, br = prof.t_dws, prof.t_dys, prof.branch_tuples
+    imp = np.random.default_rng(int(rho * 100)).random(len(dw))
+    sel = select_tensors(dw, dy, imp, rho_to_backward_budget(rho, prof.t_fp, prof.t_full), branches=br)
+    assert sel.indices and sel.exact and sel.bound_flops == 0
+    assert sel.value == pytest.approx(milp_optimum(dw, dy, imp, sel.budget, br), rel=1e-9)
+
+
+def test_non_finite_importance_is_refused():
+    with pytest.raises(ValueError, match="finite"):
+        select_tensors([10, 10], [5, 5], [float("nan"), 1.0], 100)

@@ -1,9 +1,12 @@
 """Tensor importance (GreenTrainer §3.2): I_k = -Σ Δw·∂L/∂w over tensor k, from one probing step.
 
-Δw is a real optimizer step (AdamW with its current moments and learning rate) on a probing batch, and
-∂L/∂w the gradient at the current weights. The probe leaves no trace: weights, optimizer moments and step
-counters, learning-rate scheduler and RNG states are restored exactly. Its backward stops at the deepest
-tensor that could fit the budget (paper Eq. 12), so tensors below it get no gradient and no memory.
+Δw is a real optimizer step (AdamW with its current moments) on a probing batch, and ∂L/∂w the gradient at
+the current weights. The probe is a measurement, not a training step: it steps at each parameter group's
+base learning rate (a warm-up's current rate may be 0, which would leave every Δw = 0), and it steps
+float32 copies of bfloat16/float16 weights so that Δw does not round to 0. It leaves no trace: weights
+(bit for bit), optimizer moments, step counters and learning rates, learning-rate scheduler and RNG states
+are restored exactly. Its backward stops at the deepest tensor that could fit the budget (paper Eq. 12), so
+tensors below it get no gradient and no memory. A NaN or infinite score raises :class:`NonFiniteError`.
 """
 from __future__ import annotations
 
@@ -14,9 +17,15 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+from .errors import NonFiniteError
 
-def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], metric: str = "dw_grad") -> np.ndarray:
-    """Importance per tensor from its weight update and gradient, scaled by max |I| (paper Table 4 variants)."""
+
+def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], metric: str = "dw_grad",
+                      names: list[str] | None = None, hint: str = "") -> np.ndarray:
+    """Importance per tensor from its weight update and gradient, scaled by max |I| (paper Table 4 variants).
+
+    Raises :class:`NonFiniteError` naming the tensors (``names``) whose score is NaN or infinite; ``hint``
+    is added to its message."""
     out = []
     for dw, g in zip(deltas, grads):
         if dw is None or g is None:
@@ -29,7 +38,14 @@ def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], met
             out.append(float(g.double().pow(2).sum()))
         else:
             raise ValueError(f"unknown importance metric {metric!r}")
-    scores = np.asarray(out)
+    scores = np.asarray(out, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(scores))
+    if len(bad):
+        shown = ", ".join(names[i] if names is not None and i < len(names) else f"#{i}" for i in bad[:3])
+        more = ", ..." if len(bad) > 3 else ""
+        raise NonFiniteError(f"non-finite importance for {len(bad)} of {len(scores)} tensors ({shown}{more}): "
+                             f"the probe step produced NaN/inf {hint or 'gradients or updates'}; "
+                             f"lower --lr or check the model's weights")
     top = np.abs(scores).max() if len(scores) else 0.0
     return scores / top if top > 0 else scores
 
@@ -59,22 +75,39 @@ def _to_cpu(obj):
     return copy.deepcopy(obj)
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # probed in float32: their Δw would mostly round to 0
+
+
+def _base_lr(group: dict):
+    """A parameter group's learning rate before any schedule (torch's schedulers keep it as initial_lr)."""
+    base = group.get("initial_lr", group["lr"])
+    if isinstance(group["lr"], torch.Tensor):  # a tensor lr (capturable / fused optimizers): same kind
+        return torch.as_tensor(float(base), dtype=group["lr"].dtype, device=group["lr"].device)
+    return base
+
+
 def probe_importance(model, optimizer, scheduler, batch: dict, names: list[str], probe_upto: int,
                      metric: str = "dw_grad", count=None, autocast=None) -> dict:
     """Importance of ``names[:probe_upto + 1]`` (backward order); the rest score 0 (not reachable).
 
+    The optimizer steps once at each group's base learning rate, on float32 copies of reduced-precision
+    weights (their optimizer state cast to float32 for the step); everything is restored afterwards.
     Returns {"importance": array over all names, "grad_bytes": probe gradient memory,
-    "grad_bytes_full": what a backward to the bottom would hold}.
+    "grad_bytes_full": what a backward to the bottom would hold}. Raises :class:`NonFiniteError` when a
+    score is NaN or infinite.
     """
     params = dict(model.named_parameters())
-    probe = [params[n] for n in names[: probe_upto + 1]]
+    probe_names = names[: probe_upto + 1]
+    probe = [params[n] for n in probe_names]
     probe_ids = {id(p) for p in probe}
     flags = {id(p): p.requires_grad for p in model.parameters()}
     snapshot = [p.detach().to("cpu", copy=True) for p in probe]
+    low = {id(p): p.data for p in probe if p.dtype in LOW_PRECISION}  # the original tensors, never written
     opt_state = _to_cpu(optimizer.state_dict())
     sched_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
     rng = _rng_state()
     old_grads = {id(p): p.grad for p in model.parameters()}
+    loss_finite = True
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in probe_ids)
@@ -82,22 +115,38 @@ def probe_importance(model, optimizer, scheduler, batch: dict, names: list[str],
         with (count("overhead") if count else nullcontext()), (autocast() if autocast else nullcontext()):
             loss = model(**batch).loss
             loss.backward()
+        loss_finite = bool(torch.isfinite(loss.detach()).all())
         grads = [p.grad.detach().clone() if p.grad is not None else None for p in probe]
+        for group in optimizer.param_groups:  # a measurement: a warm-up's current lr (0 at first) would
+            group["lr"] = _base_lr(group)    # make every Δw 0 and the selection arbitrary
+        for p in probe:
+            if id(p) in low:
+                p.data = p.data.float()
+                if p.grad is not None:
+                    p.grad = p.grad.float()
+                for k, v in optimizer.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION:
+                        optimizer.state[p][k] = v.float()
         optimizer.step()
-        deltas = [p.detach().cpu() - s if g is not None else None for p, s, g in zip(probe, snapshot, grads)]
+        deltas = [(p.detach().cpu() - (s.float() if id(p) in low else s)) if g is not None else None
+                  for p, s, g in zip(probe, snapshot, grads)]
         grads = [g.cpu() if g is not None else None for g in grads]
     finally:
         with torch.no_grad():
             for p, s in zip(probe, snapshot):
-                p.copy_(s.to(p.device))
-        optimizer.load_state_dict(opt_state)
+                if id(p) in low:
+                    p.grad = None
+                    p.data = low[id(p)]  # bit for bit: the step wrote to a float32 copy
+                else:
+                    p.copy_(s.to(p.device))
+        optimizer.load_state_dict(opt_state)  # moments, step counts and learning rates
         if scheduler is not None:
             scheduler.load_state_dict(sched_state)
         _set_rng_state(rng)
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = old_grads[id(p)]
-    scores = importance_scores(deltas, grads, metric)
+    scores = importance_scores(deltas, grads, metric, probe_names, "" if loss_finite else "loss")
     full = np.zeros(len(names))
     full[: len(scores)] = scores
     elem = probe[0].element_size() if probe else 4

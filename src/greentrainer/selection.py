@@ -6,11 +6,18 @@ maximise Σ_{i∈S} I_i  subject to  Σ_{i∈S} t_dw[i] + Σ_{j≤deepest(S)} t_
 
 Once the deepest selected tensor d is fixed, its activation-gradient cost D(d) is fixed, and the rest is a
 0/1 knapsack over the t_dw of the tensors above d. One knapsack table, grown tensor by tensor from the
-output downwards, answers every d: O(N·T) rather than the paper's O(N²·T). Costs are kept as exact
-integers in units of the greatest common divisor of the t_dw (FLOPs share large common factors), so the
-answer is optimal for the profile's integer FLOPs and never over budget. ``resolution`` instead uses
-budget/resolution as the unit with costs rounded up (the paper's coarse, faster trade-off; still never
-over budget).
+output downwards, answers every d: O(N·T) rather than the paper's O(N²·T). Tensors above d that side
+branches tie together (Q/K/V siblings; T5's decoder bottom, needed by the encoder only through the shared
+embedding) form multiple-choice groups: every subset of a group is one option, charged the branches it
+needs, and only the Pareto-optimal options are kept. Costs are kept as exact integers in units of the
+greatest common divisor of the weights (FLOPs share large common factors), so the answer is optimal for the
+profile's integer FLOPs and never over budget (``Selection.exact``).
+
+It is not exact (``exact`` False) in two cases, and ``Selection.bound_flops`` then says by how much: a group
+of more than ``MAX_GROUP`` tied tensors is charged all its branches whatever is chosen, and a unit coarser
+than the GCD (``resolution``, the paper's coarse and faster trade-off, or a table over
+``MAX_TABLE_CELLS``) rounds costs up. The answer is still never over budget, and it is at least as good as
+the true optimum within ``budget − bound_flops``.
 """
 from __future__ import annotations
 
@@ -28,16 +35,17 @@ class Selection:
     value: float                # Σ importance
     cost: int                   # Σ t_dw + D(deepest): backward FLOPs predicted for the selection
     budget: int                 # backward FLOPs allowed
-    exact: bool = True          # False when a coarser unit than the GCD had to be used
+    exact: bool = True          # optimal for the profile's FLOPs; else within ``bound_flops`` of budget
     unit: int = 1
+    bound_flops: int = 0        # not exact: at least as good as the optimum within budget − bound_flops
 
     @property
     def deepest(self) -> int:
         return max(self.indices) if self.indices else -1
 
 
-MAX_GROUP = 4   # tensors tied by side branches at one depth, solved as one multiple-choice group
-LONG_TIE = 16   # depths a tensor must stay tied (at one weight) to be kept in a table of its own
+MAX_GROUP = 12  # tensors tied by side branches at one depth solved exactly as one group (2^MAX_GROUP subsets)
+LONG_TIE = 16   # depths a group must stay tied (unchanged) to be kept in a table of its own
 
 
 def chain_costs(t_dy) -> list[int]:
@@ -87,9 +95,53 @@ def smallest_feasible_cost(t_dw, t_dy, branches=()) -> int:
     return min(single_costs(t_dw, t_dy, branches))
 
 
-def _depth_groups(d, D, act, ok, t_dw):
-    """Fixed cost when d is the deepest, and the tensors above d tied to it by side branches, as groups of
-    options (tensors, weight): a group's branches are paid once if any of its selected tensors needs them."""
+class _Group:
+    """Tensors tied by side branches at some depth (or one free tensor), with their options: the
+    Pareto-optimal subsets as (tensors, weight, Σ importance), lighter options strictly less valuable.
+    One object per distinct (tensors, branches), shared by every depth where it occurs."""
+
+    __slots__ = ("members", "options", "start", "last", "q")
+
+    def __init__(self, members, options):
+        self.members, self.options = members, options
+        self.start = self.last = self.q = None
+
+
+def _pareto_options(items, brs, t_dw, imp):
+    """Every non-empty subset of ``items`` with its weight (Σ t_dw plus each branch it needs, once) and
+    value, less the dominated ones (another at most as heavy and at least as valuable)."""
+    if len(items) == 1:
+        return [(items, t_dw[items[0]] + sum(f for f, _ in brs), float(imp[items[0]]))]
+    k = len(items)
+    big = sum(t_dw[m] for m in items) + sum(f for f, _ in brs) >= 2 ** 62
+    dt = object if big else np.int64  # Python integers where int64 could overflow
+    bits = (np.arange(1, 1 << k)[:, None] >> np.arange(k)) & 1
+    weight = bits.astype(dt) @ np.asarray([t_dw[m] for m in items], dtype=dt)
+    pos = {m: i for i, m in enumerate(items)}
+    for f, mem in brs:
+        bm = sum(1 << pos[m] for m in mem)
+        weight = weight + (f * ((np.arange(1, 1 << k) & bm) != 0)).astype(dt)
+    value = bits @ np.asarray([imp[m] for m in items], dtype=np.float64)
+    out, top = [], -math.inf
+    for i in np.lexsort((-value, [int(w) for w in weight]) if big else (-value, weight)):
+        if value[i] > top:
+            top = value[i]
+            out.append((tuple(items[b] for b in range(k) if bits[i, b]), int(weight[i]), float(value[i])))
+    return out
+
+
+def _group(cache, items, brs, t_dw, imp) -> _Group:
+    key = (items, brs)
+    g = cache.get(key)
+    if g is None:
+        g = cache[key] = _Group(items, _pareto_options(items, brs, t_dw, imp))
+    return g
+
+
+def _depth_groups(d, D, act, ok, t_dw, imp, cache):
+    """When d is the deepest: (fixed cost, groups of the tensors above d tied to it by side branches,
+    branch FLOPs charged whatever is chosen because their group exceeds ``MAX_GROUP``). A group's branches
+    are paid once if any of its selected tensors needs them."""
     base = D[d] - sum(f for f, _ in act)
     parent: dict[int, int] = {}
 
@@ -111,20 +163,21 @@ def _depth_groups(d, D, act, ok, t_dw):
     comps: dict[int, list] = {}
     for f, mem in live:
         comps.setdefault(find(mem[0]), []).append((f, mem))
-    groups = []
+    groups, slack = [], 0
     for brs in comps.values():
-        items = sorted({m for _, mem in brs for m in mem})
-        if len(items) > MAX_GROUP:  # too many ties: pay their branches whatever is chosen (never under)
-            base += sum(f for f, _ in brs)
-            groups += [[((m,), t_dw[m])] for m in items]
+        items = tuple(sorted({m for _, mem in brs for m in mem}))
+        if len(items) > MAX_GROUP:  # too many subsets: pay their branches whatever is chosen (never under)
+            charged = sum(f for f, _ in brs)
+            base += charged
+            slack += charged
+            groups += [_group(cache, (m,), (), t_dw, imp) for m in items]
             continue
-        opts = []
-        for mask in range(1, 1 << len(items)):
-            sub = tuple(items[i] for i in range(len(items)) if mask >> i & 1)
-            ss = set(sub)
-            opts.append((sub, sum(t_dw[m] for m in sub) + sum(f for f, mem in brs if ss.intersection(mem))))
-        groups.append(opts)
-    return base, groups
+        groups.append(_group(cache, items, tuple(sorted(brs)), t_dw, imp))
+    return base, groups, slack
+
+
+def _row(n_options: int, C: int) -> np.ndarray:
+    return np.zeros(C + 1, dtype=np.int8 if n_options < 127 else np.int16)
 
 
 def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None = None,
@@ -134,22 +187,28 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
     For each deepest tensor d the cost is fixed (``D[d]`` less the side branches not needed) plus the
     ``t_dw`` of the tensors above d, plus the side branches that selected tensors need. Tensors no side
     branch ties to any deeper d ("settled") live in one knapsack table grown from the output down; the few
-    still tied at d are added to a copy of it as multiple-choice groups."""
+    still tied at d are added to a copy of it as multiple-choice groups. The result is never over budget;
+    see the module docstring for when it is not exact (``exact``, ``bound_flops``)."""
     n = len(t_dw)
     t_dw = [int(x) for x in t_dw]
     imp = np.asarray(importance, dtype=np.float64)
+    if not np.isfinite(imp).all():  # NaN > 0 is False: it would pass as "not important"
+        raise ValueError(f"importance must be finite ({int((~np.isfinite(imp)).sum())} of {n} are not)")
     ok = [bool(imp[i] > 0 and t_dw[i] <= budget) for i in range(n)]
     cand = [i for i in range(n) if ok[i]]
     D, act = chain_costs(t_dy), active_branches(n, branches)
-    depth = {d: _depth_groups(d, D, act[d], ok, t_dw) for d in cand}
+    cache: dict = {}
+    depth = {d: _depth_groups(d, D, act[d], ok, t_dw, imp, cache) for d in cand}
+    slack = max((depth[d][2] for d in cand), default=0)  # any deepest d, feasible once charged exactly or not
     deepest_ok = [d for d in cand if t_dw[d] + depth[d][0] <= budget]
     if not deepest_ok:
-        return Selection([], 0.0, 0, budget)
+        return Selection([], 0.0, 0, budget, not slack, 1, max(0, min(slack, budget)))
     last_tie = [-1] * n  # the deepest d at which tensor j is still tied by a side branch
     for d in cand:
-        for opts in depth[d][1]:
-            for m in opts[-1][0]:
+        for g in depth[d][1]:
+            for m in g.members:
                 last_tie[m] = max(last_tie[m], d)
+    used = {id(g): g for d in deepest_ok for g in depth[d][1]}.values()
     if resolution:
         unit = max(1, budget // resolution)
         exact = False
@@ -157,10 +216,9 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
         unit = 0
         for i in cand:
             unit = math.gcd(unit, t_dw[i])
-        for d in deepest_ok:
-            for opts in depth[d][1]:
-                for _, wo in opts:
-                    unit = math.gcd(unit, wo)
+        for g in used:
+            for _, wo, _ in g.options:
+                unit = math.gcd(unit, wo)
         unit = unit or max(1, budget)
         exact = True
     cap = lambda d: (budget - depth[d][0] - t_dw[d]) // unit  # noqa: E731
@@ -170,6 +228,9 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
         exact = False
         C = max(cap(d) for d in deepest_ok)
     q = lambda x: -(-x // unit)  # noqa: E731  (exact when unit divides x)
+    # rounding up: each of a selection's at most len(cand) weights by < unit, the capacity by < unit
+    bound = max(0, min(budget, slack + (0 if exact else unit * (len(cand) + 1))))
+    exact = exact and not slack
     table = np.zeros(C + 1)
     keep = np.zeros((len(cand), C + 1), dtype=np.int8)
     settled: list[tuple[int, int]] = []  # (tensor, weight) in the order they entered ``table``
@@ -185,64 +246,64 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
                 row[wo:][better] = k + 1
                 tab[wo:] = np.where(better, shifted, tab[wo:])
 
-    # A tensor tied with one constant weight until it settles, for at least LONG_TIE more depths (T5's
-    # cross-attention K/V: tied over the whole decoder), goes into a second table, ``long``, grown like the
-    # first and rebuilt from it when one of its tensors settles, instead of being re-added at every d.
-    weight_at: dict[int, dict[int, int | None]] = {}  # d -> tensor -> its single weight there (None: in a group)
-    for d in deepest_ok:
-        wd: dict[int, int | None] = {}
-        for opts in depth[d][1]:
-            members = opts[-1][0]
-            for m in members:
-                wd[m] = opts[0][1] if len(members) == 1 else None
-        weight_at[d] = wd
-    steady_from = {}  # tensor -> first depth from which its weight stays constant until it settles
-    for j in cand:
-        if last_tie[j] < 0:
-            continue
-        start, w0 = last_tie[j] + 1, "unset"
-        for d in range(last_tie[j], j, -1):
-            if d in weight_at:
-                w = weight_at[d].get(j, t_dw[j])
-                if w is None or (w0 != "unset" and w != w0):
-                    break
-                w0 = w
-            start = d
-        steady_from[j] = (start, w0 if w0 != "unset" else t_dw[j])
+    def qopts(g):  # the group's options with quantised weights
+        if g.q is None:
+            g.q = [(sub, q(wo), v) for sub, wo, v in g.options]
+        return g.q
 
-    def goes_long(j, d):  # from d + 1 on, j keeps one weight until it settles, at least LONG_TIE depths away
-        return j in steady_from and steady_from[j][0] <= d + 1 and last_tie[j] - d >= LONG_TIE
+    def grow(tab, log, g):
+        log.append((qopts(g), _row(len(g.options), C)))
+        add(tab, [(wo, v) for _, wo, v in log[-1][0]], log[-1][1])
 
-    def grow_long(j, wj):
-        long_log.append((j, wj, np.zeros(C + 1, dtype=np.int8)))
-        add(long_tab, [(wj, imp[j])], long_log[-1][2])
-
-    long_w: dict[int, int] = {}    # tensor -> weight in ``long``
-    long_tab, long_log, long_count = None, [], 0  # table, its additions since built, settled count then
-    best = (0.0, -1, 0, 0, [], [], None)  # value, d, capacity, settled count, long additions, groups, rows
-    pending: list[int] = []  # candidates above d that a side branch still ties to this or a deeper d
+    # A group (often one tensor) tied unchanged at every depth until its tensors settle, for at least
+    # LONG_TIE more depths (T5's cross-attention K/V, tied over the whole decoder, and its decoder bottom,
+    # tied over the whole encoder), goes into a second table, ``long``, grown like the first and rebuilt from
+    # it when one of its groups settles, instead of being re-added at every d.
     ok_d = set(deepest_ok)
+    group_at = {d: {m: g for g in depth[d][1] for m in g.members} for d in deepest_ok}
+    next_ok = [None] * n  # the next deepest candidate after d
+    for d in range(n - 2, -1, -1):
+        next_ok[d] = d + 1 if d + 1 in ok_d else next_ok[d + 1]
+
+    def single(j):
+        return _group(cache, (j,), (), t_dw, imp)
+
+    def group_of(d, j):  # j's group when d is the deepest (j pending: above d, tied at d or deeper)
+        return group_at[d].get(j) or single(j)
+
+    def steady_from(g):  # the first depth from which g is unchanged until its first tensor settles
+        if g.start is None:
+            g.last = min(last_tie[m] for m in g.members)
+            g.start = g.last + 1
+            for d in range(g.last, max(g.members), -1):
+                if d in ok_d and group_of(d, g.members[0]) is not g:
+                    break
+                g.start = d
+        return g.start
+
+    long_groups: dict[_Group, None] = {}  # groups in ``long`` (insertion-ordered)
+    long_members: set[int] = set()
+    long_tab, long_log, long_count = None, [], 0  # table, its additions since built, settled count then
+    best = (0.0, -1, 0, 0, [], [])  # value, d, capacity, settled count, long additions, group rows
+    pending: list[int] = []  # candidates above d that a side branch still ties to this or a deeper d
     for d in range(n):
         if d in ok_d:
             c = min(cap(d), C)
             base_tab = table if long_tab is None else long_tab
-            short = [j for j in pending if j not in long_w]
-            groups = None
+            short = [j for j in pending if j not in long_members]
             if imp[d] + base_tab[c] + sum(imp[j] for j in short) > best[0]:  # else it cannot win
-                groups = [[(sub, q(wo), float(imp[list(sub)].sum())) for sub, wo in opts]
-                          for opts in depth[d][1] if not (len(opts) == 1 and opts[0][0][0] in long_w)]
-                tied = {m for opts in groups for m in opts[-1][0]}
-                groups += [[((j,), q(t_dw[j]), float(imp[j]))] for j in short if j not in tied]
-                tab, rows = base_tab, None
+                groups = [g for g in depth[d][1] if g not in long_groups]
+                tied = {m for g in groups for m in g.members}
+                groups += [single(j) for j in short if j not in tied]
+                tab, rows = base_tab, []
                 if groups:
                     tab = base_tab.copy()
-                    rows = np.zeros((len(groups), C + 1), dtype=np.int8)
-                    for k, opts in enumerate(groups):
-                        add(tab, [(wo, v) for _, wo, v in opts], rows[k])
+                    for g in groups:
+                        grow(tab, rows, g)
                 v = imp[d] + tab[c]
                 if v > best[0]:
                     count = len(settled) if long_tab is None else long_count
-                    best = (v, d, c, count, list(long_log), groups, rows)
+                    best = (v, d, c, count, list(long_log), rows)
         newly = [j for j in pending if last_tie[j] <= d]  # no longer tied from d + 1 on
         pending = [j for j in pending if last_tie[j] > d]
         if ok[d]:
@@ -251,37 +312,42 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
             wj = q(t_dw[j])
             add(table, [(wj, imp[j])], keep[len(settled)])
             settled.append((j, wj))
-        left = [j for j in newly if j in long_w]
-        for j in left:
-            del long_w[j]
-        if left or (long_tab is None and any(goes_long(j, d) for j in pending)):
+        gone = set(newly)
+        left = [g for g in long_groups if gone.intersection(g.members)]
+        for g in left:
+            del long_groups[g]
+            long_members.difference_update(g.members)
+        fresh: dict[_Group, None] = {}
+        nd = next_ok[d]
+        if nd is not None:
+            for j in pending:
+                if j not in long_members:
+                    g = group_of(nd, j)
+                    if steady_from(g) <= d + 1 and g.last - d >= LONG_TIE:
+                        fresh[g] = None
+        if left or (long_tab is None and fresh):
             long_tab, long_log, long_count = table.copy(), [], len(settled)  # (re)build from the settled table
-            for j, wj in long_w.items():
-                grow_long(j, wj)
+            for g in long_groups:
+                grow(long_tab, long_log, g)
         elif long_tab is not None:
             for j in newly:
-                grow_long(j, q(t_dw[j]))
-        if long_tab is not None:
-            for j in pending:
-                if j not in long_w and goes_long(j, d):
-                    long_w[j] = q(steady_from[j][1])
-                    grow_long(j, long_w[j])
-            if not long_w:
-                long_tab, long_log = None, []
-    value, d, c, count, added, groups, rows = best
+                grow(long_tab, long_log, single(j))
+        for g in fresh:
+            long_groups[g] = None
+            long_members.update(g.members)
+            grow(long_tab, long_log, g)
+        if not long_groups:
+            long_tab, long_log = None, []
+    value, d, c, count, added, rows = best
     if d < 0:
-        return Selection([], 0.0, 0, budget, exact, unit)
+        return Selection([], 0.0, 0, budget, exact, unit, bound)
     chosen = [d]
-    for k in range(len(groups) - 1, -1, -1):
-        o = rows[k, c]
+    for opts, row in reversed(added + rows):
+        o = row[c]
         if o:
-            sub, wo, _ = groups[k][o - 1]
+            sub, wo, _ = opts[o - 1]
             chosen += list(sub)
             c -= wo
-    for j, wj, row in reversed(added):
-        if row[c]:
-            chosen.append(j)
-            c -= wj
     for k in range(count - 1, -1, -1):
         if keep[k, c]:
             chosen.append(settled[k][0])
@@ -289,7 +355,7 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
     chosen.sort()
     cost = selection_cost(t_dw, t_dy, chosen, branches)
     assert cost <= budget, "selector exceeded its budget"
-    return Selection(chosen, float(imp[chosen].sum()), cost, budget, exact, unit)
+    return Selection(chosen, float(imp[chosen].sum()), cost, budget, exact, unit, bound)
 
 
 def rho_to_backward_budget(rho: float, t_fp: int, t_full: int, overhead_per_step: float = 0.0) -> int:

@@ -115,6 +115,7 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
            "predicted_fraction_of_full": predicted / profile.t_full, "backward_budget": budget,
            "probe_depth": upto, "probe_grad_bytes": probe["grad_bytes"],
            "probe_grad_bytes_full_backward": probe["grad_bytes_full"], "exact": sel.exact,
+           "bound_flops": sel.bound_flops,  # not exact: as good as the optimum with this much less budget
            "probe_time_s": t1 - t0, "selector_time_s": t2 - t1, "importance": [float(x) for x in imp]}
     if note:
         rec["note"] = note

@@ -208,8 +208,9 @@ class GreenTrainerMethod(Method):
 
     # -- outputs -----------------------------------------------------------------------------
     def write_artifacts(self, out_dir) -> None:
-        with open(out_dir / "selections.json", "w") as f:
-            json.dump({"tensors": self.names, "selections": self.selections}, f, indent=1)
+        from ..files import write_text_atomic
+        write_text_atomic(out_dir / "selections.json",
+                          json.dumps({"tensors": self.names, "selections": self.selections}, indent=1))
         if self.selections:
             plot_selection_heatmap(self.names, self.selections, out_dir / "selection_heatmap.png")
 

@@ -54,3 +54,12 @@ def test_prefix_init_bench_quick(tmp_path):
     rows = {r["prefix"].split("--prefix-init ")[-1]: r["val_loss"] for r in run("prefix_init.py", tmp_path)}
     base = rows["none (base model)"]
     assert abs(rows["data"] - base) < 0.5 < rows["random"] - base  # the data prefix starts near the base model
+
+
+def test_smt_memory_bench_quick(tmp_path):
+    rows = run("smt_memory.py", tmp_path)
+    pairs = list(zip(rows[::2], rows[1::2]))
+    assert pairs and all(a["saved inputs"] == "one per layer" and b["saved inputs"] == "shared" for a, b in pairs)
+    assert all(b["smt_saved_MB"] <= a["smt_saved_MB"] for a, b in pairs)  # sharing never saves more
+    dense = [b for a, b in pairs if b["targets"] == "q,k,v" and b["params_%"] == 10]
+    assert dense and dense[0]["smt_saved_ratio"] > 2  # (2 layers: every q/k/v block is chosen, ratio 3)

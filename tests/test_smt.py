@@ -142,3 +142,148 @@ def test_sparse_weight_gradient_flops_scale_with_selected_blocks():
     with FlopCounter() as c:
         y.sum().backward()
     assert counts[4] / c.total == pytest.approx(4 / 16)  # 4 of 16 blocks
+
+
+# --- bf16 and shared saved inputs ------------------------------------------------------------------------
+
+ALL_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _tiny_smt(kinds=("q", "k", "v"), share=True, blocks=None):
+    """Tiny llama with SMT layers (l = 16) on ``kinds``; by default q, k and v use the same column blocks."""
+    from greentrainer.methods.smt import install_layers
+    model = make_tiny("llama")
+    targets = find_targets(model, list(kinds))
+    chosen = {n: (blocks or {}).get(k, [(0, 1), (1, 3)]) for n, k in targets.items()}
+    return model, install_layers(model, chosen, 16, targets, share_inputs=share)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 12), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _smt_saved_bytes(model, batch):
+    """Bytes of the distinct storages the SMT layers save for backward during one forward (and the loss)."""
+    saved, inside = {}, [False]
+
+    def pack(t):
+        if inside[0]:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    handles = []
+    for m in model.modules():
+        if isinstance(m, SMTLinear):
+            handles.append(m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)))
+            handles.append(m.register_forward_hook(lambda *a: inside.__setitem__(0, False)))
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    for h in handles:
+        h.remove()
+    return loss, sum(v for k, v in saved.items() if k not in weights)
+
+
+def test_shared_inputs_give_identical_gradients_and_save_a_third_of_the_qkv_input_bytes():
+    batch = _batch()
+    grads, nbytes = {}, {}
+    for share in (False, True):
+        model, layers = _tiny_smt(("q", "k", "v"), share=share,
+                                  blocks={"q": [(0, 1), (2, 3), (1, 1)], "k": [(0, 3), (1, 1)], "v": [(1, 1), (0, 3)]})
+        loss, nbytes[share] = _smt_saved_bytes(model, batch)
+        loss.backward()
+        grads[share] = {n: layer.blocks.grad for n, layer in layers.items()}
+        if share:  # the cache holds nothing past the backward
+            assert all(layer.share._saved() is None for layer in layers.values())
+    assert grads[False].keys() == grads[True].keys() and len(grads[True]) == 6  # 2 layers x q, k, v
+    for n in grads[True]:
+        assert torch.equal(grads[False][n], grads[True][n]), n
+    assert nbytes[False] == 3 * nbytes[True]  # q, k and v each need column blocks {1, 3} of the same input
+
+
+def test_layers_sharing_a_group_but_not_an_input_each_save_their_own_columns():
+    from greentrainer.smt_layer import share_inputs
+    torch.manual_seed(0)
+    a, b = SMTLinear(nn.Linear(16, 8), [(0, 1)], 4), SMTLinear(nn.Linear(16, 8), [(1, 2), (0, 1)], 4)
+    ref_b = SMTLinear(nn.Linear(16, 8), [(1, 2), (0, 1)], 4)
+    ref_b.load_state_dict(b.state_dict())
+    share = share_inputs([a, b])
+    assert a.col_blocks.tolist() == b.col_blocks.tolist() == [1, 2] and a.share is b.share is share
+    x = torch.randn(3, 16, requires_grad=True) * 1  # a non-leaf: it may change in place
+    ya = a(x)
+    with torch.no_grad():
+        x.mul_(2)  # same tensor, new version: b must not reuse a's saved columns
+    yb = b(x)
+    (ya.sum() + yb.sum()).backward()
+    yr = ref_b(x.detach())
+    yr.sum().backward()
+    assert torch.equal(b.blocks.grad, ref_b.blocks.grad)
+    y1, y2 = a(torch.randn(3, 16)), b(torch.randn(3, 16))  # different inputs: no reuse, still right
+    (y1.sum() + y2.sum()).backward()
+    with pytest.raises(ValueError, match="column blocks"):
+        a.set_share(share, [2])
+
+
+def test_input_groups_put_readers_of_one_input_together():
+    from greentrainer.methods.smt import input_groups
+    t = {"l.0.attn.q_proj": "q", "l.0.attn.k_proj": "k", "l.0.attn.v_proj": "v", "l.0.attn.o_proj": "o",
+         "l.0.mlp.gate_proj": "gate", "l.0.mlp.up_proj": "up", "l.0.mlp.down_proj": "down",
+         "l.1.attn.q_proj": "q", "d.1.EncDecAttention.q": "q", "d.1.EncDecAttention.k": "k",
+         "d.1.EncDecAttention.v": "v"}
+    groups = sorted(sorted(g) for g in input_groups(t))
+    assert groups == sorted([["l.0.attn.k_proj", "l.0.attn.q_proj", "l.0.attn.v_proj"], ["l.0.attn.o_proj"],
+                             ["l.0.mlp.gate_proj", "l.0.mlp.up_proj"], ["l.0.mlp.down_proj"], ["l.1.attn.q_proj"],
+                             ["d.1.EncDecAttention.q"], ["d.1.EncDecAttention.k", "d.1.EncDecAttention.v"]])
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_smt_under_cpu_bf16_autocast_trains_a_step_close_to_fp32(share):
+    batch = _batch()
+    ref, ref_layers = _tiny_smt(ALL_KINDS, share=share)
+    ref(**batch).loss.backward()
+    model, layers = _tiny_smt(ALL_KINDS, share=share)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    for n, layer in layers.items():
+        g, r = layer.blocks.grad, ref_layers[n].blocks.grad
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), n
+        assert (g - r).norm() <= 0.05 * r.norm(), n
+    opt = torch.optim.AdamW([layer.blocks for layer in layers.values()], lr=1e-3)
+    opt.step()
+    for layer in layers.values():
+        layer.write_blocks()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_smt_layer_with_bf16_weights_gives_bf16_gradients():
+    batch = _batch()
+    ref, ref_layers = _tiny_smt(ALL_KINDS)
+    ref(**batch).loss.backward()
+    model, layers = _tiny_smt(ALL_KINDS)
+    model.to(torch.bfloat16)
+    model(**batch).loss.backward()
+    for n, layer in layers.items():
+        g, r = layer.blocks.grad, ref_layers[n].blocks.grad
+        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all(), n
+        assert (g.float() - r).norm() <= 0.1 * r.norm(), n
+
+
+def test_smt_trains_end_to_end_with_bf16():
+    from greentrainer.data import Example, encode_all
+    from greentrainer.loop import train
+    from greentrainer.models import tiny_tokenizer
+    tok = tiny_tokenizer()
+    exs = [Example(f"the fox {i} jumps over the dog", f"fox {i}", [f"fox {i}"]) for i in range(16)]
+    data = encode_all(exs, tok, "summarization", False, 64)
+    cfg = TrainConfig(method="smt", epochs=2, lr=1e-3, bf16=True,
+                      smt=SMTConfig(warmup_steps=2, params_percent=10.0, block_size=16, targets="q,k,v,gate,up"))
+    method = SMTMethod(cfg.smt)
+    out = train(make_tiny("llama"), tok, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
+                progress=False)
+    assert method.layers and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in out["history"])
+    groups = {id(layer.share) for layer in method.layers.values()}
+    assert len(groups) < len(method.layers)  # some layers read one input and share its saved columns

@@ -4,6 +4,9 @@ those blocks through :class:`~greentrainer.smt_layer.SMTLinear`.
 
 Block size: l must divide every target weight's dimensions. If the requested l does not (SmolLM2's 576),
 the largest divisor of the dimensions' GCD that is ≤ l is used (192 for SmolLM2) and reported.
+
+Saved activations: target projections that read the same input (q/k/v of one attention, gate/up of one MLP)
+save that input's needed columns once for all of them (:func:`input_groups`, ``share_inputs``), not once each.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..smt_layer import SMTLinear
+from ..smt_layer import SMTLinear, share_inputs as _share_inputs
 from .base import Method
 
 # target kind -> leaf module names used by common architectures (separate nn.Linear projections)
@@ -23,6 +26,43 @@ KIND_NAMES = {
     "o": ("o_proj", "out_proj", "o"), "gate": ("gate_proj", "wi_0"), "up": ("up_proj", "fc1", "wi_1", "wi"),
     "down": ("down_proj", "fc2", "wo"),
 }
+
+
+# target kinds that read one input in a module: the attention's q/k/v, the gated MLP's gate/up
+SAME_INPUT = {"q": "qkv", "k": "qkv", "v": "qkv", "gate": "mlp_in", "up": "mlp_in"}
+# parent modules whose q reads the decoder and k/v the encoder: q gets a group of its own
+CROSS_ATTENTION = ("EncDecAttention", "encoder_attn", "crossattention", "cross_attn", "cross_attention")
+
+
+def input_groups(targets: dict[str, str]) -> list[list[str]]:
+    """Target module names (``{name: kind}``) grouped by the input they read: siblings under one parent
+    module whose kinds read the same input (q/k/v; gate/up). Every other target is a group of its own."""
+    groups: dict[tuple, list[str]] = {}
+    for name, kind in targets.items():
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        family = SAME_INPUT.get(kind, name)
+        if family == "qkv" and kind == "q" and parent.rsplit(".", 1)[-1] in CROSS_ATTENTION:
+            family = name
+        groups.setdefault((parent, family), []).append(name)
+    return list(groups.values())
+
+
+def install_layers(model, chosen: dict[str, list[tuple[int, int]]], l: int, targets: dict[str, str],
+                   share_inputs: bool = True) -> dict[str, SMTLinear]:
+    """Replace each chosen target ``nn.Linear`` of ``model`` by an :class:`SMTLinear` training ``chosen[name]``
+    blocks of size ``l``; with ``share_inputs``, layers that read the same input save its columns once."""
+    layers: dict[str, SMTLinear] = {}
+    for name, blocks in chosen.items():
+        parent_name, leaf = name.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        layer = SMTLinear(getattr(parent, leaf), blocks, l)
+        setattr(parent, leaf, layer)
+        layers[name] = layer
+    if share_inputs:
+        for group in input_groups({n: targets[n] for n in layers}):
+            if len(group) > 1:
+                _share_inputs(layers[n] for n in group)
+    return layers
 
 
 def find_targets(model, kinds: list[str]) -> dict[str, str]:
@@ -72,8 +112,9 @@ def block_means(abs_grad: torch.Tensor, l: int) -> torch.Tensor:
 class SMTMethod(Method):
     name = "smt"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, share_inputs: bool = True):
         self.cfg = cfg
+        self.share_inputs = share_inputs  # False: each layer saves its own copy of its input columns
         self.layers: dict[str, SMTLinear] = {}
         self.report: dict = {}
         self._reported = False
@@ -128,12 +169,7 @@ class SMTMethod(Method):
         model = ctx.model
         for p in model.parameters():
             p.requires_grad_(False)
-        for name, blocks in chosen.items():
-            parent_name, leaf = name.rsplit(".", 1)
-            parent = model.get_submodule(parent_name)
-            layer = SMTLinear(getattr(parent, leaf), blocks, self.l)
-            setattr(parent, leaf, layer)
-            self.layers[name] = layer
+        self.layers = install_layers(model, chosen, self.l, self.targets, self.share_inputs)
         params = [layer.blocks for layer in self.layers.values()]
         from transformers import get_linear_schedule_with_warmup
         ctx.optimizer = torch.optim.AdamW(params, lr=ctx.cfg.lr, weight_decay=ctx.cfg.weight_decay)

@@ -6,7 +6,7 @@ import json
 import math
 import sys
 
-from .config import GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig, METHODS
+from .config import GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig, METHODS, PRECISIONS
 from .errors import RunFailed, UsageError, warn
 
 DEMO = ["--max-train", "32", "--max-eval", "12", "--epochs", "2", "--max-input-length", "320",
@@ -68,7 +68,12 @@ def _add_train_args(p):
     p.add_argument("--max-eval", type=INT, default=None)
     p.add_argument("--seed", type=INT, default=d.seed)
     p.add_argument("--device", default=d.device)
-    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16-mixed")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="32-true; bf16-mixed (autocast); bf16-true (bf16 weights, half the memory); "
+                        "16-mixed (fp16 autocast with a gradient scaler)")
+    p.add_argument("--grad-accum", type=INT, default=d.grad_accum,
+                   help="micro-batches per optimizer step (effective batch = batch size × processes × this)")
     p.add_argument("--num-beams", type=INT, default=d.num_beams)
     p.add_argument("--max-new-tokens", type=INT, default=None)
     p.add_argument("--eval-batch-size", type=INT, default=d.eval_batch_size)
@@ -103,7 +108,8 @@ def config_from_args(a) -> TrainConfig:
         model=a.model, dataset=a.dataset, eval_dataset=a.eval_dataset, method=a.method, output_dir=a.output_dir, overwrite=a.overwrite,
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
         warmup_steps=a.warmup_steps, max_input_length=a.max_input_length, max_train=a.max_train,
-        max_eval=a.max_eval, seed=a.seed, device=a.device, bf16=a.bf16, num_beams=a.num_beams,
+        max_eval=a.max_eval, seed=a.seed, device=a.device, bf16=a.bf16, precision=a.precision,
+        grad_accum=a.grad_accum, num_beams=a.num_beams,
         max_new_tokens=a.max_new_tokens, eval_batch_size=a.eval_batch_size, do_eval=not a.no_eval,
         eval_before=a.eval_before,
         greentrainer=GreenTrainerConfig(rho=a.rho, rho_schedule=a.rho_schedule, select_every=a.select_every,

@@ -13,6 +13,7 @@ from .errors import UsageError
 METHODS = ("greentrainer", "full", "top2", "lora", "dora", "prefix", "smt")
 IMPORTANCE_METRICS = ("dw_grad", "dw", "grad")
 SMT_TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")  # Lightning's / litgpt's names
 
 
 def check_finite(**values) -> None:
@@ -147,7 +148,9 @@ class TrainConfig:
     max_eval: int | None = None
     seed: int = 42
     device: str = "auto"
-    bf16: bool = False
+    bf16: bool = False                # the older flag: the same as precision "bf16-mixed"
+    precision: str = "32-true"        # 32-true, bf16-mixed, bf16-true (bf16 weights) or 16-mixed (GradScaler)
+    grad_accum: int = 1               # micro-batches per optimizer step and process
     num_beams: int = 4
     max_new_tokens: int | None = None
     eval_batch_size: int = 4
@@ -160,7 +163,11 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "num_beams"):
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.bf16 and self.precision not in ("32-true", "bf16-mixed"):
+            raise UsageError(f"--bf16 and --precision {self.precision} contradict each other; give one of them")
+        for name in ("epochs", "batch_size", "eval_batch_size", "num_beams", "grad_accum"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check_finite(lr=self.lr, weight_decay=self.weight_decay)

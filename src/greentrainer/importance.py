@@ -86,9 +86,14 @@ def _base_lr(group: dict):
     return base
 
 
-def probe_importance(model, optimizer, scheduler, batch: dict, names: list[str], probe_upto: int,
-                     metric: str = "dw_grad", count=None, autocast=None) -> dict:
+def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe_upto: int,
+                     metric: str = "dw_grad", count=None, autocast=None, reduce_grads=None) -> dict:
     """Importance of ``names[:probe_upto + 1]`` (backward order); the rest score 0 (not reachable).
+
+    ``batch``: one batch, or ``(micro-batches, weights)`` of one optimizer step (the probed loss is
+    Σ weight·loss, e.g. each micro-batch's share of the step's target tokens).
+    ``reduce_grads(params)``: sums the probed gradients over processes before the step (several
+    processes), so the probe measures the global step and every process gets the same scores.
 
     The optimizer steps once at each group's base learning rate, on float32 copies of reduced-precision
     weights (their optimizer state cast to float32 for the step); everything is restored afterwards.
@@ -112,10 +117,14 @@ def probe_importance(model, optimizer, scheduler, batch: dict, names: list[str],
         for p in model.parameters():
             p.requires_grad_(id(p) in probe_ids)
             p.grad = None
-        with (count("overhead") if count else nullcontext()), (autocast() if autocast else nullcontext()):
-            loss = model(**batch).loss
-            loss.backward()
-        loss_finite = bool(torch.isfinite(loss.detach()).all())
+        batches, weights = batch if isinstance(batch, tuple) else ([batch], [1.0])
+        for b, w in zip(batches, weights):
+            with (count("overhead") if count else nullcontext()), (autocast() if autocast else nullcontext()):
+                loss = model(**b).loss * w
+                loss.backward()
+            loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
+        if reduce_grads is not None:
+            reduce_grads([p for p in probe if p.requires_grad])
         grads = [p.grad.detach().clone() if p.grad is not None else None for p in probe]
         for group in optimizer.param_groups:  # a measurement: a warm-up's current lr (0 at first) would
             group["lr"] = _base_lr(group)    # make every Δw 0 and the selection arbitrary

@@ -3,6 +3,13 @@
 Every forward, backward and method overhead pass runs under a FLOPs counter, so the reported cost is what
 was executed. The cost of full fine-tuning on the same batches is measured on a weightless (meta) copy,
 which gives every run its fraction of full fine-tuning without running it.
+
+Distribution and precision belong to one ``accelerate.Accelerator`` built by the caller (or here): each
+optimizer step takes one *global batch* of ``batch_size × processes × grad_accum`` items, the same items
+whatever the number of processes; each process runs its share as micro-batches, the loss of each is
+weighted by its share of the global batch's target tokens, and the gradients of exactly the tensors that
+are trainable now are summed over processes before the step (see :func:`sync_gradients`), so a trainable
+set that changes during training stays consistent on every process. Methods never see ranks or devices.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from tqdm.auto import tqdm
 from .data import collate
 from .errors import NonFiniteError, RunFailed
 from .interrupts import critical
+
 from .flops import FlopCounter, full_step_flops, meta_model_from_config, profile_config
 
 
@@ -85,7 +93,41 @@ class TrainContext:
     flops: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0, "overhead": 0})
     flops_reference: int = 0        # measured FLOPs full fine-tuning would have spent on the steps so far
     log: object = print
+    accelerator: object = None      # owns processes and devices; methods use the helpers below, never it
+    scaler: object = None           # torch.amp.GradScaler under 16-mixed
     _probe_rng: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches each process runs per optimizer step (the gradient accumulation steps)."""
+        return int(getattr(self.cfg, "grad_accum", 1) or 1)
+
+    def reduce_sum(self, value):
+        """Sum of a number or tensor over processes (the value itself with one process)."""
+        if self.world_size == 1:
+            return value
+        from accelerate.utils import reduce
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
+        out = reduce(t, reduction="sum")
+        return out.item() if not isinstance(value, torch.Tensor) else out.to(value.dtype)
+
+    def broadcast(self, obj):
+        """Process 0's ``obj`` on every process (a picklable object)."""
+        if self.world_size == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+        box = [obj]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+    def global_flops(self) -> tuple[float, float]:
+        """(FLOPs spent, FLOPs full fine-tuning would have spent), summed over processes."""
+        spent = self.reduce_sum(float(sum(self.flops.values())))
+        return spent, self.reduce_sum(float(self.flops_reference))
 
     @contextlib.contextmanager
     def count(self, kind: str):
@@ -100,12 +142,96 @@ class TrainContext:
                 collate(items, self.tokenizer.pad_token_id, self.seq2seq).items()}
 
     def sample_batch(self):
-        """A random training batch (for probes and warm-ups), drawn from a separate RNG."""
+        """A random training batch (for probes and warm-ups), drawn from a separate RNG (one per process)."""
         items = self._probe_rng.sample(self.train_data, min(self.cfg.batch_size, len(self.train_data)))
         return self.collate(items)
 
+    def sample_batches(self) -> tuple[list[dict], list[float]]:
+        """A random global batch for a probe, split like a training step: this process's micro-batches and
+        each one's share of the global batch's target tokens (the same items whatever the process count)."""
+        world, accum = self.world_size, self.micro_batches_per_step
+        n = min(self.cfg.batch_size * world * accum, len(self.train_data))
+        items = self._probe_rng.sample(self.train_data, n)
+        rank = self.accelerator.process_index if self.accelerator is not None else 0
+        micro = [items[k * world + rank:: world * accum] for k in range(accum)]
+        batches = [self.collate(m) for m in micro if m]
+        tokens = [target_tokens(b, self.seq2seq) for b in batches]
+        total = max(self.reduce_sum(sum(tokens)), 1)
+        return batches, [t / total for t in tokens]
+
+    def sync_gradients(self) -> None:
+        """Sum the trainable tensors' gradients over processes (see :func:`sync_gradients`)."""
+        self.reduce_gradients([p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad])
+
+    def reduce_gradients(self, params) -> None:
+        if self.world_size > 1:
+            sync_gradients(params, self.reduce_sum)
+
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.cfg.bf16))
+        return autocast_for(self.cfg, self.device)
+
+
+def precision_of(cfg) -> str:
+    """The run's precision; ``bf16=True`` (the older flag) means bf16-mixed."""
+    p = getattr(cfg, "precision", None) or "32-true"
+    return "bf16-mixed" if p == "32-true" and getattr(cfg, "bf16", False) else p
+
+
+def autocast_for(cfg, device):
+    p = precision_of(cfg)
+    dtype = torch.float16 if p == "16-mixed" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=p.endswith("-mixed"))
+
+
+def sync_gradients(params, reduce_sum, bucket_bytes: int = 32 * 2**20) -> None:
+    """All-reduce (sum) the gradients of exactly ``params``, flattened into buckets of one dtype.
+
+    DDP registers its hooks for the tensors that require grad when it wraps the model, so a tensor selected
+    later would never be reduced; reducing the trainable tensors at each step has no such state. A process
+    that had no gradient for a trainable tensor (an empty micro-batch) contributes zeros."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group in by_dtype.values():
+        bucket, size = [], 0
+        for p in group + [None]:
+            if p is not None:
+                bucket.append(p)
+                size += p.grad.numel() * p.grad.element_size()
+            if bucket and (p is None or size >= bucket_bytes):
+                flat = torch.cat([q.grad.reshape(-1) for q in bucket])
+                flat = reduce_sum(flat)
+                offset = 0
+                for q in bucket:
+                    n = q.grad.numel()
+                    q.grad.copy_(flat[offset: offset + n].view_as(q.grad))
+                    offset += n
+                bucket, size = [], 0
+
+
+def target_tokens(batch: dict, seq2seq: bool) -> int:
+    """Tokens the loss averages over (a causal LM predicts each label from the previous position)."""
+    labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
+    return int((labels != -100).sum())
+
+
+def global_batches(n_items: int, batch_size: int, world: int, accum: int, rank: int, generator) -> list[list[list[int]]]:
+    """An epoch's optimizer steps; for each, this process's micro-batches (lists of item indices).
+
+    Step t takes items ``perm[t·G:(t+1)·G]`` with ``G = batch_size·world·accum``, whatever the number of
+    processes; micro-batch k of process r gets every (world·accum)-th of them from k·world + r (strided, so a
+    short last step spreads evenly; a process may get an empty micro-batch there)."""
+    perm = torch.randperm(n_items, generator=generator).tolist()
+    g = batch_size * world * accum
+    steps = []
+    for t in range(0, n_items, g):
+        items = perm[t: t + g]
+        n_micro = world * accum
+        steps.append([items[k * world + rank:: n_micro] for k in range(accum)])
+    return steps
 
 
 def fmt_flops(x: float) -> str:
@@ -151,17 +277,19 @@ def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, see
 
 @torch.no_grad()
 def eval_loss(model, ctx, data, batch_size: int) -> float:
+    """Mean loss per target token over ``data`` (each process takes every world_size-th item)."""
     model.eval()
+    mine = data[ctx.accelerator.process_index:: ctx.world_size] if ctx.accelerator is not None else data
     total, n = 0.0, 0
-    for i in range(0, len(data), batch_size):
-        batch = ctx.collate(data[i: i + batch_size])
+    for i in range(0, len(mine), batch_size):
+        batch = ctx.collate(mine[i: i + batch_size])
         with ctx.autocast():
             loss = model(**batch).loss
-        k = len(data[i: i + batch_size])
+        k = target_tokens(batch, ctx.seq2seq)
         total += float(loss) * k
         n += k
     model.train()
-    return total / max(n, 1)
+    return ctx.reduce_sum(total) / max(ctx.reduce_sum(n), 1)
 
 
 def check_finite_loss(loss, ctx) -> None:
@@ -179,24 +307,38 @@ def check_finite_grads(optimizer, ctx) -> None:
                              f"the learning rate ({ctx.cfg.lr:g}) may be too high")
 
 
-def train(model, tokenizer, method, train_data, val_data, cfg, device, log=print, progress=True,
-          on_epoch_end=None) -> dict:
-    """Train ``model`` with ``method``; returns per-epoch history and totals (FLOPs, time, memory)."""
+def build_accelerator(device):
+    """The run's ``Accelerator``: processes (torchrun / accelerate launch: gloo on CPU, nccl on GPU) and the
+    device of this process. Precision is applied by :func:`autocast_for` and the loop (not accelerate's
+    wrappers), so the importance probe can step the optimizer outside any scaler."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=torch.device(device).type == "cpu")
+
+
+def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,
+          on_epoch_end=None, accelerator=None) -> dict:
+    """Train ``model`` with ``method``; returns per-epoch history and totals (FLOPs, time, memory), the
+    FLOPs summed over processes."""
+    acc = accelerator or build_accelerator(device if device is not None else "cpu")
+    device = acc.device if device is None or acc.num_processes > 1 else torch.device(device)
     seed_everything(cfg.seed)
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     meta_model = meta_model_from_config(model.config)
     shape = typical_shape(train_data, cfg.batch_size, seq2seq)
     profile = profile_config(model.config, *shape)
     model.to(device)
+    main = acc.is_main_process
     ctx = TrainContext(model=model, tokenizer=tokenizer, cfg=cfg, device=device, train_data=train_data,
-                       profile=profile, meta_model=meta_model, seq2seq=seq2seq, log=log)
-    ctx._probe_rng = random.Random(cfg.seed + 1)
-    g = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch_size, shuffle=True, generator=g,
-                                         collate_fn=lambda items: items)
-    ctx.steps_per_epoch = len(loader)
-    ctx.total_steps = len(loader) * cfg.epochs
+                       profile=profile, meta_model=meta_model, seq2seq=seq2seq, log=log if main else _silent,
+                       accelerator=acc)
+    ctx._probe_rng = random.Random(cfg.seed + 1)  # the same on every process: probes split one global batch
+    generator = torch.Generator().manual_seed(cfg.seed)
+    world, accum = acc.num_processes, ctx.micro_batches_per_step
+    ctx.steps_per_epoch = -(-len(train_data) // (cfg.batch_size * world * accum))
+    ctx.total_steps = ctx.steps_per_epoch * cfg.epochs
     model = method.prepare(model, ctx)
+    if precision_of(cfg) == "bf16-true":
+        model.to(torch.bfloat16)
     ctx.model = model
     model.to(device)
     model.train()
@@ -206,10 +348,13 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device, log=print
         raise RuntimeError(f"method {method.name} left no parameter to train")
     ctx.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ctx.scheduler = get_linear_schedule_with_warmup(ctx.optimizer, cfg.warmup_steps, ctx.total_steps)
-    ref_cache: dict = {}
+    if precision_of(cfg) == "16-mixed":
+        ctx.scaler = torch.amp.GradScaler(device.type)
+    ctx.log(f"{world} process(es) × batch {cfg.batch_size} × {accum} accumulation step(s) = effective batch "
+            f"{cfg.batch_size * world * accum}; precision {precision_of(cfg)}; {ctx.total_steps} optimizer steps")
     history = []
     try:
-        _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, log, on_epoch_end)
+        _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end)
     except (KeyboardInterrupt, RunFailed) as e:  # the caller saves the weights of the last completed step
         e.model, e.step = ctx.model, ctx.global_step
         raise
@@ -219,59 +364,96 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device, log=print
     totals["flops_fraction_of_full"] = totals["flops_total"] / totals["flops_full_ft_reference"]
     totals["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
     totals.update(method.trainable_summary(ctx.model))
+    totals.update(world_size=world, grad_accum=accum, effective_batch_size=cfg.batch_size * world * accum,
+                  precision=precision_of(cfg))
     return {"history": history, "totals": totals, "model": ctx.model, "profile_shape": list(shape)}
 
 
-def _epochs(ctx, method, loader, val_data, history, ref_cache, cfg, progress, log, on_epoch_end):
-    model, device, meta_model = ctx.model, ctx.device, ctx.meta_model
+def _silent(*args, **kwargs) -> None:
+    """Logging of processes other than the first."""
+
+
+def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
+    """One optimizer step over this process's micro-batches; returns (Σ loss·tokens, tokens) of this process.
+
+    Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
+    gradient is that of the mean over all target tokens of the step, however the items are split over
+    processes and micro-batches."""
+    model = ctx.model
+    local = [target_tokens(b, ctx.seq2seq) for b in batches]
+    total = max(int(ctx.reduce_sum(sum(local))), 1)
+    loss_sum = 0.0
+    for batch, n in zip(batches, local):
+        with ctx.count("forward"), ctx.autocast():
+            loss = model(**batch).loss
+        if not loss.requires_grad:
+            raise RuntimeError("no tensor is trainable in this step (everything is frozen)")
+        check_finite_loss(loss, ctx)
+        weighted = loss * (n / total)
+        with ctx.count("backward"):
+            (ctx.scaler.scale(weighted) if ctx.scaler is not None else weighted).backward()
+        loss_sum += loss.item() * n
+    ctx.sync_gradients()
+    if ctx.scaler is not None:
+        ctx.scaler.unscale_(ctx.optimizer)  # a non-finite gradient here makes the scaler skip the step
+    else:
+        check_finite_grads(ctx.optimizer, ctx)
+    with critical():  # an interrupt never leaves a half-updated model
+        if ctx.scaler is not None:
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+        else:
+            ctx.optimizer.step()
+        ctx.scheduler.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.global_step += 1
+        method.after_optimizer_step(ctx)
+    return loss_sum, sum(local)
+
+
+def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end):
+    acc = ctx.accelerator
     for epoch in range(cfg.epochs):
         ctx.epoch = epoch
-        before = dict(ctx.flops)
-        ref_epoch, losses, bookkeeping = 0, [], 0.0
+        before, ref_before = dict(ctx.flops), ctx.flops_reference
+        losses, bookkeeping = [], 0.0
+        steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
+                               ctx.micro_batches_per_step, acc.process_index, generator)
         t0 = time.perf_counter()
-        with PeakMemory(device) as mem:
+        with PeakMemory(ctx.device) as mem:
             method.on_epoch_start(ctx)
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs} [{method.name}]", disable=not progress,
+            bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{method.name}]", disable=not progress,
                        leave=False, dynamic_ncols=True)
-            for items in bar:
-                batch = ctx.collate(items)
+            for micro in bar:
+                batches = [ctx.collate([ctx.train_data[i] for i in idx]) for idx in micro if idx]
                 method.on_step_start(ctx)
-                with ctx.count("forward"), ctx.autocast():
-                    loss = model(**batch).loss
-                if not loss.requires_grad:
-                    raise RuntimeError("no tensor is trainable in this step (everything is frozen)")
-                check_finite_loss(loss, ctx)
-                with ctx.count("backward"):
-                    loss.backward()
-                check_finite_grads(ctx.optimizer, ctx)
-                with critical():  # an interrupt never leaves a half-updated model
-                    ctx.optimizer.step()
-                    ctx.scheduler.step()
-                    ctx.optimizer.zero_grad(set_to_none=True)
-                    ctx.global_step += 1
-                    method.after_optimizer_step(ctx)
-                key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-                if key not in ref_cache:  # bookkeeping, not training: kept out of the epoch's time
-                    r0 = time.perf_counter()
-                    ref_cache[key] = full_step_flops(meta_model, batch)
-                    bookkeeping += time.perf_counter() - r0
-                ref_epoch += ref_cache[key]
-                ctx.flops_reference += ref_cache[key]
-                losses.append(loss.item())
+                loss_sum, n_tokens = _optimizer_step(ctx, method, batches)
+                r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
+                for batch in batches:
+                    key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
+                    if key not in ref_cache:
+                        ref_cache[key] = full_step_flops(ctx.meta_model, batch)
+                    ctx.flops_reference += ref_cache[key]
+                step_loss = ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1)
+                bookkeeping += time.perf_counter() - r0
+                losses.append(step_loss)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         elapsed = time.perf_counter() - t0 - bookkeeping
-        val = eval_loss(model, ctx, val_data, cfg.eval_batch_size) if val_data else None
-        spent = {k: ctx.flops[k] - before.get(k, 0) for k in ctx.flops}
+        val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size) if val_data else None
+        spent = {k: ctx.reduce_sum(float(ctx.flops[k] - before.get(k, 0))) for k in ctx.flops}
+        ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ref_before))
         total = sum(spent.values())
+        peak = ctx.reduce_sum(float(mem.peak)) / acc.num_processes
         rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
                "flops_forward": spent["forward"], "flops_backward": spent["backward"],
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
-               "time_s": elapsed, "peak_memory_bytes": mem.peak, **method.epoch_report()}
+               "time_s": elapsed, "peak_memory_bytes": peak, **method.epoch_report()}
         history.append(rec)
         val_text = f"{val:.4f}" if val is not None else "n/a"
-        log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}  val loss {val_text}  "
-            f"{fmt_flops(total)} ({100 * rec['flops_fraction_of_full']:.1f}% of full FT)  "
-            f"{elapsed:.1f} s  peak mem {mem.peak / 2**20:.0f} MiB")
-        if on_epoch_end is not None:
+        ctx.log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}  val loss {val_text}  "
+                f"{fmt_flops(total)} ({100 * rec['flops_fraction_of_full']:.1f}% of full FT)  "
+                f"{elapsed:.1f} s  peak mem {peak / 2**20:.0f} MiB"
+                + (f" (mean of {acc.num_processes} processes)" if acc.num_processes > 1 else ""))
+        if on_epoch_end is not None and acc.is_main_process:
             on_epoch_end(history)

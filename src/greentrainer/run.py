@@ -61,14 +61,22 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     encode_all(test_ex, tok, spec.task, seq2seq, cfg.max_input_length)  # every prompt fits, or stop now
     from .methods import build_method
     method = build_method(cfg)
-    device = pick_device(cfg.device)
+    from .loop import build_accelerator
+    acc = build_accelerator(pick_device(cfg.device))  # processes (torchrun / accelerate launch) and device
+    device, main = acc.device, acc.is_main_process
+    if not main:
+        log = _silent
     from .flops import profile_config
     from .loop import typical_shape
-    steps_per_epoch = -(-len(train_enc) // cfg.batch_size)
+    steps_per_epoch = -(-len(train_enc) // (cfg.batch_size * acc.num_processes * cfg.grad_accum))
     method.check(model, profile_config(model.config, *typical_shape(train_enc, cfg.batch_size, seq2seq)),
-                 steps_per_epoch, steps_per_epoch * cfg.epochs)
-    out = prepare_output_dir(out_dir, cfg.overwrite)
-    write_json_atomic(out / "train_config.json", cfg.to_dict())
+                 steps_per_epoch, steps_per_epoch * cfg.epochs, cfg.grad_accum)
+    out = Path(out_dir)
+    if main:  # only the first process writes; the others wait until the folder exists
+        out = prepare_output_dir(out_dir, cfg.overwrite)
+        write_json_atomic(out / "train_config.json", cfg.to_dict())
+    acc.wait_for_everyone()
+    write = write_json_atomic if main else _no_write  # files are the first process's job
     max_new = cfg.max_new_tokens or spec.max_new_tokens
     test_name = cfg.eval_dataset or f"{spec.name} {spec.eval_split}"
     metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name,
@@ -77,17 +85,20 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
                           "validation": (f"{len(val_ex)} items, for the per-epoch val_loss (steers nothing but is "
                                          "the split to choose settings on)") if val_ex else "none (too few rows)",
                           "eval": f"{test_name}: the final report (eval, eval_before, predictions.jsonl)"},
-               "device": str(device)}
-    write_json_atomic(out / "metrics.json", metrics)
+               "device": str(device), "world_size": acc.num_processes,
+               "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum}
+    write(out / "metrics.json", metrics)
     saved = False
 
     def finish(status: str, reason: str | None = None) -> None:
+        if not main:
+            return
         metrics["status"] = status
         if reason:
             metrics["reason"] = reason
         metrics["model_saved"] = saved
         try:
-            write_json_atomic(out / "metrics.json", metrics)
+            write(out / "metrics.json", metrics)
         except OSError as e:
             warn(f"could not record status {status!r} in {out / 'metrics.json'}: {e.strerror or e}")
 
@@ -98,7 +109,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     from .evaluate import evaluate
     try:
         model.to(device)
-        if cfg.eval_before and cfg.do_eval:
+        if cfg.eval_before and cfg.do_eval and main:
             log(f"evaluating before training on {len(test_ex)} examples ...")
             m, _ = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
                             cfg.num_beams, cfg.eval_batch_size, progress)
@@ -107,19 +118,22 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
 
         def epoch_done(history):
             metrics["history"] = history
-            write_json_atomic(out / "metrics.json", metrics)
+            write(out / "metrics.json", metrics)
 
         from .loop import train
-        result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress, epoch_done)
+        result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress and main, epoch_done,
+                       accelerator=acc)
         model = method.finalize(result["model"])
         metrics.update({"history": result["history"], "totals": result["totals"],
                         "profile_shape": result["profile_shape"]})
+        if not main:  # the first process saves and evaluates the model, which is the same on every process
+            return metrics
         _save_model(method, model, tok, out)  # before the evaluation, which can fail or be interrupted
         saved = True
         extra = getattr(method, "write_artifacts", None)
         if extra is not None:
             extra(out)
-        write_json_atomic(out / "metrics.json", metrics)
+        write(out / "metrics.json", metrics)
         if cfg.do_eval:
             log(f"evaluating on {len(test_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
             m, preds = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
@@ -130,7 +144,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
             log("after: " + _fmt(m))
     except KeyboardInterrupt as e:
         what = "terminated" if type(e).__name__ == "Terminated" else "interrupted"
-        if not saved and getattr(e, "model", None) is not None:
+        if main and not saved and getattr(e, "model", None) is not None:
             log(f"{what}: saving the model as it is after step {getattr(e, 'step', '?')}")
             try:
                 _save_model(method, trained_model(e), tok, out)
@@ -140,7 +154,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
         finish("interrupted", f"{what} by the user or a scheduler")
         raise
     except RunFailed as e:
-        if not saved and getattr(e, "model", None) is not None:
+        if main and not saved and getattr(e, "model", None) is not None:
             try:  # the weights of the last step whose loss and gradients were finite
                 _save_model(method, trained_model(e), tok, out)
                 saved = True
@@ -165,6 +179,14 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
         f"fine-tuning on the same data; {t['time_s']:.1f} s training; peak memory "
         f"{t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder {out}")
     return metrics
+
+
+def _silent(*args, **kwargs) -> None:
+    """Logging of processes other than the first."""
+
+
+def _no_write(*args, **kwargs) -> None:
+    """Writing of processes other than the first."""
 
 
 def _fmt(m: dict) -> str:

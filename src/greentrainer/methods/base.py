@@ -12,8 +12,9 @@ class Method:
 
     name = "base"
 
-    def check(self, model, profile, steps_per_epoch: int, total_steps: int) -> None:
-        """Reject impossible settings (raise UsageError) before any output is written."""
+    def check(self, model, profile, steps_per_epoch: int, total_steps: int, micro_batches: int = 1) -> None:
+        """Reject impossible settings (raise UsageError) before any output is written. Steps are optimizer
+        steps; each runs ``micro_batches`` profiled batches per process."""
 
     def prepare(self, model, ctx):
         """Freeze/wrap the model before the optimizer is built; return the model to train."""

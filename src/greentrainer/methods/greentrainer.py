@@ -35,7 +35,7 @@ SAFETY_MARGIN = 0.005  # of t_full per step: batch shapes vary around the profil
 
 
 def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
-               probe_paid: bool = False, step_scale: float = 1.0) -> tuple[int, int]:
+               probe_paid: bool = False, step_scale: float = 1.0, probe_batches: int = 1) -> tuple[int, int]:
     """(backward budget per step, probe depth) for ρ, paying for the probe, and for any FLOPs measured
     above ρ × full fine-tuning so far (``debt``), out of the same budget over the next steps.
     ``probe_paid``: the probe has run and its measured FLOPs are already in ``debt``. ``step_scale``: a
@@ -44,24 +44,25 @@ def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
     upto = deepest_reachable(profile, rho_to_backward_budget(rho, profile.t_fp, profile.t_full))
     steps = max(steps_per_selection, 1) * min(max(step_scale, 0.05), 1.0)
     for _ in range(1 if probe_paid else 3):  # the probe is cheaper when it stops higher; a few rounds settle it
-        probe = 0 if probe_paid else probe_cost(profile, max(upto, 0))
+        probe = 0 if probe_paid else probe_cost(profile, max(upto, 0)) * probe_batches
         overhead = (probe + max(debt, 0.0)) / steps + SAFETY_MARGIN * profile.t_full
         budget = rho_to_backward_budget(rho, profile.t_fp, profile.t_full, overhead)
         upto = deepest_reachable(profile, budget)
     return budget, upto
 
 
-def check_budget(profile, rho: float, steps_per_selection: int) -> None:  # noqa: C901
+def check_budget(profile, rho: float, steps_per_selection: int, probe_batches: int = 1) -> None:  # noqa: C901
     """Stop early, stating the smallest feasible ρ, when nothing can train within ρ."""
-    budget, upto = budget_for(profile, rho, steps_per_selection)
+    budget, upto = budget_for(profile, rho, steps_per_selection, probe_batches=probe_batches)
     if upto < 0:
         lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
                               branches=profile.branch_tuples)
         hi = 1.0
         for _ in range(40):  # smallest ρ that also pays for its probes
             mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if budget_for(profile, mid, steps_per_selection)[1] >= 0 else (mid, hi)
-        if budget_for(profile, 1.0, steps_per_selection)[1] < 0:
+            lo, hi = (lo, mid) if budget_for(profile, mid, steps_per_selection,
+                                             probe_batches=probe_batches)[1] >= 0 else (mid, hi)
+        if budget_for(profile, 1.0, steps_per_selection, probe_batches=probe_batches)[1] < 0:
             raise UsageError(f"the importance probe (about one training step) cannot be paid for when it is "
                              f"spread over only {steps_per_selection} step(s) per selection; select less often "
                              f"(--select-every K, --select-once) or train on more data")
@@ -72,19 +73,23 @@ def check_budget(profile, rho: float, steps_per_selection: int) -> None:  # noqa
 
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, importance="dw_grad",
                 resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0,
-                step_scale=1.0):
+                step_scale=1.0, reduce_grads=None, agree=None):
     """Probe importance, select within ρ, and make exactly the selected tensors trainable.
 
     ``debt``: FLOPs measured above ρ × full fine-tuning so far, or a callable giving it; a callable is asked
     again after the probe, so the budget pays the probe's measured cost rather than its prediction (the
-    probe batch's length varies). Returns (selected names, a record of the selection for logs)."""
+    probe batch's length varies). ``steps_per_selection`` counts profiled batches (micro-batches).
+    Several processes: ``reduce_grads`` sums the probe's gradients, ``agree`` makes every process take the
+    first one's selection. Returns (selected names, a record of the selection for logs)."""
     names = profile.names
     before = debt() if callable(debt) else debt
-    budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale)
+    k = len(batch[0]) if isinstance(batch, tuple) else 1  # micro-batches the probe runs
+    budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale, probe_batches=k)
     if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
-        budget, upto = budget_for(profile, rho, steps_per_selection)
+        budget, upto = budget_for(profile, rho, steps_per_selection, probe_batches=k)
     t0 = time.perf_counter()
-    probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast)
+    probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast,
+                             reduce_grads)
     if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
         paid = max(before, 0.0) + (debt() - before)
         after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True, step_scale=step_scale)
@@ -107,6 +112,8 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
         chosen = [names[i] for i in sel.indices]
     if note:
         log(f"GreenTrainer: {note}")
+    if agree is not None:
+        chosen = agree(chosen)
     keep = set(chosen)
     for n, p in model.named_parameters():
         p.requires_grad_(n in keep)
@@ -136,10 +143,10 @@ class GreenTrainerMethod(Method):
         self.current: list[str] | None = None
 
     # -- the plug-in interface ------------------------------------------------------------------
-    def check(self, model, profile, steps_per_epoch, total_steps):
-        steps = self._steps(steps_per_epoch, total_steps)
+    def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
+        steps = self._steps(steps_per_epoch, total_steps) * micro_batches
         for rho in {self.cfg.rho, *self.schedule.values()}:
-            check_budget(profile, rho, steps)
+            check_budget(profile, rho, steps, micro_batches)
 
     def prepare(self, model, ctx):
         self.params = dict(model.named_parameters())
@@ -147,7 +154,7 @@ class GreenTrainerMethod(Method):
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
-        self.check(model, ctx.profile, ctx.steps_per_epoch, ctx.total_steps)
+        self.check(model, ctx.profile, ctx.steps_per_epoch, ctx.total_steps, ctx.micro_batches_per_step)
         for p in model.parameters():
             p.requires_grad_(False)
         return model
@@ -186,18 +193,24 @@ class GreenTrainerMethod(Method):
         return rho
 
     def select(self, ctx) -> list[str]:
+        """Probe and select; with several processes the FLOPs are summed over them and each repays its
+        share, the probe measures the global step, and all take the first process's selection."""
         rho = self.rho_at(ctx.global_step)
-        def debt():  # measured overspend so far (the probe's own FLOPs included once it has run)
-            return sum(ctx.flops.values()) - rho * ctx.flops_reference
+        world, micro = ctx.world_size, ctx.micro_batches_per_step
+
+        def debt():  # this process's share of the measured overspend (the probe's own FLOPs once it ran)
+            spent, reference = ctx.global_flops()
+            return (spent - rho * reference) / world
         rec_debt = debt()
-        if ctx.global_step:  # measured: full fine-tuning FLOPs of the steps so far, per step
-            scale = ctx.flops_reference / ctx.global_step / ctx.profile.t_full
+        if ctx.global_step:  # measured: full fine-tuning FLOPs per micro-batch so far
+            scale = ctx.global_flops()[1] / (ctx.global_step * world * micro) / ctx.profile.t_full
         else:  # expected from the data's padded batch sizes against the profiled shape
             p = ctx.profile
             scale = mean_padded_size(ctx.train_data, p.batch_size, ctx.seq2seq) / (p.seq_len + p.target_len)
-        chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batch(), ctx.profile, rho,
-                                  self._steps_per_selection(ctx), self.cfg.importance, self.cfg.resolution,
-                                  self.current, ctx.count, ctx.autocast, ctx.log, debt, scale)
+        chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), ctx.profile, rho,
+                                  self._steps_per_selection(ctx) * micro, self.cfg.importance,
+                                  self.cfg.resolution, self.current, ctx.count, ctx.autocast, ctx.log, debt, scale,
+                                  ctx.reduce_gradients if world > 1 else None, ctx.broadcast)
         rec["debt_flops"] = rec_debt
         rec["step_scale"] = scale
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)

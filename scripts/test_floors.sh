@@ -16,7 +16,8 @@
 #   scipy==1.9.2 (pip resolved numpy 1.25.2 for it), setuptools==77.0.3 as the build backend, and torch==2.13.0+cpu,
 #   not the 2.6 floor (the CPU index was unreachable); pip check OK; fast tests: 418 passed (18 warnings: scipy 1.9
 #   hands HiGHS the mip_rel_gap option verbatim, numpy 1.25 deprecations); the default model's GGUF loaded at the
-#   floors (config, dequantised weights, finite logits). Whole script: 4 min.
+#   floors (config, dequantised weights, finite logits). Whole script: 4 min. Re-checked after the Accelerate
+#   engine (commit aedf452) landed: tests/test_precision.py, test_distributed.py, test_training.py: 42 passed.
 #   Floors raised by earlier runs: transformers 4.56 -> 5.19 (4.56: 39 failures, nearly all a forward on the meta
 #   device failing under torch 2.13, as in 5.0; 5.4: 2 failures, rotary angles computed with a matmul break the
 #   exact FLOPs counts, and the source keeps that matmul up to 5.18), peft 0.19 -> 0.21.2 (with transformers 5.19,

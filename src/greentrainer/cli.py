@@ -72,6 +72,10 @@ def _add_train_args(p):
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="32-true; bf16-mixed (autocast); bf16-true (bf16 weights, half the memory); "
                         "16-mixed (fp16 autocast with a gradient scaler)")
+    p.add_argument("--save-every", type=INT, default=None,
+                   help="write checkpoint/ every N optimizer steps (default: at the end of each epoch)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its checkpoint/, with its saved config")
     p.add_argument("--grad-accum", type=INT, default=d.grad_accum,
                    help="micro-batches per optimizer step (effective batch = batch size × processes × this)")
     p.add_argument("--num-beams", type=INT, default=d.num_beams)
@@ -109,7 +113,7 @@ def config_from_args(a) -> TrainConfig:
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
         warmup_steps=a.warmup_steps, max_input_length=a.max_input_length, max_train=a.max_train,
         max_eval=a.max_eval, seed=a.seed, device=a.device, bf16=a.bf16, precision=a.precision,
-        grad_accum=a.grad_accum, num_beams=a.num_beams,
+        grad_accum=a.grad_accum, save_every=a.save_every, num_beams=a.num_beams,
         max_new_tokens=a.max_new_tokens, eval_batch_size=a.eval_batch_size, do_eval=not a.no_eval,
         eval_before=a.eval_before,
         greentrainer=GreenTrainerConfig(rho=a.rho, rho_schedule=a.rho_schedule, select_every=a.select_every,
@@ -247,7 +251,14 @@ def _main(argv) -> int:
         parser.print_help()
         return 2
     if a.command == "train":
-        from .run import run_training
+        from .run import resume_training, run_training
+        if a.resume is not None:
+            extra = given_options(parser, argv) - {"resume", "no_progress"}
+            if extra:
+                raise UsageError("--resume continues a run with its saved config; drop "
+                                 + ", ".join("--" + o.replace("_", "-") for o in sorted(extra)))
+            resume_training(a.resume, progress=not a.no_progress)
+            return 0
         cfg = config_from_args(a)
         cfg.validate()
         warn_ignored(cfg.method, given_options(parser, argv))

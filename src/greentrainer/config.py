@@ -50,6 +50,17 @@ class GreenTrainerConfig:
             load_rho_schedule(self.rho_schedule)
 
 
+def config_from_dict(d: dict) -> "TrainConfig":
+    """A TrainConfig from its ``to_dict()`` (a run folder's train_config.json); unknown keys are refused."""
+    d = dict(d)
+    try:
+        subs = {"greentrainer": GreenTrainerConfig(**d.pop("greentrainer", {})),
+                "peft": PeftMethodConfig(**d.pop("peft", {})), "smt": SMTConfig(**d.pop("smt", {}))}
+        return TrainConfig(**d, **subs)
+    except TypeError as e:
+        raise UsageError(f"train_config.json does not describe a run of this version: {e}") from None
+
+
 def load_rho_schedule(path: str) -> dict[int, float]:
     """Read a ρ schedule: JSON object {"0": 0.5, "100": 0.4} or lines "step rho"."""
     p = Path(path)
@@ -151,6 +162,7 @@ class TrainConfig:
     bf16: bool = False                # the older flag: the same as precision "bf16-mixed"
     precision: str = "32-true"        # 32-true, bf16-mixed, bf16-true (bf16 weights) or 16-mixed (GradScaler)
     grad_accum: int = 1               # micro-batches per optimizer step and process
+    save_every: int | None = None     # checkpoint every N optimizer steps (default: at the end of each epoch)
     num_beams: int = 4
     max_new_tokens: int | None = None
     eval_batch_size: int = 4
@@ -181,7 +193,7 @@ class TrainConfig:
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0")
         if self.max_input_length < 8:
             raise UsageError(f"--max-input-length must be at least 8, got {self.max_input_length}")
-        for name in ("max_train", "max_eval", "max_new_tokens"):
+        for name in ("max_train", "max_eval", "max_new_tokens", "save_every"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -198,7 +210,8 @@ class TrainConfig:
 RUN_MARKER = ".greentrainer-run"
 # Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
 RUN_ENTRIES = {RUN_MARKER, "train_config.json", "metrics.json", "progress.json", "predictions.jsonl", "model",
-               "selections.json", "selection_heatmap.png", "model.tmp", "model.old"}
+               "selections.json", "selection_heatmap.png", "model.tmp", "model.old", "checkpoint",
+               "checkpoint.tmp", "checkpoint.old"}
 
 
 def is_run_folder(out: Path) -> bool:

@@ -163,6 +163,18 @@ class TrainContext:
         """Sum the trainable tensors' gradients over processes (see :func:`sync_gradients`)."""
         self.reduce_gradients([p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad])
 
+    def rebuild_optimizer(self, params) -> None:
+        """A new optimizer over ``params`` that continues the same learning-rate schedule (a method whose
+        trainable tensors are replaced, e.g. SMT's blocks after its warm-up)."""
+        from transformers import get_linear_schedule_with_warmup
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.cfg.warmup_steps, self.total_steps)
+        import warnings
+        with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is skipped
+            warnings.simplefilter("ignore")
+            for _ in range(self.global_step):
+                self.scheduler.step()
+
     def reduce_gradients(self, params) -> None:
         if self.world_size > 1:
             sync_gradients(params, self.reduce_sum)
@@ -323,9 +335,11 @@ def build_accelerator(device):
 
 
 def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,
-          on_epoch_end=None, accelerator=None) -> dict:
+          on_epoch_end=None, accelerator=None, resume: dict | None = None, on_checkpoint=None) -> dict:
     """Train ``model`` with ``method``; returns per-epoch history and totals (FLOPs, time, memory), the
-    FLOPs summed over processes."""
+    FLOPs summed over processes. ``on_checkpoint(state)`` receives a :func:`training_state` every
+    ``cfg.save_every`` optimizer steps (default: at the end of each epoch but the last); ``resume`` is such a
+    state to continue from."""
     acc = accelerator or build_accelerator(device if device is not None else "cpu")
     device = acc.device if device is None or acc.num_processes > 1 else torch.device(device)
     seed_everything(cfg.seed)
@@ -360,8 +374,13 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     ctx.log(f"{world} process(es) × batch {cfg.batch_size} × {accum} accumulation step(s) = effective batch "
             f"{cfg.batch_size * world * accum}; precision {precision_of(cfg)}; {ctx.total_steps} optimizer steps")
     history = []
+    start = restore_training_state(ctx, method, resume, history) if resume is not None else None
+    if start is not None:
+        ctx.log(f"resuming at optimizer step {ctx.global_step} (epoch {start.epoch + 1}, step "
+                f"{start.steps_done + 1} of the epoch)")
     try:
-        _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end)
+        _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end, start,
+                on_checkpoint)
     except (KeyboardInterrupt, RunFailed) as e:  # the caller saves the weights of the last completed step
         e.model, e.step = ctx.model, ctx.global_step
         raise
@@ -418,21 +437,43 @@ def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
     return loss_sum, sum(local)
 
 
-def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end):
+@dataclasses.dataclass
+class EpochProgress:
+    """Where an epoch stands: enough to continue it from a checkpoint exactly."""
+
+    epoch: int
+    generator_state: torch.Tensor      # the data-order generator before this epoch's permutation
+    steps_done: int = 0
+    flops_before: dict = dataclasses.field(default_factory=dict)
+    reference_before: float = 0.0
+    losses: list = dataclasses.field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end,
+            resume: EpochProgress | None = None, on_checkpoint=None):
     acc = ctx.accelerator
-    for epoch in range(cfg.epochs):
+    save_every = getattr(cfg, "save_every", None)
+    for epoch in range(resume.epoch if resume else 0, cfg.epochs):
         ctx.epoch = epoch
-        before, ref_before = dict(ctx.flops), ctx.flops_reference
-        losses, bookkeeping = [], 0.0
+        if resume is not None and resume.epoch == epoch:
+            ep, resume = resume, None
+            generator.set_state(ep.generator_state)
+        else:
+            ep = EpochProgress(epoch, generator.get_state(), flops_before=dict(ctx.flops),
+                               reference_before=ctx.flops_reference)
         steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
                                ctx.micro_batches_per_step, acc.process_index, generator)
-        t0 = time.perf_counter()
+        t0, bookkeeping = time.perf_counter(), 0.0
         with PeakMemory(ctx.device) as mem:
-            method.on_epoch_start(ctx)
+            if ep.steps_done == 0:
+                method.on_epoch_start(ctx)
             bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{method.name}]", disable=not progress,
-                       leave=False, dynamic_ncols=True)
-            for micro in bar:
-                batches = [ctx.collate([ctx.train_data[i] for i in idx]) for idx in micro if idx]
+                       leave=False, dynamic_ncols=True, initial=ep.steps_done)
+            for i, micro in enumerate(bar):
+                if i < ep.steps_done:  # resumed: these steps are in the checkpoint
+                    continue
+                batches = [ctx.collate([ctx.train_data[j] for j in idx]) for idx in micro if idx]
                 method.on_step_start(ctx)
                 loss_sum, n_tokens = _optimizer_step(ctx, method, batches)
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
@@ -441,17 +482,21 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     if key not in ref_cache:
                         ref_cache[key] = full_step_flops(ctx.meta_model, batch)
                     ctx.flops_reference += ref_cache[key]
-                step_loss = ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1)
+                ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
+                ep.steps_done = i + 1
+                bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
+                if on_checkpoint is not None and save_every and ctx.global_step % save_every == 0 \
+                        and ep.steps_done < len(steps):
+                    on_checkpoint(training_state(ctx, method, ep, history,
+                                                 ep.elapsed + time.perf_counter() - t0 - bookkeeping))
                 bookkeeping += time.perf_counter() - r0
-                losses.append(step_loss)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        elapsed = time.perf_counter() - t0 - bookkeeping
+        elapsed = ep.elapsed + time.perf_counter() - t0 - bookkeeping
         val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size) if val_data else None
-        spent = {k: ctx.reduce_sum(float(ctx.flops[k] - before.get(k, 0))) for k in ctx.flops}
-        ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ref_before))
+        spent = {k: ctx.reduce_sum(float(ctx.flops[k] - ep.flops_before.get(k, 0))) for k in ctx.flops}
+        ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ep.reference_before))
         total = sum(spent.values())
         peak = ctx.reduce_sum(float(mem.peak)) / acc.num_processes
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
+        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(ep.losses)), "val_loss": val,
                "flops_forward": spent["forward"], "flops_backward": spent["backward"],
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
@@ -464,3 +509,73 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 + (f" (mean of {acc.num_processes} processes)" if acc.num_processes > 1 else ""))
         if on_epoch_end is not None and acc.is_main_process:
             on_epoch_end(history)
+        if on_checkpoint is not None and not save_every and epoch + 1 < cfg.epochs:
+            on_checkpoint(training_state(ctx, method, EpochProgress(epoch + 1, generator.get_state(),
+                                                                    flops_before=dict(ctx.flops),
+                                                                    reference_before=ctx.flops_reference),
+                                         history, 0.0))
+
+
+def _rng_states() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_states(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    np.random.set_state(tuple(np.asarray(x, dtype=np.uint32) if isinstance(x, list) else x
+                              for x in state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(x):
+    """numpy scalars and arrays as Python numbers and lists (what ``weights_only`` loading accepts)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    return x
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def training_state(ctx, method, ep: EpochProgress, history: list, elapsed: float) -> dict:
+    """Everything needed to continue exactly: weights, optimizer, scheduler, scaler, every RNG, the data
+    position, the method's state, FLOPs counters and history (tensors and plain Python only, so it loads
+    with ``torch.load(weights_only=True)``)."""
+    return {"model": {k: v.detach().clone() for k, v in ctx.model.state_dict().items()},
+            "optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(),
+            "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+            "method": _plain(method.state_dict()), "rng": _rng_states(), "probe_rng": ctx._probe_rng.getstate(),
+            "global_step": ctx.global_step, "flops": _plain(ctx.flops), "flops_reference": _plain(ctx.flops_reference),
+            "history": _plain(history),
+            "epoch": {"epoch": ep.epoch, "generator_state": ep.generator_state, "steps_done": ep.steps_done,
+                      "flops_before": ep.flops_before, "reference_before": ep.reference_before,
+                      "losses": ep.losses, "elapsed": elapsed}}
+
+
+def restore_training_state(ctx, method, state: dict, history: list) -> EpochProgress:
+    """Put a :func:`training_state` back (the method first: it may rebuild the optimizer, e.g. SMT)."""
+    method.load_state_dict(state["method"], ctx)
+    ctx.model.load_state_dict(state["model"])
+    ctx.optimizer.load_state_dict(state["optimizer"])
+    ctx.scheduler.load_state_dict(state["scheduler"])
+    if ctx.scaler is not None and state.get("scaler"):
+        ctx.scaler.load_state_dict(state["scaler"])
+    _set_rng_states(state["rng"])
+    ctx._probe_rng.setstate(_tuples(state["probe_rng"]))
+    ctx.global_step, ctx.flops, ctx.flops_reference = state["global_step"], dict(state["flops"]), \
+        state["flops_reference"]
+    history.extend(state["history"])
+    e = state["epoch"]
+    return EpochProgress(e["epoch"], e["generator_state"], e["steps_done"], dict(e["flops_before"]),
+                         e["reference_before"], list(e["losses"]), e["elapsed"])

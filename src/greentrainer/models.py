@@ -67,13 +67,33 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def describe_load_error(name: str, err: Exception) -> UsageError:
+    """One line for a model folder that cannot be loaded: unsafe pickle, truncated file, bad config."""
+    chain, e = [], err
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(f"{type(x).__name__} {x}" for x in chain)
+    if "UnpicklingError" in text or "weights_only" in text or "Weights only load failed" in text:
+        return UsageError(f"{name}: the checkpoint is a pickle file that is not a safe weights-only checkpoint "
+                          f"(it may run code when loaded); convert it to safetensors and try again")
+    if "SafetensorError" in text or "safetensors" in text.lower() and ("header" in text or "incomplete" in text):
+        return UsageError(f"{name}: the safetensors file is damaged or truncated ({_first_line(err)})")
+    return _hub_error(name, err)
+
+
+def _first_line(err: Exception) -> str:
+    msg = str(err).strip()
+    return msg.splitlines()[0] if msg else type(err).__name__
+
+
 def _from_hub(loader, name: str, **kw):
     """Load from a local folder, the local HF cache, or (when online) the hub; one clear error otherwise."""
     if os.path.isdir(name):
         try:
             return loader(name, **kw)
-        except (OSError, ValueError) as e:
-            raise _hub_error(name, e) from None
+        except Exception as e:  # noqa: BLE001  (transformers raises many types for a damaged folder)
+            raise describe_load_error(name, e) from None
     try:
         return loader(name, local_files_only=True, **kw)
     except (OSError, ValueError):
@@ -149,9 +169,36 @@ def load_model(name: str, dtype=torch.float32):
         name = str(folder)
     cfg = _from_hub(AutoConfig.from_pretrained, name)
     cls = AutoModelForSeq2SeqLM if is_seq2seq(cfg) else AutoModelForCausalLM
-    model = _from_hub(cls.from_pretrained, name, dtype=dtype, attn_implementation="eager")
+    model, info = _from_hub(cls.from_pretrained, name, dtype=dtype, attn_implementation="eager",
+                            output_loading_info=True)
+    check_loading_info(name, info)
     tok = _from_hub(AutoTokenizer.from_pretrained, name)
     return _finish(model, tok)
+
+
+def check_loading_info(name: str, info: dict) -> None:
+    """Missing weights would be silently random: refuse them. Unexpected ones are ignored: say so."""
+    missing = list(info.get("missing_keys") or [])
+    unexpected = list(info.get("unexpected_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        keys = missing + [k[0] if isinstance(k, (tuple, list)) else k for k in mismatched]
+        raise UsageError(f"model {name}: {len(keys)} weight(s) missing from the checkpoint or of the wrong shape "
+                         f"(e.g. {keys[0]}); they would be randomly initialised, so refusing to load it")
+    if unexpected:
+        from .errors import warn
+        warn(f"model {name}: {len(unexpected)} tensor(s) in the checkpoint are not used by the model and are "
+             f"ignored (e.g. {unexpected[0]})")
+
+
+def check_input_length(cfg, max_input_length: int) -> None:
+    """--max-input-length must fit the model's learned positions (relative-position models have no limit)."""
+    if getattr(cfg, "is_encoder_decoder", False) and getattr(cfg, "model_type", "") == "t5":
+        return
+    n_pos = next((getattr(cfg, a) for a in ("max_position_embeddings", "n_positions", "max_seq_len")
+                  if isinstance(getattr(cfg, a, None), int)), None)
+    if n_pos is not None and max_input_length > n_pos:
+        raise UsageError(f"--max-input-length {max_input_length} exceeds this model's {n_pos} positions")
 
 
 def _finish(model, tok):

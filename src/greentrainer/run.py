@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import TrainConfig, check_output_dir, is_run_folder, prepare_output_dir
+from .config import TrainConfig, check_output_dir, config_from_dict, is_run_folder, prepare_output_dir
 from .data import check_no_overlap, encode_all, load_examples, resolve_dataset
 from .errors import RunFailed, UsageError, warn
 from .files import save_dir_atomic, write_json_atomic
@@ -43,12 +43,59 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
-    """Run ``cfg``; returns the metrics written to ``<output_dir>/metrics.json``."""
+def resume_training(run_dir: str, log=print, progress=True) -> dict:
+    """Continue an interrupted or failed run from its ``checkpoint/`` with the config it was started with."""
+    out = Path(run_dir)
+    if not out.is_dir() or not is_run_folder(out):
+        raise UsageError(f"--resume {run_dir}: not a greentrainer run folder")
+    try:
+        status = json.loads((out / "metrics.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        status = None
+    if status == "complete":
+        raise UsageError(f"--resume {run_dir}: the run is already complete")
+    old = out / "checkpoint.old"
+    if not (out / "checkpoint").exists() and (old / "state.pt").is_file():  # killed while replacing it
+        old.rename(out / "checkpoint")
+    if not (out / "checkpoint" / "state.pt").is_file():
+        raise UsageError(f"--resume {run_dir}: no checkpoint/ to continue from (checkpoints are written at the end "
+                         f"of each epoch, or every --save-every N steps)")
+    try:
+        cfg = config_from_dict(json.loads((out / "train_config.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume {run_dir}: cannot read train_config.json ({e})") from None
+    cfg.output_dir = str(out)
+    return run_training(cfg, log, progress, resume_dir=out)
+
+
+def _load_checkpoint(out: Path) -> dict:
+    import torch
+    try:  # our own file, read the safe way all the same
+        return torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (a damaged checkpoint)
+        raise UsageError(f"cannot read {out / 'checkpoint' / 'state.pt'}: {_one_line(e)}") from None
+
+
+def _write_checkpoint(out: Path, state: dict) -> None:
+    import torch
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        torch.save(state, tmp / "state.pt")
+        (tmp / "meta.json").write_text(json.dumps({"global_step": state["global_step"],
+                                                   "epoch": state["epoch"]["epoch"] + 1,
+                                                   "steps_done_in_epoch": state["epoch"]["steps_done"]}))
+    save_dir_atomic(out / "checkpoint", write)
+
+
+def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | None = None) -> dict:
+    """Run ``cfg`` (or continue it from ``resume_dir``'s checkpoint); returns the metrics written to
+    ``<output_dir>/metrics.json``."""
     cfg.validate()
     spec, _ = resolve_dataset(cfg.dataset)
     out_dir = cfg.output_dir or default_output_dir(cfg)
-    check_output_dir(out_dir, cfg.overwrite)
+    if resume_dir is None:
+        check_output_dir(out_dir, cfg.overwrite)
     train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed, cfg.eval_dataset)
     val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, cfg.seed, cfg.eval_dataset)
     test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, cfg.seed, cfg.eval_dataset)
@@ -72,7 +119,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     method.check(model, profile_config(model.config, *typical_shape(train_enc, cfg.batch_size, seq2seq)),
                  steps_per_epoch, steps_per_epoch * cfg.epochs, cfg.grad_accum)
     out = Path(out_dir)
-    if main:  # only the first process writes; the others wait until the folder exists
+    resume = _load_checkpoint(out) if resume_dir is not None else None
+    if main and resume is None:  # only the first process writes; the others wait until the folder exists
         out = prepare_output_dir(out_dir, cfg.overwrite)
         write_json_atomic(out / "train_config.json", cfg.to_dict())
     acc.wait_for_everyone()
@@ -87,6 +135,14 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
                           "eval": f"{test_name}: the final report (eval, eval_before, predictions.jsonl)"},
                "device": str(device), "world_size": acc.num_processes,
                "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum}
+    if resume is not None:
+        try:
+            previous = json.loads((out / "metrics.json").read_text())
+        except (OSError, ValueError):
+            previous = {}
+        metrics.update({k: v for k, v in previous.items() if k == "eval_before"})
+        metrics["resumed_from_step"] = resume["global_step"]
+        log(f"resuming {out} from its checkpoint at optimizer step {resume['global_step']}")
     write(out / "metrics.json", metrics)
     saved = False
 
@@ -109,7 +165,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
     from .evaluate import evaluate
     try:
         model.to(device)
-        if cfg.eval_before and cfg.do_eval and main:
+        if cfg.eval_before and cfg.do_eval and main and resume is None:
             log(f"evaluating before training on {len(test_ex)} examples ...")
             m, _ = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
                             cfg.num_beams, cfg.eval_batch_size, progress)
@@ -121,8 +177,12 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
             write(out / "metrics.json", metrics)
 
         from .loop import train
+        def checkpoint(state):
+            if main:
+                _write_checkpoint(out, state)
+
         result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress and main, epoch_done,
-                       accelerator=acc)
+                       accelerator=acc, resume=resume, on_checkpoint=checkpoint)
         model = method.finalize(result["model"])
         metrics.update({"history": result["history"], "totals": result["totals"],
                         "profile_shape": result["profile_shape"]})
@@ -172,6 +232,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True) -> dict:
         finish("failed", f"{type(e).__name__}: {_one_line(e)}")
         raise
     finish("complete")
+    import shutil
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the finished model is in model/
     t = metrics["totals"]
     log(f"done: {fmt_flops(t['flops_total'])} measured "
         f"(forward {fmt_flops(t['flops_forward'])}, backward {fmt_flops(t['flops_backward'])}, "

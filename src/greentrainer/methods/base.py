@@ -39,6 +39,13 @@ class Method:
         train = sum(p.numel() for p in _unique(model.parameters()) if p.requires_grad)
         return {"trainable_params": train, "total_params": total}
 
+    def state_dict(self) -> dict:
+        """The method's own state for a checkpoint (tensors and plain Python only)."""
+        return {}
+
+    def load_state_dict(self, state: dict, ctx) -> None:
+        """Restore :meth:`state_dict` after :meth:`prepare`, before the model's and optimizer's states."""
+
     def finalize(self, model):
         """Return the model to save (e.g. merge sparse blocks back)."""
         return model

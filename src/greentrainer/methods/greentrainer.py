@@ -133,14 +133,42 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
 
 
 class GreenTrainerMethod(Method):
-    name = "greentrainer"
+    """GreenTrainer as a plug-in to the one loop.
 
-    def __init__(self, cfg):
+    Optimizer state follows the selection: the optimizer is built once over every tensor, but after each
+    selection the AdamW state (moments and step count) of each tensor that is no longer selected leaves the
+    optimizer, and its ``.grad`` is freed, so between selections the training device holds state only for
+    the tensors that train (a tensor never selected never gets any). ``deselected_state``:
+
+    * ``"drop"`` (default): the state is discarded; a re-selected tensor starts afresh like a newly
+      selected one (zero moments, step 0: the bias correction of its first step is that of a fresh
+      AdamW, which is exact for fresh moments). The probe scores deselected tensors with the same fresh
+      moments, i.e. the step they would really take.
+    * ``"cpu"``: the state moves to host memory and comes back when the tensor is selected again, so
+      training is exactly that of ``"keep"`` (bit for bit) without the device holding it in between;
+      before each probe the stored states of the tensors the probe can reach come back so that it scores
+      them with their own moments, and those not selected leave again after it. (On a CPU-only run host
+      memory *is* the training memory: it saves nothing there.)
+    * ``"keep"``: the former behaviour, every tensor's state stays in the optimizer once created (for
+      comparisons).
+
+    Measured: TODO
+    """
+
+    name = "greentrainer"
+    DESELECTED_STATE = ("drop", "cpu", "keep")
+
+    def __init__(self, cfg, deselected_state: str | None = None):
         self.cfg = cfg
         self.schedule = load_rho_schedule(cfg.rho_schedule) if cfg.rho_schedule else {}
         self.selections: list[dict] = []
         self._epoch_selections: list[dict] = []
         self.current: list[str] | None = None
+        mode = deselected_state or getattr(cfg, "deselected_state", None) or "drop"
+        if mode not in self.DESELECTED_STATE:
+            raise UsageError(f"deselected_state must be one of {', '.join(self.DESELECTED_STATE)}, got {mode!r}")
+        self.deselected_state = mode
+        self._offloaded: dict[str, dict] = {}  # "cpu": name -> {state key: (host tensor, original device)}
 
     # -- the plug-in interface ------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
@@ -207,10 +235,15 @@ class GreenTrainerMethod(Method):
         else:  # expected from the data's padded batch sizes against the profiled shape
             p = ctx.profile
             scale = mean_padded_size(ctx.train_data, p.batch_size, ctx.seq2seq) / (p.seq_len + p.target_len)
+        if self.deselected_state == "cpu":  # the probe steps reachable tensors with their own moments
+            p = ctx.profile
+            reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
+            self._restore_state(ctx.optimizer, self.names[: reach + 1])
         chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), ctx.profile, rho,
                                   self._steps_per_selection(ctx) * micro, self.cfg.importance,
                                   self.cfg.resolution, self.current, ctx.count, ctx.autocast, ctx.log, debt, scale,
                                   ctx.reduce_gradients if world > 1 else None, ctx.broadcast)
+        rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
         rec["debt_flops"] = rec_debt
         rec["step_scale"] = scale
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
@@ -218,6 +251,54 @@ class GreenTrainerMethod(Method):
         self.selections.append(rec)
         self._epoch_selections.append({k: v for k, v in rec.items() if k != "importance"})
         return chosen
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"selections": self.selections, "epoch_selections": self._epoch_selections,
+                "current": self.current}
+
+    def load_state_dict(self, state: dict, ctx) -> None:
+        self.selections, self._epoch_selections = list(state["selections"]), list(state["epoch_selections"])
+        self.current = state["current"]
+        keep = set(self.current or ())
+        for n, p in ctx.model.named_parameters():
+            p.requires_grad_(n in keep)
+
+    # -- optimizer state of deselected tensors ------------------------------------------------
+    def _follow_selection(self, model, optimizer, chosen) -> dict:
+        """Free the gradients and the optimizer state of the tensors not in ``chosen`` (``deselected_state``)
+        and bring back the host copies of those selected again; returns the state bytes now held."""
+        import torch
+        keep = set(chosen)
+        if self.deselected_state == "cpu":
+            self._restore_state(optimizer, [n for n in chosen if n in self._offloaded])
+        for n, p in model.named_parameters():
+            if n in keep:
+                continue
+            p.grad = None
+            if self.deselected_state == "keep":
+                continue
+            state = optimizer.state.pop(p, None)
+            if state and self.deselected_state == "cpu":
+                self._offloaded[n] = {k: (v.detach().to("cpu"), v.device) if isinstance(v, torch.Tensor) else (v, None)
+                                      for k, v in state.items()}
+        return {"optimizer_state_bytes": self.state_bytes(optimizer.state.values()),
+                "offloaded_state_bytes": self.state_bytes({k: v for k, (v, _) in s.items()}
+                                                          for s in self._offloaded.values())}
+
+    def _restore_state(self, optimizer, names) -> None:
+        """Put the host copies of ``names``' optimizer state back on their devices (``"cpu"``)."""
+        for n in names:
+            stored = self._offloaded.pop(n, None)
+            if stored is not None:
+                optimizer.state[self.params[n]] = {k: v.to(dev) if dev is not None else v
+                                                   for k, (v, dev) in stored.items()}
+
+    @staticmethod
+    def state_bytes(states) -> int:
+        """Bytes of the tensors in optimizer states (an iterable of {key: value} dicts)."""
+        import torch
+        return sum(v.numel() * v.element_size() for s in states for v in s.values() if isinstance(v, torch.Tensor))
 
     # -- outputs -----------------------------------------------------------------------------
     def write_artifacts(self, out_dir) -> None:

@@ -159,27 +159,37 @@ class SMTMethod(Method):
         for layer in self.layers.values():
             layer.write_blocks()
 
-    def _switch_to_sparse(self, ctx):
+    def _install(self, ctx, chosen) -> None:
+        """Train only ``chosen`` blocks from now on (the loop builds the optimizer over them)."""
         for h in self._hooks:
             h.remove()
+        self._hooks = []
+        for p in ctx.model.parameters():
+            p.requires_grad_(False)
+        self.chosen = chosen
+        self.layers = install_layers(ctx.model, chosen, self.l, self.targets, self.share_inputs)
+        ctx.rebuild_optimizer([layer.blocks for layer in self.layers.values()])
+
+    def state_dict(self) -> dict:
+        if self.layers:
+            return {"chosen": {n: [list(b) for b in bl] for n, bl in self.chosen.items()}, "report": self.report,
+                    "reported": self._reported}
+        return {"abs_grad": dict(self.abs_grad)}  # still warming up
+
+    def load_state_dict(self, state: dict, ctx) -> None:
+        if "chosen" in state:
+            self._install(ctx, {n: [tuple(b) for b in bl] for n, bl in state["chosen"].items()})
+            self.report, self._reported = state["report"], state["reported"]
+        else:
+            for n, g in state["abs_grad"].items():
+                self.abs_grad[n].copy_(g)
+
+    def _switch_to_sparse(self, ctx):
         budget = int(self.cfg.params_percent / 100 * self.total_params)
         n_blocks = max(1, budget // (self.l * self.l))
         scores = {n: block_means(g, self.l) for n, g in self.abs_grad.items()}
         chosen = ctx.broadcast(select_blocks(scores, n_blocks))  # one choice for every process (the first's)
-        model = ctx.model
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self.layers = install_layers(model, chosen, self.l, self.targets, self.share_inputs)
-        params = [layer.blocks for layer in self.layers.values()]
-        from transformers import get_linear_schedule_with_warmup
-        ctx.optimizer = torch.optim.AdamW(params, lr=ctx.cfg.lr, weight_decay=ctx.cfg.weight_decay)
-        self.optimizer = ctx.optimizer
-        ctx.scheduler = get_linear_schedule_with_warmup(ctx.optimizer, ctx.cfg.warmup_steps, ctx.total_steps)
-        import warnings
-        with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is skipped
-            warnings.simplefilter("ignore")
-            for _ in range(ctx.global_step):  # continue the same learning-rate schedule
-                ctx.scheduler.step()
+        self._install(ctx, chosen)
         by_kind, by_layer = Counter(), Counter()
         for name, blocks in chosen.items():
             by_kind[self.targets[name]] += len(blocks) * self.l ** 2

@@ -1,0 +1,69 @@
+"""Checkpoint and resume: a run killed (-9) after a mid-epoch checkpoint and resumed ends exactly where the
+uninterrupted run ends (after torchtune's test_training_state_on_resume)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from greentrainer.cli import main
+
+
+def args(model, data, out, method):
+    extra = ["--rho", "0.8"] if method == "greentrainer" else ["--smt-warmup", "4", "--smt-block", "16"]
+    return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "12",
+            "--save-every", "3", "--no-progress", "--no-eval", "--method", method, "--lr", "1e-3", *extra]
+
+
+@pytest.mark.parametrize("method", ["greentrainer", "smt"])
+def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, jsonl,
+                                                                              small_rows, method):
+    data = jsonl(small_rows)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert main(args(tiny_model_dir, data, straight, method)) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "greentrainer", *args(tiny_model_dir, data, killed, method)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    meta = killed / "checkpoint" / "meta.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            m = json.loads(meta.read_text())
+            if m["global_step"] >= 9 and m["steps_done_in_epoch"]:  # a mid-epoch checkpoint
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert json.loads((killed / "metrics.json").read_text())["status"] == "running"  # killed: no chance to say
+
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, killed))
+    assert b["status"] == "complete" and b["resumed_from_step"] >= 9
+    assert (straight / "model" / "model.safetensors").read_bytes() == (killed / "model" / "model.safetensors").read_bytes()
+    for k in ("flops_total", "flops_forward", "flops_backward", "flops_overhead", "flops_full_ft_reference"):
+        assert a["totals"][k] == b["totals"][k], k
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    if method == "greentrainer":
+        sa, sb = (json.loads((d / "selections.json").read_text())["selections"] for d in (straight, killed))
+        assert [s["selected"] for s in sa] == [s["selected"] for s in sb]
+    assert not (killed / "checkpoint").exists()  # a complete run keeps its model, not the checkpoint
+
+
+def test_resume_refuses_what_it_cannot_continue(capsys, tmp_path, tiny_model_dir, jsonl, small_rows):
+    data = jsonl(small_rows)
+    out = tmp_path / "done"
+    assert main(["train", "--model", tiny_model_dir, "--dataset", data, "--output-dir", str(out), "--epochs", "1",
+                 "--no-progress", "--no-eval", "--method", "full"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out)]) == 2
+    assert "already complete" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    assert "not a greentrainer run folder" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--lr", "1"]) == 2
+    assert "saved config" in capsys.readouterr().err

@@ -189,7 +189,8 @@ def cases(env: Env) -> list[dict]:
                      ("--lr", "-1"), ("--lr", "inf"), ("--lr", "nan"), ("--lr", "abc"), ("--weight-decay", "-1"),
                      ("--weight-decay", "inf"), ("--weight-decay", "nan"), ("--warmup-steps", "-1"),
                      ("--max-train", "0"), ("--max-eval", "0"), ("--max-new-tokens", "0"), ("--num-beams", "0"),
-                     ("--eval-batch-size", "0"), ("--seed", "-1"), ("--epochs", "1.5")]:
+                     ("--eval-batch-size", "0"), ("--seed", "-1"), ("--epochs", "1.5"), ("--grad-accum", "0"),
+                     ("--save-every", "0"), ("--precision", "fp8")]:
         add("numbers", f"{opt} {val}", e.train(opt, val), needle=opt)
     for opt, val, method in [("--rho", "0", "greentrainer"), ("--rho", "1.5", "greentrainer"),
                              ("--rho", "nan", "greentrainer"), ("--rho", "-inf", "greentrainer"),
@@ -232,6 +233,15 @@ def cases(env: Env) -> list[dict]:
     add("options", "option of another method (--rho with lora): warned, run goes on",
         e.train("--method", "lora", "--rho", "0.5", "--no-eval"), code=0, kind="warn", needle="ignored")
     add("options", "no subcommand", [], needle=None, kind="help")
+    add("options", "--bf16 with --precision 16-mixed", e.train("--bf16", "--precision", "16-mixed"),
+        needle="contradict")
+    add("resume", "--resume a folder that is not a run folder", ["train", "--resume", str(e.user)],
+        needle="not a greentrainer run folder")
+    add("resume", "--resume a complete run", ["train", "--resume", "RUN:complete"], needle="already complete")
+    add("resume", "--resume a run without checkpoint/", ["train", "--resume", "RUN:failed"],
+        needle="no checkpoint")
+    add("resume", "--resume with other options", ["train", "--resume", "RUN:failed", "--lr", "1"],
+        needle="saved config")
     # -- output folders
     add("output", "--output-dir is a file", e.train(out=Path(a_file)), needle="not a folder")
     add("output", "non-empty folder without --overwrite", e.train(out=e.user), needle="--overwrite")

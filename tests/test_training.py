@@ -216,3 +216,19 @@ def test_greentrainer_stays_within_rho_on_batches_of_uneven_length(seed):
                 progress=False)
     t = out["totals"]
     assert t["flops_total"] <= 0.6 * t["flops_full_ft_reference"]
+
+
+@pytest.mark.parametrize("method", ["full", "greentrainer", "smt", "lora"])
+def test_cached_step_counts_equal_live_counting(method):
+    """Counting each (batch shape, trainable set) once gives the same FLOPs as counting every step."""
+    from greentrainer.config import SMTConfig
+    totals = []
+    for live in (True, False):
+        cfg = TrainConfig(method=method, epochs=2, batch_size=4, lr=1e-3, seed=0,
+                          greentrainer=GreenTrainerConfig(rho=0.8), smt=SMTConfig(warmup_steps=2, block_size=16))
+        data = encoded(make_tiny("llama"))
+        model = make_tiny("llama")
+        out = train(model, TOK, build_method(cfg), data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
+                    progress=False, live_counting=live)
+        totals.append({k: out["totals"][k] for k in ("flops_forward", "flops_backward", "flops_overhead")})
+    assert totals[0] == totals[1]

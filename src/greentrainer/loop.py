@@ -95,6 +95,8 @@ class TrainContext:
     log: object = print
     accelerator: object = None      # owns processes and devices; methods use the helpers below, never it
     scaler: object = None           # torch.amp.GradScaler under 16-mixed
+    count_cache: dict = dataclasses.field(default_factory=dict)  # (kind, step_key) -> FLOPs counted once
+    live_counting: bool = False     # count every step (no cache); tests compare the two
     _probe_rng: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))
 
     @property
@@ -130,12 +132,22 @@ class TrainContext:
         return spent, self.reduce_sum(float(self.flops_reference))
 
     @contextlib.contextmanager
-    def count(self, kind: str):
-        """Count the FLOPs executed inside the block under ``kind`` (forward/backward/overhead)."""
+    def count(self, kind: str, key=None):
+        """Count the FLOPs executed inside the block under ``kind`` (forward/backward/overhead).
+
+        With a ``key`` (what decides the work: batch shape and trainable set, see :func:`step_key`), the
+        block is counted the first time that key is seen and the count is reused afterwards, so the
+        per-operation counting costs nothing in the hot loop (dense models: FLOPs depend on shapes only)."""
+        if key is not None and (kind, key) in self.count_cache:
+            yield None
+            self.flops[kind] = self.flops.get(kind, 0) + self.count_cache[(kind, key)]
+            return
         counter = FlopCounter()
         with counter:
             yield counter
         self.flops[kind] = self.flops.get(kind, 0) + counter.total
+        if key is not None:
+            self.count_cache[(kind, key)] = counter.total
 
     def collate(self, items):
         return {k: v.to(self.device) for k, v in
@@ -222,6 +234,12 @@ def sync_gradients(params, reduce_sum, bucket_bytes: int = 32 * 2**20) -> None:
                     q.grad.copy_(flat[offset: offset + n].view_as(q.grad))
                     offset += n
                 bucket, size = [], 0
+
+
+def step_key(model, batch: dict) -> tuple:
+    """What a step's FLOPs depend on: the batch's tensor shapes and which parameters train."""
+    shapes = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor))
+    return shapes, tuple(id(p) for p in model.parameters() if p.requires_grad)
 
 
 def target_tokens(batch: dict, seq2seq: bool) -> int:
@@ -335,7 +353,8 @@ def build_accelerator(device):
 
 
 def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,
-          on_epoch_end=None, accelerator=None, resume: dict | None = None, on_checkpoint=None) -> dict:
+          on_epoch_end=None, accelerator=None, resume: dict | None = None, on_checkpoint=None,
+          live_counting: bool = False) -> dict:
     """Train ``model`` with ``method``; returns per-epoch history and totals (FLOPs, time, memory), the
     FLOPs summed over processes. ``on_checkpoint(state)`` receives a :func:`training_state` every
     ``cfg.save_every`` optimizer steps (default: at the end of each epoch but the last); ``resume`` is such a
@@ -351,7 +370,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     main = acc.is_main_process
     ctx = TrainContext(model=model, tokenizer=tokenizer, cfg=cfg, device=device, train_data=train_data,
                        profile=profile, meta_model=meta_model, seq2seq=seq2seq, log=log if main else _silent,
-                       accelerator=acc)
+                       accelerator=acc, live_counting=live_counting)
     ctx._probe_rng = random.Random(cfg.seed + 1)  # the same on every process: probes split one global batch
     generator = torch.Generator().manual_seed(cfg.seed)
     world, accum = acc.num_processes, ctx.micro_batches_per_step
@@ -410,13 +429,14 @@ def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
     total = max(int(ctx.reduce_sum(sum(local))), 1)
     loss_sum = 0.0
     for batch, n in zip(batches, local):
-        with ctx.count("forward"), ctx.autocast():
+        key = None if ctx.live_counting else step_key(model, batch)
+        with ctx.count("forward", key), ctx.autocast():
             loss = model(**batch).loss
         if not loss.requires_grad:
             raise RuntimeError("no tensor is trainable in this step (everything is frozen)")
         check_finite_loss(loss, ctx)
         weighted = loss * (n / total)
-        with ctx.count("backward"):
+        with ctx.count("backward", key):
             (ctx.scaler.scale(weighted) if ctx.scaler is not None else weighted).backward()
         loss_sum += loss.item() * n
     ctx.sync_gradients()

@@ -221,3 +221,16 @@ def test_plain_flop_counter_mode_counts_cpu_sdpa():
 
 def test_bloom_has_no_sdpa():
     assert not supports_sdpa(tiny_config("bloom")) and supports_sdpa(tiny_config("llama"))
+
+
+def test_a_full_run_with_fused_attention_measures_exactly_the_full_reference(tmp_path, tiny_model_dir, jsonl,
+                                                                              small_rows):
+    """--attn-implementation sdpa (the default): measured full fine-tuning equals its meta-device reference."""
+    import json
+    from greentrainer.cli import main
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_model_dir, "--dataset", jsonl(small_rows), "--output-dir", str(out),
+                 "--epochs", "1", "--no-progress", "--no-eval", "--method", "full"]) == 0
+    t = json.loads((out / "metrics.json").read_text())["totals"]
+    assert json.loads((out / "train_config.json").read_text())["attn_implementation"] == "sdpa"
+    assert t["flops_total"] == t["flops_full_ft_reference"]

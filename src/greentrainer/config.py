@@ -163,6 +163,7 @@ class TrainConfig:
     precision: str = "32-true"        # 32-true, bf16-mixed, bf16-true (bf16 weights) or 16-mixed (GradScaler)
     grad_accum: int = 1               # micro-batches per optimizer step and process
     save_every: int | None = None     # checkpoint every N optimizer steps (default: at the end of each epoch)
+    attn_implementation: str = "sdpa"  # fused attention (counted exactly), or eager
     num_beams: int = 4
     max_new_tokens: int | None = None
     eval_batch_size: int = 4
@@ -175,6 +176,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise UsageError(f"--attn-implementation must be sdpa or eager, got {self.attn_implementation!r}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.bf16 and self.precision not in ("32-true", "bf16-mixed"):

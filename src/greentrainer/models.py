@@ -140,8 +140,9 @@ def is_seq2seq(model_or_config) -> bool:
     return bool(getattr(cfg, "is_encoder_decoder", False))
 
 
-def load_model(name: str, dtype=torch.float32):
-    """Load (model, tokenizer) in float32 with eager attention, so every attention FLOP is counted."""
+def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"):
+    """Load (model, tokenizer) in float32; fused (SDPA) attention where transformers has it for the model,
+    else eager. Both are counted exactly (greentrainer.flops registers the fused kernels' FLOPs)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     _check_name(name)
     if name in _PACKAGED:
@@ -164,16 +165,22 @@ def load_model(name: str, dtype=torch.float32):
             except OSError:
                 folder = None
             if folder is None:
-                model.config._attn_implementation = "eager"
+                model.config._attn_implementation = _attention(model.config, attn_implementation)
                 return _finish(model.to(dtype), tok)
         name = str(folder)
     cfg = _from_hub(AutoConfig.from_pretrained, name)
     cls = AutoModelForSeq2SeqLM if is_seq2seq(cfg) else AutoModelForCausalLM
-    model, info = _from_hub(cls.from_pretrained, name, dtype=dtype, attn_implementation="eager",
+    model, info = _from_hub(cls.from_pretrained, name, dtype=dtype,
+                            attn_implementation=_attention(cfg, attn_implementation),
                             output_loading_info=True)
     check_loading_info(name, info)
     tok = _from_hub(AutoTokenizer.from_pretrained, name)
     return _finish(model, tok)
+
+
+def _attention(cfg, wanted: str) -> str:
+    from .flops import supports_sdpa
+    return "eager" if wanted == "sdpa" and not supports_sdpa(cfg) else wanted
 
 
 def check_loading_info(name: str, info: dict) -> None:

@@ -101,7 +101,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, cfg.seed, cfg.eval_dataset)
     check_input_length(load_config(cfg.model), cfg.max_input_length)  # fails fast, before the weights load
     log(f"loading model {cfg.model} ...")
-    model, tok = load_model(cfg.model)
+    model, tok = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
     seq2seq = is_seq2seq(model)
     train_enc = encode_all(train_ex, tok, spec.task, seq2seq, cfg.max_input_length)
     val_enc = encode_all(val_ex, tok, spec.task, seq2seq, cfg.max_input_length)

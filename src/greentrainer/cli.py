@@ -78,6 +78,8 @@ def _add_train_args(p):
                    help="continue an interrupted run from its checkpoint/, with its saved config")
     p.add_argument("--attn-implementation", default=d.attn_implementation, choices=("sdpa", "eager"),
                    help="sdpa: fused attention where the model has it (its FLOPs are counted exactly); eager")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute activations in the backward (less memory; the recompute is counted and budgeted)")
     p.add_argument("--grad-accum", type=INT, default=d.grad_accum,
                    help="micro-batches per optimizer step (effective batch = batch size × processes × this)")
     p.add_argument("--num-beams", type=INT, default=d.num_beams)
@@ -115,7 +117,8 @@ def config_from_args(a) -> TrainConfig:
         epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
         warmup_steps=a.warmup_steps, max_input_length=a.max_input_length, max_train=a.max_train,
         max_eval=a.max_eval, seed=a.seed, device=a.device, bf16=a.bf16, precision=a.precision,
-        grad_accum=a.grad_accum, save_every=a.save_every, attn_implementation=a.attn_implementation, num_beams=a.num_beams,
+        grad_accum=a.grad_accum, save_every=a.save_every, attn_implementation=a.attn_implementation,
+        gradient_checkpointing=a.gradient_checkpointing, num_beams=a.num_beams,
         max_new_tokens=a.max_new_tokens, eval_batch_size=a.eval_batch_size, do_eval=not a.no_eval,
         eval_before=a.eval_before,
         greentrainer=GreenTrainerConfig(rho=a.rho, rho_schedule=a.rho_schedule, select_every=a.select_every,

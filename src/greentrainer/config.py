@@ -164,6 +164,7 @@ class TrainConfig:
     grad_accum: int = 1               # micro-batches per optimizer step and process
     save_every: int | None = None     # checkpoint every N optimizer steps (default: at the end of each epoch)
     attn_implementation: str = "sdpa"  # fused attention (counted exactly), or eager
+    gradient_checkpointing: bool = False  # recompute blocks in the backward (counted; the budget includes it)
     num_beams: int = 4
     max_new_tokens: int | None = None
     eval_batch_size: int = 4

@@ -506,3 +506,50 @@ def full_step_flops(meta_model, batch: dict) -> int:
     seq2seq = getattr(meta_model.config, "is_encoder_decoder", False)
     return measure_step_flops(meta_model, [n for n, _ in unique_named_parameters(meta_model)],
                               ids.shape[0], ids.shape[1], labels.shape[1] if seq2seq else None)
+
+
+# ---------------------------------------------------------------- activation (gradient) checkpointing
+
+def checkpointed_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """The repeated blocks transformers checkpoints (``GradientCheckpointingLayer``), in forward order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def layer_forward_flops(meta_model, batch_size: int, seq_len: int, target_len: int | None = None) -> dict:
+    """Forward FLOPs of each checkpointed block (what its recompute costs in the backward), on the meta device."""
+    layers = checkpointed_layers(meta_model)
+    counts, hooks = {}, []
+    for name, module in layers:
+        def pre(mod, args, _n=name):
+            mod._gt_counter = FlopCounter()
+            mod._gt_counter.__enter__()
+
+        def post(mod, args, out, _n=name):
+            mod._gt_counter.__exit__(None, None, None)
+            counts[_n] = counts.get(_n, 0) + mod._gt_counter.total
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    try:
+        batch = dummy_batch(meta_model, batch_size, seq_len, target_len)
+        with torch.no_grad(), meta_safe(meta_model):
+            meta_model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def with_recompute(profile: TensorFlopsProfile, meta_model, layer_flops: dict) -> TensorFlopsProfile:
+    """The profile under activation checkpointing: a block is recomputed in the backward whenever the
+    backward reaches it, i.e. whenever the deepest selected tensor is its first tensor in backward order or
+    lies below, so its forward FLOPs join that tensor's ``t_dy``; full fine-tuning recomputes every block."""
+    import copy
+    prof = copy.deepcopy(profile)
+    index = {n: i for i, n in enumerate(prof.names)}
+    for layer, flops in layer_flops.items():
+        own = [index[n] for n, _ in unique_named_parameters(meta_model) if n.startswith(layer + ".") and n in index]
+        if own:
+            prof.tensors[min(own)].t_dy += flops
+    prof.t_full += sum(layer_flops.values())
+    prof.__dict__.pop("single_costs", None)  # cached on the copied profile
+    return prof

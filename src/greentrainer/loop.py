@@ -27,7 +27,8 @@ from .data import collate
 from .errors import NonFiniteError, RunFailed, UsageError
 from .interrupts import critical
 
-from .flops import FlopCounter, full_step_flops, meta_model_from_config, profile_config
+from .flops import (FlopCounter, full_step_flops, layer_forward_flops, meta_model_from_config, profile_config,
+                    with_recompute)
 
 
 class PeakMemory:
@@ -337,6 +338,38 @@ def check_finite_grads(optimizer, ctx) -> None:
                              f"the learning rate ({ctx.cfg.lr:g}) may be too high")
 
 
+def run_profile(config, shape, cfg):
+    """The per-tensor FLOPs profile a run budgets with: at its typical batch shape, and with each block's
+    recompute where ``--gradient-checkpointing`` is on."""
+    profile = profile_config(config, *shape)
+    if getattr(cfg, "gradient_checkpointing", False):
+        meta = meta_model_from_config(config)
+        profile = with_recompute(profile, meta, layer_forward_flops(meta, *shape))
+    return profile
+
+
+def reference_step_flops(meta_model, batch: dict, gradient_checkpointing: bool) -> int:
+    """What full fine-tuning spends on this batch (with the same activation checkpointing)."""
+    flops = full_step_flops(meta_model, batch)
+    if gradient_checkpointing:
+        ids, labels = batch["input_ids"], batch["labels"]
+        target = labels.shape[1] if getattr(meta_model.config, "is_encoder_decoder", False) else None
+        flops += sum(layer_forward_flops(meta_model, ids.shape[0], ids.shape[1], target).values())
+    return flops
+
+
+def enable_checkpointing(model) -> None:
+    """Activation checkpointing (non-reentrant) that keeps the backward as short as the trainable set:
+    transformers makes the embedding output require grad when it enables checkpointing, which would
+    run every backward to the bottom; non-reentrant checkpointing does not need it, so it is turned off."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # early_stop=False: a block reached by the backward is recomputed whole, so its cost is known in advance
+    # (stopping early saves a little in the deepest block, by an amount that depends on what trains there)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "early_stop": False})
+    base.disable_input_require_grads()
+    base.config.use_cache = False
+
+
 def build_accelerator(device):
     """The run's ``Accelerator``: processes (torchrun / accelerate launch: gloo on CPU, nccl on GPU) and the
     device of this process. Precision is applied by :func:`autocast_for` and the loop (not accelerate's
@@ -365,7 +398,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     meta_model = meta_model_from_config(model.config)
     shape = typical_shape(train_data, cfg.batch_size, seq2seq)
-    profile = profile_config(model.config, *shape)
+    profile = run_profile(model.config, shape, cfg)
     model.to(device)
     main = acc.is_main_process
     ctx = TrainContext(model=model, tokenizer=tokenizer, cfg=cfg, device=device, train_data=train_data,
@@ -379,6 +412,8 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     model = method.prepare(model, ctx)
     if precision_of(cfg) == "bf16-true":
         model.to(torch.bfloat16)
+    if getattr(cfg, "gradient_checkpointing", False):
+        enable_checkpointing(model)
     ctx.model = model
     model.to(device)
     model.train()
@@ -500,7 +535,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 for batch in batches:
                     key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
                     if key not in ref_cache:
-                        ref_cache[key] = full_step_flops(ctx.meta_model, batch)
+                        ref_cache[key] = reference_step_flops(ctx.meta_model, batch,
+                                                              getattr(cfg, "gradient_checkpointing", False))
                     ctx.flops_reference += ref_cache[key]
                 ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
                 ep.steps_done = i + 1

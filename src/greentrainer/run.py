@@ -113,10 +113,9 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     device, main = acc.device, acc.is_main_process
     if not main:
         log = _silent
-    from .flops import profile_config
-    from .loop import typical_shape
+    from .loop import run_profile, typical_shape
     steps_per_epoch = -(-len(train_enc) // (cfg.batch_size * acc.num_processes * cfg.grad_accum))
-    method.check(model, profile_config(model.config, *typical_shape(train_enc, cfg.batch_size, seq2seq)),
+    method.check(model, run_profile(model.config, typical_shape(train_enc, cfg.batch_size, seq2seq), cfg),
                  steps_per_epoch, steps_per_epoch * cfg.epochs, cfg.grad_accum)
     out = Path(out_dir)
     resume = _load_checkpoint(out) if resume_dir is not None else None

@@ -233,6 +233,9 @@ def cases(env: Env) -> list[dict]:
     add("options", "option of another method (--rho with lora): warned, run goes on",
         e.train("--method", "lora", "--rho", "0.5", "--no-eval"), code=0, kind="warn", needle="ignored")
     add("options", "no subcommand", [], needle=None, kind="help")
+    add("options", "--gradient-checkpointing with --method prefix", e.train("--method", "prefix",
+                                                                           "--gradient-checkpointing"),
+        needle="prefix")
     add("options", "--bf16 with --precision 16-mixed", e.train("--bf16", "--precision", "16-mixed"),
         needle="contradict")
     add("resume", "--resume a folder that is not a run folder", ["train", "--resume", str(e.user)],

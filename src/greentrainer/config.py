@@ -179,6 +179,9 @@ class TrainConfig:
             raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise UsageError(f"--attn-implementation must be sdpa or eager, got {self.attn_implementation!r}")
+        if self.gradient_checkpointing and self.method == "prefix":
+            raise UsageError("--gradient-checkpointing does not work with --method prefix (peft's prefix caches "
+                             "do not survive the recompute); drop one of them")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.bf16 and self.precision not in ("32-true", "bf16-mixed"):

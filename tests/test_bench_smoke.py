@@ -63,3 +63,13 @@ def test_smt_memory_bench_quick(tmp_path):
     assert all(b["smt_saved_MB"] <= a["smt_saved_MB"] for a, b in pairs)  # sharing never saves more
     dense = [b for a, b in pairs if b["targets"] == "q,k,v" and b["params_%"] == 10]
     assert dense and dense[0]["smt_saved_ratio"] > 2  # (2 layers: every q/k/v block is chosen, ratio 3)
+
+
+def test_counting_bench_quick(tmp_path):
+    rows = {r["counting"]: r for r in run("counting.py", tmp_path)}
+    assert set(rows) == {"none", "live", "cached"} and all(r["median_step_s"] > 0 for r in rows.values())
+
+
+def test_bad_inputs_bench_quick(tmp_path):
+    rows = run("bad_inputs.py", tmp_path)
+    assert rows and all(r["ok"] for r in rows)

@@ -68,3 +68,8 @@ def test_smt_memory_bench_quick(tmp_path):
 def test_counting_bench_quick(tmp_path):
     rows = {r["counting"]: r for r in run("counting.py", tmp_path)}
     assert set(rows) == {"none", "live", "cached"} and all(r["median_step_s"] > 0 for r in rows.values())
+
+
+def test_attention_bench_quick(tmp_path):
+    rows = run("attention.py", tmp_path)
+    assert rows and all(r["flops_equal"] for r in rows)

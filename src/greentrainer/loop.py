@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import collate
-from .errors import NonFiniteError, RunFailed, UsageError
+from .errors import NonFiniteError, UsageError
 from .interrupts import critical
 
 from .flops import (FlopCounter, full_step_flops, layer_forward_flops, meta_model_from_config, profile_config,
@@ -107,7 +107,7 @@ class TrainContext:
     @property
     def micro_batches_per_step(self) -> int:
         """Micro-batches each process runs per optimizer step (the gradient accumulation steps)."""
-        return int(getattr(self.cfg, "grad_accum", 1) or 1)
+        return self.cfg.grad_accum
 
     def reduce_sum(self, value):
         """Sum of a number or tensor over processes (the value itself with one process)."""
@@ -198,8 +198,7 @@ class TrainContext:
 
 def precision_of(cfg) -> str:
     """The run's precision; ``bf16=True`` (the older flag) means bf16-mixed."""
-    p = getattr(cfg, "precision", None) or "32-true"
-    return "bf16-mixed" if p == "32-true" and getattr(cfg, "bf16", False) else p
+    return "bf16-mixed" if cfg.precision == "32-true" and cfg.bf16 else cfg.precision
 
 
 def autocast_for(cfg, device):
@@ -342,7 +341,7 @@ def run_profile(config, shape, cfg):
     """The per-tensor FLOPs profile a run budgets with: at its typical batch shape, and with each block's
     recompute where ``--gradient-checkpointing`` is on."""
     profile = profile_config(config, *shape)
-    if getattr(cfg, "gradient_checkpointing", False):
+    if cfg.gradient_checkpointing:
         meta = meta_model_from_config(config)
         profile = with_recompute(profile, meta, layer_forward_flops(meta, *shape))
     return profile
@@ -365,7 +364,11 @@ def enable_checkpointing(model) -> None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # early_stop=False: a block reached by the backward is recomputed whole, so its cost is known in advance
     # (stopping early saves a little in the deepest block, by an amount that depends on what trains there)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "early_stop": False})
+    kwargs = {"use_reentrant": False, "early_stop": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5 (the older name is deprecated)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     base.disable_input_require_grads()
     base.config.use_cache = False
 
@@ -385,9 +388,18 @@ def build_accelerator(device):
     return acc
 
 
+@dataclasses.dataclass
+class RunHandle:
+    """What the caller of :func:`train` can see while it runs: the model being trained (the method may have
+    wrapped it) and the optimizer steps completed, so an interrupted or failed run can save its weights."""
+
+    model: torch.nn.Module | None = None
+    global_step: int = 0
+
+
 def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,
           on_epoch_end=None, accelerator=None, resume: dict | None = None, on_checkpoint=None,
-          live_counting: bool = False) -> dict:
+          live_counting: bool = False, handle: RunHandle | None = None) -> dict:
     """Train ``model`` with ``method``; returns per-epoch history and totals (FLOPs, time, memory), the
     FLOPs summed over processes. ``on_checkpoint(state)`` receives a :func:`training_state` every
     ``cfg.save_every`` optimizer steps (default: at the end of each epoch but the last); ``resume`` is such a
@@ -412,9 +424,11 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     model = method.prepare(model, ctx)
     if precision_of(cfg) == "bf16-true":
         model.to(torch.bfloat16)
-    if getattr(cfg, "gradient_checkpointing", False):
+    if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     ctx.model = model
+    if handle is not None:
+        handle.model = model
     model.to(device)
     model.train()
     from transformers import get_linear_schedule_with_warmup
@@ -432,12 +446,8 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     if start is not None:
         ctx.log(f"resuming at optimizer step {ctx.global_step} (epoch {start.epoch + 1}, step "
                 f"{start.steps_done + 1} of the epoch)")
-    try:
-        _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end, start,
-                on_checkpoint)
-    except (KeyboardInterrupt, RunFailed) as e:  # the caller saves the weights of the last completed step
-        e.model, e.step = ctx.model, ctx.global_step
-        raise
+    _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end, start,
+            on_checkpoint, handle)
     totals = {k: sum(h[k] for h in history) for k in
               ("flops_forward", "flops_backward", "flops_overhead", "flops_total", "flops_full_ft_reference",
                "time_s")}
@@ -506,9 +516,9 @@ class EpochProgress:
 
 
 def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end,
-            resume: EpochProgress | None = None, on_checkpoint=None):
+            resume: EpochProgress | None = None, on_checkpoint=None, handle: RunHandle | None = None):
     acc = ctx.accelerator
-    save_every = getattr(cfg, "save_every", None)
+    save_every = cfg.save_every
     for epoch in range(resume.epoch if resume else 0, cfg.epochs):
         ctx.epoch = epoch
         if resume is not None and resume.epoch == epoch:
@@ -531,12 +541,13 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 batches = [ctx.collate([ctx.train_data[j] for j in idx]) for idx in micro if idx]
                 method.on_step_start(ctx)
                 loss_sum, n_tokens = _optimizer_step(ctx, method, batches)
+                if handle is not None:
+                    handle.global_step = ctx.global_step
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
                 for batch in batches:
                     key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
                     if key not in ref_cache:
-                        ref_cache[key] = reference_step_flops(ctx.meta_model, batch,
-                                                              getattr(cfg, "gradient_checkpointing", False))
+                        ref_cache[key] = reference_step_flops(ctx.meta_model, batch, cfg.gradient_checkpointing)
                     ctx.flops_reference += ref_cache[key]
                 ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
                 ep.steps_done = i + 1

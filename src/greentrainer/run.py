@@ -157,9 +157,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         except OSError as e:
             warn(f"could not record status {status!r} in {out / 'metrics.json'}: {e.strerror or e}")
 
-    def trained_model(e):  # the model as the loop left it (after the last completed step)
-        m = getattr(e, "model", None)
-        return method.finalize(m) if m is not None else None
+    from .loop import RunHandle
+    handle = RunHandle()  # the model as the loop left it (after its last completed step)
 
     from .evaluate import evaluate
     try:
@@ -181,7 +180,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
                 _write_checkpoint(out, state)
 
         result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress and main, epoch_done,
-                       accelerator=acc, resume=resume, on_checkpoint=checkpoint)
+                       accelerator=acc, resume=resume, on_checkpoint=checkpoint, handle=handle)
         model = method.finalize(result["model"])
         metrics.update({"history": result["history"], "totals": result["totals"],
                         "profile_shape": result["profile_shape"]})
@@ -189,9 +188,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
             return metrics
         _save_model(method, model, tok, out)  # before the evaluation, which can fail or be interrupted
         saved = True
-        extra = getattr(method, "write_artifacts", None)
-        if extra is not None:
-            extra(out)
+        method.write_artifacts(out)
         write(out / "metrics.json", metrics)
         if cfg.do_eval:
             log(f"evaluating on {len(test_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
@@ -203,19 +200,19 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
             log("after: " + _fmt(m))
     except KeyboardInterrupt as e:
         what = "terminated" if type(e).__name__ == "Terminated" else "interrupted"
-        if main and not saved and getattr(e, "model", None) is not None:
-            log(f"{what}: saving the model as it is after step {getattr(e, 'step', '?')}")
+        if main and not saved and handle.model is not None:
+            log(f"{what}: saving the model as it is after step {handle.global_step}")
             try:
-                _save_model(method, trained_model(e), tok, out)
+                _save_model(method, method.finalize(handle.model), tok, out)
                 saved = True
             except (OSError, RunFailed) as err:
                 warn(f"could not save the model: {_one_line(err)}")
         finish("interrupted", f"{what} by the user or a scheduler")
         raise
     except RunFailed as e:
-        if main and not saved and getattr(e, "model", None) is not None:
+        if main and not saved and handle.model is not None:
             try:  # the weights of the last step whose loss and gradients were finite
-                _save_model(method, trained_model(e), tok, out)
+                _save_model(method, method.finalize(handle.model), tok, out)
                 saved = True
             except (OSError, RunFailed) as err:
                 warn(f"could not save the last good weights: {_one_line(err)}")

@@ -50,6 +50,9 @@ class Method:
         """Return the model to save (e.g. merge sparse blocks back)."""
         return model
 
+    def write_artifacts(self, out_dir) -> None:
+        """Method-specific files for the run folder (e.g. GreenTrainer's selections and heatmap)."""
+
     def save(self, model, tokenizer, path) -> None:
         model.save_pretrained(path, safe_serialization=True)
         tokenizer.save_pretrained(path)

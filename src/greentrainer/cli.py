@@ -40,7 +40,8 @@ FLOAT, INT = _number(float), _number(int)
 
 # Options that only one method reads: given with another method they are ignored (warned once).
 METHOD_OPTIONS = {
-    "greentrainer": ("rho", "rho_schedule", "select_every", "select_once", "importance", "selector_resolution"),
+    "greentrainer": ("rho", "rho_schedule", "select_every", "select_once", "importance", "selector_resolution",
+                     "deselected_state"),
     "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "dora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
     "prefix": ("prefix_tokens", "prefix_init"),
@@ -94,6 +95,9 @@ def _add_train_args(p):
     gt.add_argument("--select-every", type=INT, default=None, help="re-select every K steps (default: every epoch)")
     gt.add_argument("--select-once", action="store_true")
     gt.add_argument("--importance", default=g.importance, choices=("dw_grad", "dw", "grad"))
+    gt.add_argument("--deselected-state", default=g.deselected_state, choices=("drop", "cpu", "keep"),
+                    help="optimizer state of tensors that leave the selection: drop it (a re-selected tensor "
+                         "starts afresh; frees memory), keep a host copy (cpu), or keep it in place")
     gt.add_argument("--selector-resolution", type=INT, default=None, help="coarse DP resolution (paper Table 7)")
     pg = p.add_argument_group("lora / dora / prefix")
     pg.add_argument("--lora-r", type=INT, default=pe.lora_r)
@@ -123,7 +127,8 @@ def config_from_args(a) -> TrainConfig:
         eval_before=a.eval_before,
         greentrainer=GreenTrainerConfig(rho=a.rho, rho_schedule=a.rho_schedule, select_every=a.select_every,
                                         select_once=a.select_once, importance=a.importance,
-                                        resolution=a.selector_resolution),
+                                        resolution=a.selector_resolution,
+                                        deselected_state=a.deselected_state),
         peft=PeftMethodConfig(lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
                               lora_targets=a.lora_targets, prefix_tokens=a.prefix_tokens,
                               prefix_init=a.prefix_init),

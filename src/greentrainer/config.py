@@ -33,6 +33,7 @@ class GreenTrainerConfig:
     select_once: bool = False        # select once at the start and keep it
     importance: str = "dw_grad"      # paper Table 4: dw_grad (-Σ Δw·g), dw (Σ|Δw|), grad (Σ g²)
     resolution: int | None = None    # coarse selector (paper Table 7); None = exact
+    deselected_state: str = "drop"   # optimizer state of a deselected tensor: drop (frees it), cpu (host copy), keep
 
     def validate(self) -> None:
         check_finite(rho=self.rho)
@@ -42,6 +43,8 @@ class GreenTrainerConfig:
             raise UsageError(f"--rho must be in (0, 1], got {self.rho}")
         if self.select_every is not None and self.select_every <= 0:
             raise UsageError(f"--select-every must be a positive number of steps, got {self.select_every}")
+        if self.deselected_state not in ("drop", "cpu", "keep"):
+            raise UsageError(f"--deselected-state must be drop, cpu or keep, got {self.deselected_state!r}")
         if self.importance not in IMPORTANCE_METRICS:
             raise UsageError(f"--importance must be one of {', '.join(IMPORTANCE_METRICS)}, got {self.importance!r}")
         if self.resolution is not None and self.resolution < 2:

@@ -65,16 +65,6 @@ def _set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _to_cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # probed in float32: their Δw would mostly round to 0
 
 
@@ -108,7 +98,11 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
     flags = {id(p): p.requires_grad for p in model.parameters()}
     snapshot = [p.detach().to("cpu", copy=True) for p in probe]
     low = {id(p): p.data for p in probe if p.dtype in LOW_PRECISION}  # the original tensors, never written
-    opt_state = _to_cpu(optimizer.state_dict())
+    # only the probed tensors' optimizer state can change (the others get no gradient): keep a host copy of it
+    saved_state = {id(p): {k: (v.device, v.detach().to("cpu", copy=True)) if isinstance(v, torch.Tensor)
+                           else (None, copy.deepcopy(v)) for k, v in optimizer.state[p].items()}
+                   for p in probe if p in optimizer.state}
+    saved_lrs = [g["lr"] for g in optimizer.param_groups]
     sched_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
     rng = _rng_state()
     old_grads = {id(p): p.grad for p in model.parameters()}
@@ -125,7 +119,7 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
             loss_finite = loss_finite and bool(torch.isfinite(loss.detach()).all())
         if reduce_grads is not None:
             reduce_grads([p for p in probe if p.requires_grad])
-        grads = [p.grad.detach().clone() if p.grad is not None else None for p in probe]
+        grads = [p.grad.detach() if p.grad is not None else None for p in probe]  # AdamW leaves .grad as is
         for group in optimizer.param_groups:  # a measurement: a warm-up's current lr (0 at first) would
             group["lr"] = _base_lr(group)    # make every Δw 0 and the selection arbitrary
         for p in probe:
@@ -148,7 +142,14 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
                     p.data = low[id(p)]  # bit for bit: the step wrote to a float32 copy
                 else:
                     p.copy_(s.to(p.device))
-        optimizer.load_state_dict(opt_state)  # moments, step counts and learning rates
+        for p in probe:  # moments and step counts as they were (fresh state made by the probe is dropped)
+            if id(p) in saved_state:
+                optimizer.state[p] = {k: v.to(dev) if dev is not None else v
+                                      for k, (dev, v) in saved_state[id(p)].items()}
+            else:
+                optimizer.state.pop(p, None)
+        for g, lr in zip(optimizer.param_groups, saved_lrs):
+            g["lr"] = lr
         if scheduler is not None:
             scheduler.load_state_dict(sched_state)
         _set_rng_state(rng)

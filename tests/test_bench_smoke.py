@@ -73,3 +73,8 @@ def test_counting_bench_quick(tmp_path):
 def test_attention_bench_quick(tmp_path):
     rows = run("attention.py", tmp_path)
     assert rows and all(r["flops_equal"] for r in rows)
+
+
+def test_memory_bench_quick(tmp_path):
+    rows = run("memory.py", tmp_path)
+    assert rows and all(r["peak_MB"] > 0 for r in rows)

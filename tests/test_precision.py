@@ -17,7 +17,7 @@ DATA = encode_all([Example(source=f"the quick brown fox {i} jumps over the lazy 
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true", "16-mixed"])
-@pytest.mark.parametrize("method", ["full", "greentrainer", "top2", "lora", "smt"])
+@pytest.mark.parametrize("method", ["full", "greentrainer", "top2", "lora", "dora", "prefix", "smt"])
 def test_every_method_trains_under_every_precision(method, precision):
     model = make_tiny("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -31,7 +31,9 @@ def test_every_method_trains_under_every_precision(method, precision):
     params = dict(trained.named_parameters())
     if precision == "bf16-true":  # bf16 weights: half the memory
         assert all(p.dtype == torch.bfloat16 for p in params.values())
-    if method == "lora":  # peft starts lora_B at zero: trained adapters are non-zero
+    if method == "prefix":  # the prefix starts from the data; it trains and stays finite
+        assert any("prompt_encoder" in n for n in params) and out["totals"]["trainable_params"] > 0
+    elif method in ("lora", "dora"):  # peft starts lora_B at zero: trained adapters are non-zero
         assert any("lora_B" in n and p.float().abs().sum() > 0 for n, p in params.items()), "nothing trained"
     else:
         changed = [n for n, p in params.items() if n in before and not torch.equal(p.float(), before[n].float())]

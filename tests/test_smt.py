@@ -74,11 +74,13 @@ def test_smt_trains_only_selected_blocks_and_saves_a_plain_model(tmp_path):
     cfg = TrainConfig(method="smt", epochs=2, lr=1e-3, smt=SMTConfig(warmup_steps=2, params_percent=1.0,
                                                                     block_size=16, targets="q,k,v"))
     method = SMTMethod(cfg.smt)
+    from greentrainer.loop import RunHandle
+    handle = RunHandle()
     out = train(model, tok, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
-                progress=False)
+                progress=False, handle=handle)
     rep = out["history"][0]["smt"]
     assert rep["selected_params"] <= rep["budget_params"] and rep["n_blocks"] >= 1
-    state_numel = sum(v.numel() for s in method.optimizer.state.values() for v in s.values()
+    state_numel = sum(v.numel() for s in handle.optimizer.state.values() for v in s.values()
                       if torch.is_tensor(v) and v.dim() > 0)
     assert state_numel == 2 * rep["selected_params"]  # Adam moments over the selected blocks only
     model = method.finalize(out["model"])

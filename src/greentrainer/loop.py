@@ -395,6 +395,7 @@ class RunHandle:
 
     model: torch.nn.Module | None = None
     global_step: int = 0
+    optimizer: torch.optim.Optimizer | None = None  # the one in use (a method may have rebuilt it)
 
 
 def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,
@@ -542,7 +543,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 method.on_step_start(ctx)
                 loss_sum, n_tokens = _optimizer_step(ctx, method, batches)
                 if handle is not None:
-                    handle.global_step = ctx.global_step
+                    handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
                 for batch in batches:
                     key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))

@@ -45,3 +45,15 @@ def jsonl(tmp_path):
 def small_rows():
     return [{"source": f"the cat number {i} sat on the mat and looked at the dog", "target": f"cat {i} sat"}
             for i in range(20)]
+
+
+@pytest.fixture
+def data(jsonl, small_rows):
+    """A user JSONL of 20 small rows."""
+    return jsonl(small_rows)
+
+
+def train_args(model, data, out, *extra):
+    """`greentrainer train` arguments for a fast one-epoch full fine-tuning run on a tiny model."""
+    return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "1",
+            "--no-progress", "--num-beams", "1", "--max-new-tokens", "4", "--method", "full", *extra]

@@ -4,6 +4,8 @@ import pytest
 
 from greentrainer.cli import main
 
+from conftest import train_args
+
 
 def err(capsys, argv):
     code = main(argv)
@@ -13,14 +15,6 @@ def err(capsys, argv):
     return e
 
 
-@pytest.fixture
-def data(jsonl, small_rows):
-    return jsonl(small_rows)
-
-
-def train_args(model, data, out, *extra):
-    return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "1",
-            "--no-progress", "--num-beams", "1", "--max-new-tokens", "4", "--method", "full", *extra]
 
 
 def test_bad_input_each_gets_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir, data, jsonl):

@@ -14,15 +14,9 @@ import torch
 from greentrainer.cli import main
 from greentrainer.data import load_examples
 
-
-@pytest.fixture
-def data(jsonl, small_rows):
-    return jsonl(small_rows)
+from conftest import train_args
 
 
-def train_args(model, data, out, *extra):
-    return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "1",
-            "--no-progress", "--num-beams", "1", "--max-new-tokens", "4", "--method", "full", *extra]
 
 
 def one_line(capsys, argv, code=2):

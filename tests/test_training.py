@@ -232,3 +232,35 @@ def test_cached_step_counts_equal_live_counting(method):
                     progress=False, live_counting=live)
         totals.append({k: out["totals"][k] for k in ("flops_forward", "flops_backward", "flops_overhead")})
     assert totals[0] == totals[1]
+
+
+@pytest.mark.parametrize("setting", ["gradient_checkpointing", "gradient_accumulation"])
+def test_trainer_callback_with_checkpointing_or_accumulation(tmp_path, setting):
+    """Under the Trainer's gradient checkpointing the backward still stops at the selection (transformers'
+    input-grad hook is removed, the recompute is budgeted); under accumulation the probe steps the real
+    optimizer over the step's micro-batches (importances are not all zero) and the budget counts them."""
+    from transformers import Trainer, TrainingArguments
+    from greentrainer.callback import GreenTrainerCallback
+    from greentrainer.data import Encoded
+    model = make_tiny("llama")
+    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 64)]
+
+    def collator(items):
+        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
+
+    extra = {"gradient_checkpointing": True} if setting == "gradient_checkpointing" else \
+        {"gradient_accumulation_steps": 2}
+    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_strategy="no", disable_tqdm=True, **extra)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb]).train()
+    assert len(cb.selections) == 2 and all(s["n_selected"] > 0 for s in cb.selections)
+    assert all(any(x != 0 for x in s["importance"]) for s in cb.selections)
+    if setting == "gradient_checkpointing":
+        assert not hasattr(model, "_require_grads_hook")
+        from greentrainer.flops import profile_config
+        plain = profile_config(model.config, cb.profile.batch_size, cb.profile.seq_len)
+        assert cb.profile.t_full > plain.t_full  # the recompute is budgeted
+    else:
+        assert cb.accum == 2

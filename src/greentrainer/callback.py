@@ -44,16 +44,30 @@ class GreenTrainerCallback(TrainerCallback):
                              f"{', '.join(sorted(batch)) or 'no tensors'} (use a collator that adds labels)")
         ids, labels = batch["input_ids"], batch["labels"]
         seq2seq = getattr(model.config, "is_encoder_decoder", False)
-        self.profile = profile_config(model.config, ids.shape[0], self.seq_len or ids.shape[1],
-                                      labels.shape[1] if seq2seq else None)
+        shape = (ids.shape[0], self.seq_len or ids.shape[1], labels.shape[1] if seq2seq else None)
+        self.profile = profile_config(model.config, *shape)
+        if getattr(model, "is_gradient_checkpointing", False):
+            # the Trainer enabled it with input grads on, which runs every backward to the bottom: keep the
+            # backward as short as the selection, and budget each reached block's recompute
+            from .flops import layer_forward_flops, meta_model_from_config, with_recompute
+            from .loop import enable_checkpointing
+            enable_checkpointing(model)
+            meta = meta_model_from_config(model.config)
+            self.profile = with_recompute(self.profile, meta, layer_forward_flops(meta, *shape))
+        self.accum = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
-        check_budget(self.profile, self.rho, self.select_every or self.steps_per_epoch)
+        check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum, self.accum)
         for _, p in unique_named_parameters(model):
             p.requires_grad_(False)
 
     def _select(self, state, model, optimizer, lr_scheduler, train_dataloader):
-        chosen, rec = select_step(model, optimizer, lr_scheduler, self._batch(train_dataloader, model.device),
-                                  self.profile, self.rho, self.select_every or self.steps_per_epoch,
+        # the probe steps the optimizer itself: the Trainer's wrappers would skip that step while gradients
+        # accumulate (Δw = 0) or hand it to a gradient scaler (fp16)
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum)]
+        chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
+                                  self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
                                   self.importance, previous=self.current, log=self.log)
         rec["step"] = state.global_step
         self.current = chosen

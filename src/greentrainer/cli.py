@@ -6,7 +6,8 @@ import json
 import math
 import sys
 
-from .config import GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig, METHODS, PRECISIONS
+from .config import (GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig, METHODS, PRECISIONS,
+                     config_from_options, option_names)
 from .errors import RunFailed, UsageError, warn
 
 DEMO = ["--max-train", "32", "--max-eval", "12", "--epochs", "2", "--max-input-length", "320",
@@ -51,6 +52,9 @@ METHOD_OPTIONS = {
 
 def _add_train_args(p):
     d = TrainConfig()
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="options from a YAML file (rho: 0.5, method: lora, ...); the command line overrides it; "
+                        "every run folder's train_config.yaml re-runs that run")
     g, pe, s = GreenTrainerConfig(), PeftMethodConfig(), SMTConfig()
     p.add_argument("--model", default=d.model, help="smollm2-135m (packaged), a local HF folder, or a hub name")
     p.add_argument("--dataset", default=d.dataset, help="scitldr, dialogsum, webquestions, piqa, samsum or a .jsonl file")
@@ -116,24 +120,50 @@ def _add_train_args(p):
 
 
 def config_from_args(a) -> TrainConfig:
-    return TrainConfig(
-        model=a.model, dataset=a.dataset, eval_dataset=a.eval_dataset, method=a.method, output_dir=a.output_dir, overwrite=a.overwrite,
-        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, weight_decay=a.weight_decay,
-        warmup_steps=a.warmup_steps, max_input_length=a.max_input_length, max_train=a.max_train,
-        max_eval=a.max_eval, seed=a.seed, device=a.device, bf16=a.bf16, precision=a.precision,
-        grad_accum=a.grad_accum, save_every=a.save_every, attn_implementation=a.attn_implementation,
-        gradient_checkpointing=a.gradient_checkpointing, num_beams=a.num_beams,
-        max_new_tokens=a.max_new_tokens, eval_batch_size=a.eval_batch_size, do_eval=not a.no_eval,
-        eval_before=a.eval_before,
-        greentrainer=GreenTrainerConfig(rho=a.rho, rho_schedule=a.rho_schedule, select_every=a.select_every,
-                                        select_once=a.select_once, importance=a.importance,
-                                        resolution=a.selector_resolution,
-                                        deselected_state=a.deselected_state),
-        peft=PeftMethodConfig(lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                              lora_targets=a.lora_targets, prefix_tokens=a.prefix_tokens,
-                              prefix_init=a.prefix_init),
-        smt=SMTConfig(warmup_steps=a.smt_warmup, targets=a.smt_targets, params_percent=a.smt_params,
-                      block_size=a.smt_block))
+    return config_from_options({name: getattr(a, name) for name in option_names()})
+
+
+def load_options_file(path: str, parser: argparse.ArgumentParser) -> dict:
+    """Flat options from a YAML file (keys as on the command line, without dashes: ``rho: 0.5``), checked
+    like the command line's; a run folder's train_config.yaml re-runs that run."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--config {path}: file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UsageError(f"--config {path}: not a readable YAML file ({_one_line(e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option: value")
+    actions = {a.dest: a for a in parser._actions}
+    known = set(option_names())
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UsageError(f"--config {path}: unknown option {key!r}")
+        act = actions[name]
+        if isinstance(act, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                raise UsageError(f"--config {path}: {key} must be true or false, got {value!r}")
+        elif value is not None:
+            if act.type is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                    raise UsageError(f"--config {path}: {key}: expected a number, got {value!r}")
+                try:
+                    value = act.type(str(value))
+                except argparse.ArgumentTypeError as e:
+                    raise UsageError(f"--config {path}: {key}: {e}") from None
+            elif not isinstance(value, str):
+                value = str(value)
+            if act.choices is not None and value not in act.choices:
+                raise UsageError(f"--config {path}: {key} must be one of {', '.join(map(str, act.choices))}, "
+                                 f"got {value!r}")
+        out[name] = value
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,6 +256,11 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split("\n")[0].split()) if text else type(e).__name__
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
 def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
     """``dest`` of every option written on the command line (abbreviations are off, so this is exact)."""
     sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
@@ -269,9 +304,15 @@ def _main(argv) -> int:
                                  + ", ".join("--" + o.replace("_", "-") for o in sorted(extra)))
             resume_training(a.resume, progress=not a.no_progress)
             return 0
+        given = given_options(parser, argv)
+        if a.config is not None:
+            train_parser = _subparser(parser, "train")
+            options = load_options_file(a.config, train_parser)
+            train_parser.set_defaults(**options)  # what the command line gives wins
+            a = parser.parse_args(argv)  # (only options written on the command line are warned about)
         cfg = config_from_args(a)
         cfg.validate()
-        warn_ignored(cfg.method, given_options(parser, argv))
+        warn_ignored(cfg.method, given)
         run_training(cfg, progress=not a.no_progress)
         return 0
     if a.command == "eval":

@@ -219,7 +219,7 @@ class TrainConfig:
 
 RUN_MARKER = ".greentrainer-run"
 # Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
-RUN_ENTRIES = {RUN_MARKER, "train_config.json", "metrics.json", "progress.json", "predictions.jsonl", "model",
+RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "metrics.json", "progress.json", "predictions.jsonl", "model",
                "selections.json", "selection_heatmap.png", "model.tmp", "model.old", "checkpoint",
                "checkpoint.tmp", "checkpoint.old"}
 
@@ -269,3 +269,58 @@ def prepare_output_dir(path: str, overwrite: bool) -> Path:
         raise UsageError(f"output folder {out} is not writable")
     (out / RUN_MARKER).write_text(json.dumps({"created_by": "greentrainer"}) + "\n")
     return out
+
+
+# ---------------------------------------------------------------- one flat name per option (CLI and YAML)
+
+# Options whose flat name (the command line's, without dashes) differs from their place in TrainConfig.
+_PLACES = {"no_eval": ("do_eval", True), "selector_resolution": ("greentrainer.resolution", False),
+           "smt_warmup": ("smt.warmup_steps", False), "smt_targets": ("smt.targets", False),
+           "smt_params": ("smt.params_percent", False), "smt_block": ("smt.block_size", False)}
+_SECTIONS = {"greentrainer": GreenTrainerConfig, "peft": PeftMethodConfig}
+
+
+def option_place(name: str) -> tuple[str, bool]:
+    """Where a flat option lives in TrainConfig ("section.field" or "field") and whether it is negated."""
+    if name in _PLACES:
+        return _PLACES[name]
+    for section, cls in _SECTIONS.items():
+        if name in {f.name for f in dataclasses.fields(cls)}:
+            return f"{section}.{name}", False
+    if name in {f.name for f in dataclasses.fields(TrainConfig)} and name not in ("greentrainer", "peft", "smt"):
+        return name, False
+    raise KeyError(name)
+
+
+def config_from_options(options: dict) -> TrainConfig:
+    """A TrainConfig from flat options ({"rho": 0.5, "lora_r": 8, "no_eval": True, ...})."""
+    cfg = TrainConfig()
+    for name, value in options.items():
+        place, negated = option_place(name)
+        obj, field = (getattr(cfg, place.split(".")[0]), place.split(".")[1]) if "." in place else (cfg, place)
+        setattr(obj, field, (not value) if negated else value)
+    return cfg
+
+
+def options_from_config(cfg: TrainConfig, names) -> dict:
+    """The flat options ``names`` of ``cfg`` (the inverse of :func:`config_from_options`)."""
+    out = {}
+    for name in names:
+        place, negated = option_place(name)
+        obj, field = (getattr(cfg, place.split(".")[0]), place.split(".")[1]) if "." in place else (cfg, place)
+        value = getattr(obj, field)
+        out[name] = (not value) if negated else value
+    return out
+
+
+def option_names() -> list[str]:
+    """Every flat option of a training run, in TrainConfig's order (the command line defines exactly these)."""
+    renamed = {place: name for name, (place, _) in _PLACES.items()}
+    names = []
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("greentrainer", "peft", "smt"):
+            section = {"greentrainer": GreenTrainerConfig, "peft": PeftMethodConfig, "smt": SMTConfig}[f.name]
+            names += [renamed.get(f"{f.name}.{g.name}", g.name) for g in dataclasses.fields(section)]
+        else:
+            names.append(renamed.get(f.name, f.name))
+    return names

@@ -9,9 +9,18 @@ from pathlib import Path
 from .config import TrainConfig, check_output_dir, config_from_dict, is_run_folder, prepare_output_dir
 from .data import check_no_overlap, encode_all, load_examples, resolve_dataset
 from .errors import RunFailed, UsageError, warn
-from .files import save_dir_atomic, write_json_atomic
+from .files import save_dir_atomic, write_json_atomic, write_text_atomic
 from .loop import fmt_flops
 from .models import check_input_length, is_seq2seq, load_config, load_model, pick_device
+
+
+def options_yaml(cfg: TrainConfig) -> str:
+    """The run's every option as flat YAML: ``greentrainer train --config train_config.yaml`` re-runs it."""
+    import yaml
+    from .config import option_names, options_from_config
+    opts = options_from_config(cfg, [n for n in option_names() if n != "overwrite"])
+    return "# greentrainer train --config this_file  (re-runs this run; options given on the command line win)\n" \
+        + yaml.safe_dump(opts, sort_keys=False)
 
 
 def default_output_dir(cfg: TrainConfig) -> str:
@@ -122,6 +131,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     if main and resume is None:  # only the first process writes; the others wait until the folder exists
         out = prepare_output_dir(out_dir, cfg.overwrite)
         write_json_atomic(out / "train_config.json", cfg.to_dict())
+        write_text_atomic(out / "train_config.yaml", options_yaml(cfg))
     acc.wait_for_everyone()
     write = write_json_atomic if main else _no_write  # files are the first process's job
     max_new = cfg.max_new_tokens or spec.max_new_tokens
@@ -195,7 +205,6 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
             m, preds = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
                                 cfg.num_beams, cfg.eval_batch_size, progress)
             metrics["eval"] = m
-            from .files import write_text_atomic
             write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in preds))
             log("after: " + _fmt(m))
     except KeyboardInterrupt as e:

@@ -85,6 +85,12 @@ def _add_train_args(p):
                    help="sdpa: fused attention where the model has it (its FLOPs are counted exactly); eager")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute activations in the backward (less memory; the recompute is counted and budgeted)")
+    p.add_argument("--report-to", default=d.report_to,
+                   help="trackers (Accelerate's): none, tensorboard (offline, in the run folder's logs/), wandb, "
+                        "mlflow, ...; comma-separated")
+    p.add_argument("--logging-steps", type=INT, default=d.logging_steps,
+                   help="log loss, lr, measured FLOPs, the fraction of full FT and the trainable set every N steps")
+    p.add_argument("--quiet", action="store_true", help="errors and warnings only (no progress bars)")
     p.add_argument("--grad-accum", type=INT, default=d.grad_accum,
                    help="micro-batches per optimizer step (effective batch = batch size × processes × this)")
     p.add_argument("--num-beams", type=INT, default=d.num_beams)
@@ -251,6 +257,23 @@ def main(argv=None) -> int:
         return 1
 
 
+def _logger(quiet: bool):
+    """Progress lines through Python logging (logger "greentrainer", to stdout); --quiet keeps warnings only."""
+    import logging
+    log = logging.getLogger("greentrainer")
+    if not log.handlers:
+        class _Stdout(logging.StreamHandler):  # whatever sys.stdout is when a line is written
+            def emit(self, record):
+                self.stream = sys.stdout
+                super().emit(record)
+        h = _Stdout()
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    return log.info
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return " ".join(text.split("\n")[0].split()) if text else type(e).__name__
@@ -298,11 +321,11 @@ def _main(argv) -> int:
     if a.command == "train":
         from .run import resume_training, run_training
         if a.resume is not None:
-            extra = given_options(parser, argv) - {"resume", "no_progress"}
+            extra = given_options(parser, argv) - {"resume", "no_progress", "quiet"}
             if extra:
                 raise UsageError("--resume continues a run with its saved config; drop "
                                  + ", ".join("--" + o.replace("_", "-") for o in sorted(extra)))
-            resume_training(a.resume, progress=not a.no_progress)
+            resume_training(a.resume, log=_logger(a.quiet), progress=not (a.no_progress or a.quiet))
             return 0
         given = given_options(parser, argv)
         if a.config is not None:
@@ -313,7 +336,7 @@ def _main(argv) -> int:
         cfg = config_from_args(a)
         cfg.validate()
         warn_ignored(cfg.method, given)
-        run_training(cfg, progress=not a.no_progress)
+        run_training(cfg, log=_logger(a.quiet), progress=not (a.no_progress or a.quiet))
         return 0
     if a.command == "eval":
         from .run import check_eval_output, run_eval

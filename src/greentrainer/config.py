@@ -168,6 +168,8 @@ class TrainConfig:
     save_every: int | None = None     # checkpoint every N optimizer steps (default: at the end of each epoch)
     attn_implementation: str = "sdpa"  # fused attention (counted exactly), or eager
     gradient_checkpointing: bool = False  # recompute blocks in the backward (counted; the budget includes it)
+    report_to: str = "none"           # trackers through Accelerate: tensorboard, wandb, mlflow, ... (comma list)
+    logging_steps: int = 10           # log loss, lr, FLOPs and the fraction of full FT every N optimizer steps
     num_beams: int = 4
     max_new_tokens: int | None = None
     eval_batch_size: int = 4
@@ -180,6 +182,7 @@ class TrainConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        self.trackers()  # names known and installed
         if self.attn_implementation not in ("sdpa", "eager"):
             raise UsageError(f"--attn-implementation must be sdpa or eager, got {self.attn_implementation!r}")
         if self.gradient_checkpointing and self.method == "prefix":
@@ -189,7 +192,7 @@ class TrainConfig:
             raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.bf16 and self.precision not in ("32-true", "bf16-mixed"):
             raise UsageError(f"--bf16 and --precision {self.precision} contradict each other; give one of them")
-        for name in ("epochs", "batch_size", "eval_batch_size", "num_beams", "grad_accum"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "num_beams", "grad_accum", "logging_steps"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         check_finite(lr=self.lr, weight_decay=self.weight_decay)
@@ -213,13 +216,27 @@ class TrainConfig:
         self.peft.validate()
         self.smt.validate()
 
+    def trackers(self) -> list[str]:
+        """The --report-to trackers (Accelerate's names); a clear error for an unknown or missing one."""
+        names = [t.strip() for t in self.report_to.split(",") if t.strip() and t.strip() != "none"]
+        import accelerate.utils as au
+        for t in names:
+            check = getattr(au, f"is_{t}_available", None)
+            if check is None:
+                raise UsageError(f"--report-to: unknown tracker {t!r}; choose from none, tensorboard, wandb, mlflow, "
+                                 f"comet_ml, aim, clearml, dvclive, swanlab, trackio")
+            if not check():
+                hint = "pip install 'greentrainer[tensorboard]'" if t == "tensorboard" else f"pip install {t}"
+                raise UsageError(f"--report-to {t}: the {t} package is not installed ({hint})")
+        return names
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 RUN_MARKER = ".greentrainer-run"
 # Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
-RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "metrics.json", "progress.json", "predictions.jsonl", "model",
+RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "logs", "metrics.json", "progress.json", "predictions.jsonl", "model",
                "selections.json", "selection_heatmap.png", "model.tmp", "model.old", "checkpoint",
                "checkpoint.tmp", "checkpoint.old"}
 

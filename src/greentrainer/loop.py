@@ -373,13 +373,14 @@ def enable_checkpointing(model) -> None:
     base.config.use_cache = False
 
 
-def build_accelerator(device):
+def build_accelerator(device, trackers=(), logging_dir=None):
     """The run's ``Accelerator``: processes (torchrun / accelerate launch: gloo on CPU, nccl on GPU) and the
     device of this process. Precision is applied by :func:`autocast_for` and the loop (not accelerate's
     wrappers), so the importance probe can step the optimizer outside any scaler."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
-    acc = Accelerator(cpu=torch.device(device).type == "cpu")
+    acc = Accelerator(cpu=torch.device(device).type == "cpu", log_with=list(trackers) or None,
+                      project_dir=str(logging_dir) if logging_dir is not None else None)
     sharded = {DistributedType.FSDP, DistributedType.DEEPSPEED, getattr(DistributedType, "MEGATRON_LM", None)}
     if acc.distributed_type in sharded:
         raise UsageError(f"{acc.distributed_type.value} is not supported: greentrainer trains data-parallel "
@@ -552,6 +553,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     ctx.flops_reference += ref_cache[key]
                 ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
                 ep.steps_done = i + 1
+                if acc.trackers and ctx.global_step % cfg.logging_steps == 0:
+                    _log_step(ctx, ep.losses[-cfg.logging_steps:])
                 bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
                 if on_checkpoint is not None and save_every and ctx.global_step % save_every == 0 \
                         and ep.steps_done < len(steps):
@@ -575,6 +578,9 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 f"{fmt_flops(total)} ({100 * rec['flops_fraction_of_full']:.1f}% of full FT)  "
                 f"{elapsed:.1f} s  peak mem {peak / 2**20:.0f} MiB"
                 + (f" (mean of {acc.num_processes} processes)" if acc.num_processes > 1 else ""))
+        if acc.trackers:
+            acc.log({f"epoch/{k}": v for k, v in rec.items() if isinstance(v, (int, float)) and v is not None},
+                    step=ctx.global_step)
         if on_epoch_end is not None and acc.is_main_process:
             on_epoch_end(history)
         if on_checkpoint is not None and not save_every and epoch + 1 < cfg.epochs:
@@ -582,6 +588,19 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                                                     flops_before=dict(ctx.flops),
                                                                     reference_before=ctx.flops_reference),
                                          history, 0.0))
+
+
+def _log_step(ctx, recent_losses: list) -> None:
+    """Loss, learning rate, measured FLOPs, the fraction of full fine-tuning so far and the trainable set, to
+    the trackers (--report-to; every process takes part in the FLOPs sums, the first one writes)."""
+    spent, reference = ctx.global_flops()
+    trainable = [p for p in ctx.model.parameters() if p.requires_grad]
+    ctx.accelerator.log({"train/loss": float(np.mean(recent_losses)),
+                         "train/lr": float(ctx.scheduler.get_last_lr()[0]),
+                         "flops/total": spent, "flops/full_ft_reference": reference,
+                         "flops/fraction_of_full": spent / reference if reference else 0.0,
+                         "trainable/tensors": len(trainable),
+                         "trainable/params": sum(p.numel() for p in trainable)}, step=ctx.global_step)
 
 
 def _rng_states() -> dict:

@@ -118,7 +118,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     from .methods import build_method
     method = build_method(cfg)
     from .loop import build_accelerator
-    acc = build_accelerator(pick_device(cfg.device))  # processes (torchrun / accelerate launch) and device
+    acc = build_accelerator(pick_device(cfg.device), cfg.trackers(), Path(out_dir) / "logs")  # processes, device
     device, main = acc.device, acc.is_main_process
     if not main:
         log = _silent
@@ -134,6 +134,10 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         write_text_atomic(out / "train_config.yaml", options_yaml(cfg))
     acc.wait_for_everyone()
     write = write_json_atomic if main else _no_write  # files are the first process's job
+    if cfg.trackers():
+        from .config import option_names, options_from_config
+        acc.init_trackers("greentrainer", config={k: v for k, v in options_from_config(
+            cfg, option_names()).items() if isinstance(v, (int, float, str, bool))})
     max_new = cfg.max_new_tokens or spec.max_new_tokens
     test_name = cfg.eval_dataset or f"{spec.name} {spec.eval_split}"
     metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name,
@@ -156,6 +160,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     saved = False
 
     def finish(status: str, reason: str | None = None) -> None:
+        for tracker in acc.trackers:  # flush TensorBoard / W&B ... (the first process holds them)
+            tracker.finish()
         if not main:
             return
         metrics["status"] = status

@@ -238,6 +238,17 @@ def cases(env: Env) -> list[dict]:
         needle="prefix")
     add("options", "--bf16 with --precision 16-mixed", e.train("--bf16", "--precision", "16-mixed"),
         needle="contradict")
+    add("options", "--report-to an unknown tracker", e.train("--report-to", "carrier-pigeon"),
+        needle="unknown tracker")
+    add("options", "--logging-steps 0", e.train("--logging-steps", "0"), needle="--logging-steps")
+    for text, what, needle in (("rhoo: 0.5\n", "unknown option", "unknown option"),
+                               ("lr: .inf\n", "non-finite number", "finite"),
+                               ("rho: [0.5\n", "not YAML", "YAML"), ("- a\n- b\n", "a list", "mapping"),
+                               ("method: magic\n", "unknown method", "must be one of")):
+        conf = e.write(f"config_{len(C)}.yaml", [text.rstrip("\n")])
+        add("config", f"--config file: {what}", ["train", "--config", conf, "--output-dir", str(e.out())],
+            needle=needle)
+    add("config", "--config file missing", ["train", "--config", str(e.root / "none.yaml")], needle="not found")
     add("resume", "--resume a folder that is not a run folder", ["train", "--resume", str(e.user)],
         needle="not a greentrainer run folder")
     add("resume", "--resume a complete run", ["train", "--resume", "RUN:complete"], needle="already complete")

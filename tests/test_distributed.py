@@ -89,3 +89,4 @@ def test_torchrun_cli_writes_one_complete_run_folder(tmp_path, tiny_model_dir, j
     assert m["status"] == "complete" and m["world_size"] == 2 and m["effective_batch_size"] == 4
     assert m["totals"]["flops_total"] <= 0.8 * m["totals"]["flops_full_ft_reference"]
     assert proc.stdout.count("epoch 1:") == 1  # one process logs
+

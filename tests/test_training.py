@@ -264,3 +264,24 @@ def test_trainer_callback_with_checkpointing_or_accumulation(tmp_path, setting):
         assert cb.profile.t_full > plain.t_full  # the recompute is budgeted
     else:
         assert cb.accum == 2
+
+
+def test_trainer_callback_state_travels_with_trainer_checkpoints(tmp_path):
+    from transformers import Trainer, TrainingArguments
+    from greentrainer.callback import GreenTrainerCallback
+    from greentrainer.data import Encoded
+    model = make_tiny("llama")
+    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 32)]
+
+    def collator(items):
+        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
+
+    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="epoch", use_cpu=True,
+                             logging_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb]).train()
+    ckpt = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    restored = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    restored.load_state(str(ckpt))
+    assert restored.current == cb.selections[0]["selected"] and len(restored.selections) == 1

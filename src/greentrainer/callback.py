@@ -38,6 +38,9 @@ class GreenTrainerCallback(TrainerCallback):
         return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
+        if args.world_size > 1:  # the Trainer wrapped the model in DDP while every tensor required grad
+            raise UsageError("GreenTrainerCallback does not support several processes yet (DDP cannot follow a "
+                             "trainable set that changes); use `torchrun -m greentrainer train`, which does")
         batch = self._batch(train_dataloader, model.device)
         if "input_ids" not in batch or "labels" not in batch:
             raise UsageError(f"GreenTrainerCallback needs batches with input_ids and labels; got "
@@ -59,6 +62,10 @@ class GreenTrainerCallback(TrainerCallback):
         check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum, self.accum)
         for _, p in unique_named_parameters(model):
             p.requires_grad_(False)
+        if self.current:  # resumed from a Trainer checkpoint: the selection it was training
+            keep = set(self.current)
+            for n, p in unique_named_parameters(model):
+                p.requires_grad_(n in keep)
 
     def _select(self, state, model, optimizer, lr_scheduler, train_dataloader):
         # the probe steps the optimizer itself: the Trainer's wrappers would skip that step while gradients
@@ -68,7 +75,7 @@ class GreenTrainerCallback(TrainerCallback):
         batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum)]
         chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
                                   self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
-                                  self.importance, previous=self.current, log=self.log)
+                                  self.importance, previous=self.current, log=self.log, agree=_first_process)
         rec["step"] = state.global_step
         self.current = chosen
         self.selections.append(rec)
@@ -82,3 +89,40 @@ class GreenTrainerCallback(TrainerCallback):
                       train_dataloader=None, **kw):
         if self.select_every is not None and state.global_step % self.select_every == 0:
             self._select(state, model, optimizer, lr_scheduler, train_dataloader)
+
+    # -- the Trainer's checkpoints ------------------------------------------------------------------
+    STATE_FILE = "greentrainer_callback.json"
+
+    def on_save(self, args, state, control, **kw):
+        """Keep the selection history next to the Trainer's checkpoint (resume_from_checkpoint restores it)."""
+        import json
+        import os
+        if not state.is_world_process_zero:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            from pathlib import Path
+            from .files import write_text_atomic
+            write_text_atomic(Path(folder) / self.STATE_FILE,
+                              json.dumps({"current": self.current, "selections": self.selections}, default=float))
+
+    def load_state(self, checkpoint_dir: str) -> None:
+        """Restore the selection saved with a Trainer checkpoint (call before ``trainer.train(resume_from_
+        checkpoint=checkpoint_dir)``; the Trainer does not pass the folder to callbacks)."""
+        import json
+        import os
+        path = os.path.join(checkpoint_dir, self.STATE_FILE)
+        if not os.path.isfile(path):
+            raise UsageError(f"{checkpoint_dir} holds no {self.STATE_FILE} (was it saved with GreenTrainerCallback?)")
+        state = json.loads(open(path, encoding="utf-8").read())
+        self.current, self.selections = state["current"], state["selections"]
+
+
+def _first_process(chosen):
+    """Every process takes the first process's selection (their probes saw different batches)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return chosen
+    box = [chosen]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

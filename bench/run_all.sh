@@ -14,6 +14,13 @@ if [ -z "${SKIP_META:-}" ]; then
   python time_vs_flops.py $Q
   python prefix_init.py $Q
 fi
+# the engine and safety: fault table, counting cost, attention, all-reduce, memory
+python bad_inputs.py $Q
+python counting.py $Q
+python attention.py $Q
+python smt_memory.py $Q
+python memory.py $Q
+OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 allreduce.py $Q
 if [ "$Q" = "--quick" ]; then
   python methods.py --quick
   exit 0

@@ -285,3 +285,34 @@ def test_trainer_callback_state_travels_with_trainer_checkpoints(tmp_path):
     restored = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
     restored.load_state(str(ckpt))
     assert restored.current == cb.selections[0]["selected"] and len(restored.selections) == 1
+
+
+def test_trainer_callback_logs_measured_flops_for_the_loggers(tmp_path):
+    """attach() puts the callback first, so a logger behind it (like report_to's) sees measured FLOPs and the
+    fraction of full fine-tuning; full fine-tuning's reference is measured on the same batches."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from greentrainer.callback import GreenTrainerCallback
+    from greentrainer.data import Encoded
+    model = make_tiny("llama")
+    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 64)]
+
+    def collator(items):
+        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
+
+    class Logger(TrainerCallback):
+        seen = []
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            self.seen.append(dict(logs))
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
+                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
+                             logging_steps=4, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Logger()])
+    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None).attach(trainer)
+    trainer.train()
+    logged = [x for x in Logger.seen if "greentrainer/flops_fraction_of_full" in x]
+    assert logged and all(float(x["greentrainer/flops_fraction_of_full"]) > 0 for x in logged)
+    assert cb.flops["steps"] > 0 and cb.flops["probes"] > 0 and cb.flops["full_ft_reference"] > 0
+    # over the run, the measured FLOPs (steps and probes) stay within rho of full fine-tuning's on the same batches
+    assert cb.flops["steps"] + cb.flops["probes"] <= 0.7 * cb.flops["full_ft_reference"]

@@ -9,11 +9,13 @@ every ``select_every`` steps).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import TrainerCallback
 
 from .errors import UsageError
-from .flops import profile_config, unique_named_parameters
+from .flops import FlopCounter, profile_config, unique_named_parameters
 from .methods.greentrainer import check_budget, select_step
 
 
@@ -66,6 +68,64 @@ class GreenTrainerCallback(TrainerCallback):
             keep = set(self.current)
             for n, p in unique_named_parameters(model):
                 p.requires_grad_(n in keep)
+        # measured FLOPs: every training step and probe is counted; full fine-tuning's cost of the same
+        # batches is measured on a weightless copy (with the same checkpointing)
+        from .flops import meta_model_from_config
+        self._meta, self._refs, self._counter, self._in_step = meta_model_from_config(model.config), {}, None, False
+        self.flops = {"steps": 0, "probes": 0, "full_ft_reference": 0}
+        self._gc = bool(getattr(model, "is_gradient_checkpointing", False))
+        self._hook = model.register_forward_pre_hook(self._reference, with_kwargs=True)
+
+    def _reference(self, module, args, kwargs):
+        if not (self._in_step and module.training and "input_ids" in kwargs and "labels" in kwargs):
+            return
+        from .loop import reference_step_flops
+        batch = {"input_ids": kwargs["input_ids"], "labels": kwargs["labels"]}
+        key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
+        if key not in self._refs:
+            self._refs[key] = reference_step_flops(self._meta, batch, self._gc)
+        self.flops["full_ft_reference"] += self._refs[key]
+
+    def _debt(self) -> float:
+        """FLOPs measured above ρ × full fine-tuning so far: repaid by the next selections, as in the loop."""
+        return self.flops["steps"] + self.flops["probes"] - self.rho * self.flops["full_ft_reference"]
+
+    @contextlib.contextmanager
+    def _count_probe(self, kind):
+        counter = FlopCounter()
+        with counter:
+            yield counter
+        self.flops["probes"] += counter.total
+
+    def on_step_end(self, args, state, control, **kw):
+        self._stop_counting()
+
+    def on_train_end(self, args, state, control, **kw):
+        self._stop_counting()
+        self._hook.remove()
+
+    def _stop_counting(self):
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.flops["steps"] += self._counter.total
+            self._counter, self._in_step = None, False
+
+    def on_log(self, args, state, control, logs=None, model=None, **kw):
+        """Measured FLOPs and the fraction of full fine-tuning into the Trainer's logs (report_to integrations
+        see them when this callback runs first: :meth:`attach`)."""
+        if logs is None or not hasattr(self, "flops"):
+            return
+        spent = self.flops["steps"] + self.flops["probes"]
+        logs["greentrainer/flops"] = float(spent)
+        logs["greentrainer/flops_full_ft_reference"] = float(self.flops["full_ft_reference"])
+        if self.flops["full_ft_reference"]:
+            logs["greentrainer/flops_fraction_of_full"] = spent / self.flops["full_ft_reference"]
+        logs["greentrainer/trainable_tensors"] = len(self.current or ())
+
+    def attach(self, trainer) -> "GreenTrainerCallback":
+        """Add this callback to ``trainer`` ahead of the others, so the loggers it reports to see its values."""
+        trainer.callback_handler.callbacks.insert(0, self)
+        return self
 
     def _select(self, state, model, optimizer, lr_scheduler, train_dataloader):
         # the probe steps the optimizer itself: the Trainer's wrappers would skip that step while gradients
@@ -75,20 +135,25 @@ class GreenTrainerCallback(TrainerCallback):
         batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum)]
         chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
                                   self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
-                                  self.importance, previous=self.current, log=self.log, agree=_first_process)
+                                  self.importance, previous=self.current, log=self.log, agree=_first_process,
+                                  count=self._count_probe, debt=self._debt)
         rec["step"] = state.global_step
         self.current = chosen
         self.selections.append(rec)
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kw):
+        self._stop_counting()
         if self.select_every is None:
             self._select(state, model, optimizer, lr_scheduler, train_dataloader)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                       train_dataloader=None, **kw):
+        self._stop_counting()
         if self.select_every is not None and state.global_step % self.select_every == 0:
             self._select(state, model, optimizer, lr_scheduler, train_dataloader)
+        self._counter, self._in_step = FlopCounter(), True  # counts this step's micro-batches, until on_step_end
+        self._counter.__enter__()
 
     # -- the Trainer's checkpoints ------------------------------------------------------------------
     STATE_FILE = "greentrainer_callback.json"

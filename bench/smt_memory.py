@@ -74,35 +74,6 @@ def random_blocks(model, kinds: list[str], percent: float, l: int, seed: int = 0
     return targets, chosen, n_blocks, len(pool)
 
 
-def saved_bytes(model, fn):
-    """Run ``fn()`` recording saved-for-backward tensors: (result, SMT layers' bytes, all bytes), each over
-    distinct storages, parameters and buffers left out."""
-    import torch
-    from greentrainer.smt_layer import SMTLinear
-    smt, everything, inside = {}, {}, [False]
-
-    def pack(t):
-        key = t.untyped_storage().data_ptr()
-        everything[key] = t.untyped_storage().nbytes()
-        if inside[0]:
-            smt[key] = everything[key]
-        return t
-    hooks = []
-    for m in model.modules():
-        if isinstance(m, SMTLinear):
-            hooks.append(m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)))
-            hooks.append(m.register_forward_hook(lambda *a: inside.__setitem__(0, False)))
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fn()
-    finally:
-        for h in hooks:
-            h.remove()
-    return (out, sum(v for k, v in smt.items() if k not in weights),
-            sum(v for k, v in everything.items() if k not in weights))
-
-
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -115,6 +86,7 @@ def child(spec: dict) -> dict:
     """One forward + backward of one setting in this (fresh) process."""
     import torch
     from greentrainer.methods.smt import install_layers
+    from greentrainer.smt_layer import saved_activation_bytes
     model = build_model(smollm2_config(spec["layers"]))
     for p in model.parameters():
         p.requires_grad_(False)
@@ -123,7 +95,7 @@ def child(spec: dict) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
     before = rss_mb()
     t0 = time.perf_counter()
-    loss, smt_b, all_b = saved_bytes(model, lambda: model(input_ids=ids, labels=ids).loss)
+    loss, smt_b, all_b = saved_activation_bytes(model, lambda: model(input_ids=ids, labels=ids).loss)
     loss.backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

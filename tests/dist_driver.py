@@ -1,6 +1,5 @@
 """Run by tests/test_distributed.py, alone or under ``torchrun --nproc_per_node 2``: trains a tiny model with
 greentrainer's loop and saves, per process, the final weights, the selections and the FLOPs totals."""
-import json
 import sys
 from pathlib import Path
 

@@ -1,10 +1,7 @@
 import json
 
-import pytest
-
-from greentrainer.cli import main
-
 from conftest import train_args
+from greentrainer.cli import main
 
 
 def err(capsys, argv):

@@ -1,7 +1,6 @@
 """Checkpoint and resume: a run killed (-9) after a mid-epoch checkpoint and resumed ends exactly where the
 uninterrupted run ends (after torchtune's test_training_state_on_resume)."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -33,6 +33,15 @@ def test_exact_against_brute_force(seed):
     assert sel.value == pytest.approx(max(brute_force(dw, dy, imp, budget), 0.0))
 
 
+def _random_costs(rng, n, lowest_importance):
+    """(unit, t_dw, t_dy, importance) of a random n-tensor instance; FLOPs in multiples of a unit."""
+    unit = rng.choice([1, 6, 1000])
+    dw = [rng.choice([0, rng.randint(1, 60)]) * unit for _ in range(n)]
+    dy = [rng.randint(0, 40) * unit for _ in range(n)]
+    imp = [rng.uniform(lowest_importance, 1.0) for _ in range(n)]
+    return unit, dw, dy, imp
+
+
 @pytest.mark.parametrize("seed", range(60))
 @pytest.mark.parametrize("long_tie", [1, 16])  # 1: every long-tied tensor goes through the second table
 def test_exact_with_side_branches_against_brute_force(seed, long_tie, monkeypatch):
@@ -40,10 +49,7 @@ def test_exact_with_side_branches_against_brute_force(seed, long_tie, monkeypatc
     monkeypatch.setattr(greentrainer.selection, "LONG_TIE", long_tie)
     rng = random.Random(1000 + seed)
     n = rng.randint(2, 11)
-    unit = rng.choice([1, 6, 1000])
-    dw = [rng.choice([0, rng.randint(1, 60)]) * unit for _ in range(n)]
-    dy = [rng.randint(0, 40) * unit for _ in range(n)]
-    imp = [rng.uniform(-0.5, 1.0) for _ in range(n)]
+    unit, dw, dy, imp = _random_costs(rng, n, -0.5)
     branches = []
     for _ in range(rng.randint(1, 4)):  # sibling-like side branches: 1-3 tensors, joining further down
         group = tuple(sorted(rng.sample(range(n), min(rng.randint(1, 3), n))))
@@ -79,10 +85,7 @@ def _nested_branches(rng, n, unit, dy):
 def _large_group_case(seed):
     rng = random.Random(5000 + seed)
     n = rng.randint(7, 12)
-    unit = rng.choice([1, 6, 1000])
-    dw = [rng.choice([0, rng.randint(1, 60)]) * unit for _ in range(n)]
-    dy = [rng.randint(0, 40) * unit for _ in range(n)]
-    imp = [rng.uniform(-0.2, 1.0) for _ in range(n)]
+    unit, dw, dy, imp = _random_costs(rng, n, -0.2)
     branches = _nested_branches(rng, n, unit, dy)
     return dw, dy, imp, rng.randint(0, sum(dw) + sum(dy)), branches
 

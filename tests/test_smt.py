@@ -8,7 +8,7 @@ from conftest import make_tiny
 from greentrainer.config import SMTConfig, TrainConfig
 from greentrainer.errors import UsageError
 from greentrainer.methods.smt import SMTMethod, block_means, effective_block_size, find_targets, select_blocks
-from greentrainer.smt_layer import SMTLinear
+from greentrainer.smt_layer import SMTLinear, saved_activation_bytes
 
 
 def test_sparse_layer_gradients_equal_dense_restricted_to_blocks_float64():
@@ -166,35 +166,13 @@ def _batch():
     return {"input_ids": ids, "labels": ids}
 
 
-def _smt_saved_bytes(model, batch):
-    """Bytes of the distinct storages the SMT layers save for backward during one forward (and the loss)."""
-    saved, inside = {}, [False]
-
-    def pack(t):
-        if inside[0]:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    handles = []
-    for m in model.modules():
-        if isinstance(m, SMTLinear):
-            handles.append(m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)))
-            handles.append(m.register_forward_hook(lambda *a: inside.__setitem__(0, False)))
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    weights |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(**batch).loss
-    for h in handles:
-        h.remove()
-    return loss, sum(v for k, v in saved.items() if k not in weights)
-
-
 def test_shared_inputs_give_identical_gradients_and_save_a_third_of_the_qkv_input_bytes():
     batch = _batch()
     grads, nbytes = {}, {}
     for share in (False, True):
         model, layers = _tiny_smt(("q", "k", "v"), share=share,
                                   blocks={"q": [(0, 1), (2, 3), (1, 1)], "k": [(0, 3), (1, 1)], "v": [(1, 1), (0, 3)]})
-        loss, nbytes[share] = _smt_saved_bytes(model, batch)
+        loss, nbytes[share], _ = saved_activation_bytes(model, lambda: model(**batch).loss)
         loss.backward()
         grads[share] = {n: layer.blocks.grad for n, layer in layers.items()}
         if share:  # the cache holds nothing past the backward

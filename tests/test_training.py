@@ -129,22 +129,29 @@ def test_probe_stops_early_and_reports_gradient_memory():
     assert abs(res["importance"]).max() == pytest.approx(1.0)
 
 
-def test_transformers_trainer_callback(tmp_path):
+def tiny_trainer(model, tmp_path, n_items, callbacks=(), **overrides):
+    """A transformers Trainer over ``n_items`` tiny examples (batch 4, lr 1e-3, CPU, nothing saved or logged
+    unless ``overrides`` say so)."""
     from transformers import Trainer, TrainingArguments
+    from greentrainer.data import Encoded
+    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, n_items)]
+
+    def collator(items):
+        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
+
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2, learning_rate=1e-3,
+              report_to=[], save_strategy="no", use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    kw.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**kw), train_dataset=data, data_collator=collator,
+                   callbacks=list(callbacks))
+
+
+def test_transformers_trainer_callback(tmp_path):
     from greentrainer.callback import GreenTrainerCallback
     model = make_tiny("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 16)]
-
-    def collator(items):
-        from greentrainer.data import Encoded
-        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
-
     cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=3,
-                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
-                             logging_strategy="no", disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb]).train()
+    tiny_trainer(model, tmp_path, 16, [cb], num_train_epochs=3).train()
     assert len(cb.selections) == 3
     later = set(cb.selections[1]["selected"]) | set(cb.selections[2]["selected"])
     only_later = later - set(cb.selections[0]["selected"])
@@ -239,22 +246,12 @@ def test_trainer_callback_with_checkpointing_or_accumulation(tmp_path, setting):
     """Under the Trainer's gradient checkpointing the backward still stops at the selection (transformers'
     input-grad hook is removed, the recompute is budgeted); under accumulation the probe steps the real
     optimizer over the step's micro-batches (importances are not all zero) and the budget counts them."""
-    from transformers import Trainer, TrainingArguments
     from greentrainer.callback import GreenTrainerCallback
-    from greentrainer.data import Encoded
     model = make_tiny("llama")
-    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 64)]
-
-    def collator(items):
-        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
-
     extra = {"gradient_checkpointing": True} if setting == "gradient_checkpointing" else \
         {"gradient_accumulation_steps": 2}
     cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
-                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
-                             logging_strategy="no", disable_tqdm=True, **extra)
-    Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb]).train()
+    tiny_trainer(model, tmp_path, 64, [cb], **extra).train()
     assert len(cb.selections) == 2 and all(s["n_selected"] > 0 for s in cb.selections)
     assert all(any(x != 0 for x in s["importance"]) for s in cb.selections)
     if setting == "gradient_checkpointing":
@@ -267,20 +264,9 @@ def test_trainer_callback_with_checkpointing_or_accumulation(tmp_path, setting):
 
 
 def test_trainer_callback_state_travels_with_trainer_checkpoints(tmp_path):
-    from transformers import Trainer, TrainingArguments
     from greentrainer.callback import GreenTrainerCallback
-    from greentrainer.data import Encoded
-    model = make_tiny("llama")
-    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 32)]
-
-    def collator(items):
-        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
-
     cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
-                             learning_rate=1e-3, report_to=[], save_strategy="epoch", use_cpu=True,
-                             logging_strategy="no", disable_tqdm=True)
-    Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[cb]).train()
+    tiny_trainer(make_tiny("llama"), tmp_path, 32, [cb], save_strategy="epoch").train()
     ckpt = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
     restored = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
     restored.load_state(str(ckpt))
@@ -290,14 +276,8 @@ def test_trainer_callback_state_travels_with_trainer_checkpoints(tmp_path):
 def test_trainer_callback_logs_measured_flops_for_the_loggers(tmp_path):
     """attach() puts the callback first, so a logger behind it (like report_to's) sees measured FLOPs and the
     fraction of full fine-tuning; full fine-tuning's reference is measured on the same batches."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
     from greentrainer.callback import GreenTrainerCallback
-    from greentrainer.data import Encoded
-    model = make_tiny("llama")
-    data = [dict(input_ids=e.input_ids, labels=e.labels) for e in encoded(model, 64)]
-
-    def collator(items):
-        return collate([Encoded(i["input_ids"], i["labels"], []) for i in items], TOK.pad_token_id, False)
 
     class Logger(TrainerCallback):
         seen = []
@@ -305,10 +285,7 @@ def test_trainer_callback_logs_measured_flops_for_the_loggers(tmp_path):
         def on_log(self, args, state, control, logs=None, **kw):
             self.seen.append(dict(logs))
 
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
-                             learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True,
-                             logging_steps=4, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, callbacks=[Logger()])
+    trainer = tiny_trainer(make_tiny("llama"), tmp_path, 64, [Logger()], logging_strategy="steps", logging_steps=4)
     cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None).attach(trainer)
     trainer.train()
     logged = [x for x in Logger.seen if "greentrainer/flops_fraction_of_full" in x]

@@ -15,7 +15,7 @@ import torch
 from transformers import TrainerCallback
 
 from .errors import UsageError
-from .flops import FlopCounter, profile_config, unique_named_parameters
+from .flops import FlopCounter, unique_named_parameters
 from .methods.greentrainer import check_budget, select_step
 
 
@@ -50,15 +50,11 @@ class GreenTrainerCallback(TrainerCallback):
         ids, labels = batch["input_ids"], batch["labels"]
         seq2seq = getattr(model.config, "is_encoder_decoder", False)
         shape = (ids.shape[0], self.seq_len or ids.shape[1], labels.shape[1] if seq2seq else None)
-        self.profile = profile_config(model.config, *shape)
-        if getattr(model, "is_gradient_checkpointing", False):
-            # the Trainer enabled it with input grads on, which runs every backward to the bottom: keep the
-            # backward as short as the selection, and budget each reached block's recompute
-            from .flops import layer_forward_flops, meta_model_from_config, with_recompute
-            from .loop import enable_checkpointing
-            enable_checkpointing(model)
-            meta = meta_model_from_config(model.config)
-            self.profile = with_recompute(self.profile, meta, layer_forward_flops(meta, *shape))
+        from .loop import enable_checkpointing, run_profile
+        self._gc = bool(getattr(model, "is_gradient_checkpointing", False))
+        if self._gc:  # the Trainer enabled it with input grads on, which runs every backward to the bottom:
+            enable_checkpointing(model)  # keep the backward as short as the selection; the recompute is budgeted
+        self.profile = run_profile(model.config, shape, self._gc)
         self.accum = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
         check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum, self.accum)
@@ -73,7 +69,6 @@ class GreenTrainerCallback(TrainerCallback):
         from .flops import meta_model_from_config
         self._meta, self._refs, self._counter, self._in_step = meta_model_from_config(model.config), {}, None, False
         self.flops = {"steps": 0, "probes": 0, "full_ft_reference": 0}
-        self._gc = bool(getattr(model, "is_gradient_checkpointing", False))
         self._hook = model.register_forward_pre_hook(self._reference, with_kwargs=True)
 
     def _reference(self, module, args, kwargs):
@@ -81,10 +76,7 @@ class GreenTrainerCallback(TrainerCallback):
             return
         from .loop import reference_step_flops
         batch = {"input_ids": kwargs["input_ids"], "labels": kwargs["labels"]}
-        key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-        if key not in self._refs:
-            self._refs[key] = reference_step_flops(self._meta, batch, self._gc)
-        self.flops["full_ft_reference"] += self._refs[key]
+        self.flops["full_ft_reference"] += reference_step_flops(self._meta, batch, self._gc, self._refs)
 
     def _debt(self) -> float:
         """FLOPs measured above ρ × full fine-tuning so far: repaid by the next selections, as in the loop."""

@@ -8,7 +8,7 @@ import sys
 
 from .config import (GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig, METHODS, PRECISIONS,
                      config_from_options, option_names)
-from .errors import RunFailed, UsageError, warn
+from .errors import RunFailed, UsageError, one_line, warn
 
 DEMO = ["--max-train", "32", "--max-eval", "12", "--epochs", "2", "--max-input-length", "320",
         "--eval-before", "--output-dir", "runs/demo", "--overwrite"]
@@ -139,7 +139,7 @@ def load_options_file(path: str, parser: argparse.ArgumentParser) -> dict:
     except FileNotFoundError:
         raise UsageError(f"--config {path}: file not found") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UsageError(f"--config {path}: not a readable YAML file ({_one_line(e)})") from None
+        raise UsageError(f"--config {path}: not a readable YAML file ({one_line(e)})") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -231,10 +231,10 @@ def main(argv=None) -> int:
         with installed():
             return _main(argv)
     except UsageError as e:
-        print(f"greentrainer: error: {_one_line(e)}", file=sys.stderr)
+        print(f"greentrainer: error: {one_line(e)}", file=sys.stderr)
         return 2
     except RunFailed as e:
-        print(f"greentrainer: error: {_one_line(e)}", file=sys.stderr)
+        print(f"greentrainer: error: {one_line(e)}", file=sys.stderr)
         return 1
     except Terminated:
         print("greentrainer: terminated (SIGTERM); the run folder is marked interrupted", file=sys.stderr)
@@ -245,14 +245,14 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as e:
-        print(f"greentrainer: error: {e.strerror or _one_line(e)}{': ' + str(e.filename) if e.filename else ''}",
+        print(f"greentrainer: error: {e.strerror or one_line(e)}{': ' + str(e.filename) if e.filename else ''}",
               file=sys.stderr)
         return 1
     except Exception as e:  # noqa: BLE001  (never a bare traceback; GREENTRAINER_DEBUG=1 shows it)
         import os
         if os.environ.get("GREENTRAINER_DEBUG"):
             raise
-        print(f"greentrainer: internal error: {type(e).__name__}: {_one_line(e)} "
+        print(f"greentrainer: internal error: {type(e).__name__}: {one_line(e)} "
               f"(GREENTRAINER_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
 
@@ -272,11 +272,6 @@ def _logger(quiet: bool):
         log.propagate = False
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     return log.info
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return " ".join(text.split("\n")[0].split()) if text else type(e).__name__
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:

@@ -22,3 +22,9 @@ def warn(message: str) -> None:
     """One warning line on stderr (library logging is muted by the command line)."""
     import sys
     print(f"greentrainer: warning: {message}", file=sys.stderr)
+
+
+def one_line(e: BaseException) -> str:
+    """The first line of an exception's message, whitespace collapsed (its type name if it has none)."""
+    text = str(e).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(e).__name__

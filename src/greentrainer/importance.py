@@ -11,13 +11,13 @@ tensors below it get no gradient and no memory. A NaN or infinite score raises :
 from __future__ import annotations
 
 import copy
-import random
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 
 from .errors import NonFiniteError
+from .rng import rng_state, set_rng_state
 
 
 def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], metric: str = "dw_grad",
@@ -48,21 +48,6 @@ def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], met
                              f"lower --lr or check the model's weights")
     top = np.abs(scores).max() if len(scores) else 0.0
     return scores / top if top > 0 else scores
-
-
-def _rng_state():
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # probed in float32: their Δw would mostly round to 0
@@ -104,7 +89,7 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
                    for p in probe if p in optimizer.state}
     saved_lrs = [g["lr"] for g in optimizer.param_groups]
     sched_state = copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None
-    rng = _rng_state()
+    rng = rng_state()
     old_grads = {id(p): p.grad for p in model.parameters()}
     loss_finite = True
     try:
@@ -152,7 +137,7 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
             g["lr"] = lr
         if scheduler is not None:
             scheduler.load_state_dict(sched_state)
-        _set_rng_state(rng)
+        set_rng_state(rng)
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = old_grads[id(p)]

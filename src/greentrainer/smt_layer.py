@@ -201,3 +201,30 @@ def unshare_inputs(layers: Iterable[SMTLinear]) -> None:
     """Each layer back to saving its own input columns."""
     for m in layers:
         m.set_share(None)
+
+
+def saved_activation_bytes(model, fn):
+    """Run ``fn()`` recording saved-for-backward tensors: (result, SMT layers' bytes, all bytes), each over
+    distinct storages, parameters and buffers left out."""
+    smt, everything, inside = {}, {}, [False]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        everything[key] = t.untyped_storage().nbytes()
+        if inside[0]:
+            smt[key] = everything[key]
+        return t
+    hooks = []
+    for m in model.modules():
+        if isinstance(m, SMTLinear):
+            hooks.append(m.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)))
+            hooks.append(m.register_forward_hook(lambda *a: inside.__setitem__(0, False)))
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return (out, sum(v for k, v in smt.items() if k not in weights),
+            sum(v for k, v in everything.items() if k not in weights))

@@ -100,7 +100,8 @@ def child(spec: dict) -> dict:
     """The training steps of one setting in this (fresh) process."""
     import torch
     from transformers import get_linear_schedule_with_warmup
-    from greentrainer.config import GreenTrainerConfig, TrainConfig
+    from greentrainer.config import TrainConfig
+    from greentrainer.methods.greentrainer import GreenTrainerConfig
     from greentrainer.flops import full_step_flops, meta_model_from_config, profile_config
     from greentrainer.loop import TrainContext, _optimizer_step, build_accelerator
     from greentrainer.methods.full import FullFineTuning
@@ -109,9 +110,9 @@ def child(spec: dict) -> dict:
     model, tok, data = load(spec["quick"])
     selections, per_selection = spec["selections"], spec["steps"]
     cfg = TrainConfig(method="full" if spec["setting"] == "full" else "greentrainer", batch_size=BATCH, lr=LR,
-                      seed=0, greentrainer=GreenTrainerConfig(rho=spec["rho"]))
+                      seed=0, method_config=GreenTrainerConfig(rho=spec["rho"]))
     full = spec["setting"] == "full"
-    method = FullFineTuning() if full else GreenTrainerMethod(cfg.greentrainer, deselected_state=spec["setting"])
+    method = FullFineTuning() if full else GreenTrainerMethod(cfg.method_config, deselected_state=spec["setting"])
     device = torch.device("cpu")
     ctx = TrainContext(model=model, tokenizer=tok, cfg=cfg, device=device, train_data=data,
                        profile=profile_config(model.config, BATCH, SEQ),
@@ -251,7 +252,8 @@ def validation(a):
     """Validation loss per epoch, "drop" against "cpu" (= the former behaviour), SmolLM2-135M on SciTLDR."""
     import torch
     from common import write_results
-    from greentrainer.config import GreenTrainerConfig, TrainConfig
+    from greentrainer.config import TrainConfig
+    from greentrainer.methods.greentrainer import GreenTrainerConfig
     from greentrainer.data import encode_all, load_examples, resolve_dataset
     from greentrainer.loop import train
     from greentrainer.methods.greentrainer import GreenTrainerMethod
@@ -260,11 +262,11 @@ def validation(a):
     for mode in a.modes.split(","):
         model, tok = load_model("smollm2-135m")
         cfg = TrainConfig(method="greentrainer", epochs=a.epochs, batch_size=4, lr=a.lr, seed=42,
-                          greentrainer=GreenTrainerConfig(rho=a.rho or 0.6))
+                          method_config=GreenTrainerConfig(rho=a.rho or 0.6))
         spec, _ = resolve_dataset("scitldr")
         tr = encode_all(load_examples("scitldr", "train", a.max_train, 42), tok, spec.task, False, 512)
         va = encode_all(load_examples("scitldr", "validation", a.max_eval, 42), tok, spec.task, False, 512)
-        method = GreenTrainerMethod(cfg.greentrainer, deselected_state=mode)
+        method = GreenTrainerMethod(cfg.method_config, deselected_state=mode)
         t0 = time.perf_counter()
         out = train(model, tok, method, tr, va, cfg, torch.device("cpu"), log=print, progress=False)
         h = out["history"]

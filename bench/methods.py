@@ -18,7 +18,7 @@ import time
 import torch
 
 from common import RESULTS, write_results
-from greentrainer.config import GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig
+from greentrainer.config import TrainConfig, config_from_options
 from greentrainer.data import encode_all, load_examples, resolve_dataset
 from greentrainer.errors import UsageError
 from greentrainer.loop import train
@@ -32,14 +32,12 @@ SWEEP = {"full": [2e-5, 1e-4, 3e-4], "top2": [2e-5, 1e-4, 5e-4], "lora": [2e-5, 
 
 def row_config(method, lr, a, rho=0.6, seed=42, out=None, importance="dw_grad", select_once=False,
                select_every=None):
-    return TrainConfig(model="smollm2-135m", dataset=a.dataset, method=method, output_dir=out, overwrite=True,
-                       epochs=a.epochs, batch_size=4, lr=lr, max_input_length=a.max_input_length,
-                       max_train=a.max_train, max_eval=a.max_eval, seed=seed, num_beams=a.num_beams,
-                       do_eval=True, greentrainer=GreenTrainerConfig(rho=rho, importance=importance,
-                                                                     select_once=select_once,
-                                                                     select_every=select_every),
-                       peft=PeftMethodConfig(lora_r=a.lora_r, prefix_tokens=a.prefix_tokens),
-                       smt=SMTConfig(warmup_steps=a.smt_warmup, params_percent=a.smt_params))
+    return config_from_options(dict(
+        model="smollm2-135m", dataset=a.dataset, method=method, output_dir=out, overwrite=True, epochs=a.epochs,
+        batch_size=4, lr=lr, max_input_length=a.max_input_length, max_train=a.max_train, max_eval=a.max_eval,
+        seed=seed, num_beams=a.num_beams, rho=rho, importance=importance, select_once=select_once,
+        select_every=select_every, lora_r=a.lora_r, prefix_tokens=a.prefix_tokens, smt_warmup=a.smt_warmup,
+        smt_params=a.smt_params))
 
 
 def parse_variant(m: str):

@@ -12,7 +12,7 @@ import types
 import torch
 
 from common import write_results
-from greentrainer.config import PeftMethodConfig
+from greentrainer.methods.peft_methods import PrefixMethod, PrefixMethodConfig
 from greentrainer.data import collate, encode_all, load_examples, resolve_dataset
 from greentrainer.methods.peft_methods import PeftMethod
 from greentrainer.models import load_model
@@ -43,7 +43,7 @@ def main():
         m, _ = load_model("smollm2-135m")
         ctx = types.SimpleNamespace(train_data=train, device=torch.device("cpu"), log=print,
                                     count=lambda kind: contextlib.nullcontext())
-        pm = PeftMethod("prefix", PeftMethodConfig(prefix_tokens=a.prefix_tokens, prefix_init=init)).prepare(m, ctx)
+        pm = PrefixMethod(PrefixMethodConfig(prefix_tokens=a.prefix_tokens, prefix_init=init)).prepare(m, ctx)
         rows.append({"prefix": f"{a.prefix_tokens} tokens, --prefix-init {init}",
                      "val_loss": val_loss(pm, val, tok.pad_token_id)})
         print(rows[-1])

@@ -26,7 +26,7 @@ def test_the_command_line_overrides_the_file(tmp_path, tiny_model_dir, data):
     out = tmp_path / "run"
     assert main(["train", "--config", str(conf), "--rho", "0.8", "--output-dir", str(out), "--no-progress"]) == 0
     cfg = json.loads((out / "train_config.json").read_text())
-    assert cfg["greentrainer"]["rho"] == 0.8 and cfg["lr"] == 0.001 and cfg["do_eval"] is False
+    assert cfg["method_config"]["rho"] == 0.8 and cfg["lr"] == 0.001 and cfg["do_eval"] is False
 
 
 @pytest.mark.parametrize("text,needle", [

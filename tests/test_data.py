@@ -80,7 +80,7 @@ def test_corrupt_gzip_is_a_clear_error(tmp_path):
 
 
 def test_rho_schedule_file(tmp_path):
-    from greentrainer.config import load_rho_schedule
+    from greentrainer.methods.greentrainer import load_rho_schedule
     p = tmp_path / "s.txt"
     p.write_text("# step rho\n0 0.6\n100 0.5\n")
     assert load_rho_schedule(str(p)) == {0: 0.6, 100: 0.5}

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from greentrainer.config import GreenTrainerConfig, TrainConfig
+from greentrainer.config import TrainConfig
+from greentrainer.methods.greentrainer import GreenTrainerConfig
 from greentrainer.data import Example, encode_all
 from greentrainer.errors import UsageError
 from greentrainer.loop import train
@@ -47,8 +48,8 @@ class Watched(GreenTrainerMethod):
 def run(mode, epochs=3, rho=0.7, **gt):
     model = make_tiny("llama")
     cfg = TrainConfig(method="greentrainer", epochs=epochs, batch_size=4, lr=1e-3, seed=0,
-                      greentrainer=GreenTrainerConfig(rho=rho, **gt))
-    method = Watched(cfg.greentrainer, deselected_state=mode)
+                      method_config=GreenTrainerConfig(rho=rho, **gt))
+    method = Watched(cfg.method_config, deselected_state=mode)
     data = encoded(model)
     out = train(model, TOK, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None, progress=False)
     return out, method, model

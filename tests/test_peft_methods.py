@@ -57,7 +57,7 @@ def test_prefix_starts_from_the_models_own_keys_and_values_on_training_prompts()
     import types
 
     import torch
-    from greentrainer.config import PeftMethodConfig
+    from greentrainer.methods.peft_methods import PrefixMethod, PrefixMethodConfig
     from greentrainer.data import Encoded
     from greentrainer.methods.peft_methods import PeftMethod
     model = make_tiny("llama").eval()
@@ -66,7 +66,7 @@ def test_prefix_starts_from_the_models_own_keys_and_values_on_training_prompts()
     ctx = types.SimpleNamespace(train_data=prompts, device=torch.device("cpu"), log=print,
                                 count=lambda kind: counted.append(kind) or contextlib.nullcontext())
     n = 10  # spans the first two prompts
-    peft_model = PeftMethod("prefix", PeftMethodConfig(prefix_tokens=n)).prepare(model, ctx)
+    peft_model = PrefixMethod(PrefixMethodConfig(prefix_tokens=n)).prepare(model, ctx)
     assert counted == ["overhead"]  # the initialising forward pass is counted in the run's FLOPs
     x = torch.tensor([[40, 41, 42, 43]])
     context = torch.tensor([(prompts[0].prompt_ids + prompts[1].prompt_ids)[:n]])

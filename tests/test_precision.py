@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from greentrainer.config import GreenTrainerConfig, SMTConfig, TrainConfig
+from greentrainer.config import config_from_options
 from greentrainer.data import Example, encode_all
 from greentrainer.loop import train
 from greentrainer.methods import build_method
@@ -21,8 +21,8 @@ DATA = encode_all([Example(source=f"the quick brown fox {i} jumps over the lazy 
 def test_every_method_trains_under_every_precision(method, precision):
     model = make_tiny("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = TrainConfig(method=method, precision=precision, epochs=2, batch_size=4, lr=1e-3, seed=0,
-                      greentrainer=GreenTrainerConfig(rho=0.8), smt=SMTConfig(warmup_steps=2, block_size=16))
+    cfg = config_from_options(dict(method=method, precision=precision, epochs=2, batch_size=4, lr=1e-3, seed=0,
+                                   rho=0.8, smt_warmup=2, smt_block=16))
     m = build_method(cfg)
     out = train(model, TOK, m, DATA, DATA[:4], cfg, torch.device("cpu"), log=lambda *a: None, progress=False)
     trained = m.finalize(out["model"])

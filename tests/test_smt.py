@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from conftest import make_tiny
-from greentrainer.config import SMTConfig, TrainConfig
+from greentrainer.config import TrainConfig
+from greentrainer.methods.smt import SMTConfig
 from greentrainer.errors import UsageError
 from greentrainer.methods.smt import SMTMethod, block_means, effective_block_size, find_targets, select_blocks
 from greentrainer.smt_layer import SMTLinear, saved_activation_bytes
@@ -71,9 +72,9 @@ def test_smt_trains_only_selected_blocks_and_saves_a_plain_model(tmp_path):
     model = make_tiny("llama")
     exs = [Example(f"the fox {i} jumps over the dog", f"fox {i}", [f"fox {i}"]) for i in range(16)]
     data = encode_all(exs, tok, "summarization", False, 64)
-    cfg = TrainConfig(method="smt", epochs=2, lr=1e-3, smt=SMTConfig(warmup_steps=2, params_percent=1.0,
-                                                                    block_size=16, targets="q,k,v"))
-    method = SMTMethod(cfg.smt)
+    cfg = TrainConfig(method="smt", epochs=2, lr=1e-3,
+                      method_config=SMTConfig(warmup_steps=2, params_percent=1.0, block_size=16, targets="q,k,v"))
+    method = SMTMethod(cfg.method_config)
     from greentrainer.loop import RunHandle
     handle = RunHandle()
     out = train(model, tok, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
@@ -260,8 +261,8 @@ def test_smt_trains_end_to_end_with_bf16():
     exs = [Example(f"the fox {i} jumps over the dog", f"fox {i}", [f"fox {i}"]) for i in range(16)]
     data = encode_all(exs, tok, "summarization", False, 64)
     cfg = TrainConfig(method="smt", epochs=2, lr=1e-3, bf16=True,
-                      smt=SMTConfig(warmup_steps=2, params_percent=10.0, block_size=16, targets="q,k,v,gate,up"))
-    method = SMTMethod(cfg.smt)
+                      method_config=SMTConfig(warmup_steps=2, params_percent=10.0, block_size=16, targets="q,k,v,gate,up"))
+    method = SMTMethod(cfg.method_config)
     out = train(make_tiny("llama"), tok, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
                 progress=False)
     assert method.layers and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in out["history"])

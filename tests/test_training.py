@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from greentrainer.config import GreenTrainerConfig, TrainConfig
+from greentrainer.config import TrainConfig, config_from_options
+from greentrainer.methods.greentrainer import GreenTrainerConfig
 from greentrainer.data import Example, collate, encode_all
 from greentrainer.importance import probe_importance
 from greentrainer.loop import train
@@ -39,7 +40,7 @@ def test_a_few_full_steps_lower_the_loss_on_a_fixed_batch(arch):
 
 def run(method_name, model, epochs=2, **gt):
     cfg = TrainConfig(method=method_name, epochs=epochs, batch_size=4, lr=1e-3, seed=0,
-                      greentrainer=GreenTrainerConfig(**gt) if gt else GreenTrainerConfig())
+                      method_config=GreenTrainerConfig(**gt) if method_name == "greentrainer" else None)
     data = encoded(model)
     method = build_method(cfg)
     out = train(model, TOK, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None, progress=False)
@@ -218,7 +219,7 @@ def test_greentrainer_stays_within_rho_on_batches_of_uneven_length(seed):
     model = make_tiny("llama")
     data = encode_all(exs, TOK, "summarization", False, 256)
     cfg = TrainConfig(method="greentrainer", epochs=2, batch_size=4, lr=1e-3, seed=seed,
-                      greentrainer=GreenTrainerConfig(rho=0.6))
+                      method_config=GreenTrainerConfig(rho=0.6))
     out = train(model, TOK, build_method(cfg), data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
                 progress=False)
     t = out["totals"]
@@ -228,11 +229,10 @@ def test_greentrainer_stays_within_rho_on_batches_of_uneven_length(seed):
 @pytest.mark.parametrize("method", ["full", "greentrainer", "smt", "lora"])
 def test_cached_step_counts_equal_live_counting(method):
     """Counting each (batch shape, trainable set) once gives the same FLOPs as counting every step."""
-    from greentrainer.config import SMTConfig
     totals = []
     for live in (True, False):
-        cfg = TrainConfig(method=method, epochs=2, batch_size=4, lr=1e-3, seed=0,
-                          greentrainer=GreenTrainerConfig(rho=0.8), smt=SMTConfig(warmup_steps=2, block_size=16))
+        cfg = config_from_options(dict(method=method, epochs=2, batch_size=4, lr=1e-3, seed=0, rho=0.8,
+                                       smt_warmup=2, smt_block=16))
         data = encoded(make_tiny("llama"))
         model = make_tiny("llama")
         out = train(model, TOK, build_method(cfg), data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,

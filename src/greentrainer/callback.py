@@ -16,13 +16,12 @@ from transformers import TrainerCallback
 
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
-from .methods.greentrainer import check_budget, select_step
+from .methods.greentrainer import GreenTrainerConfig, check_budget, select_step
 
 
 class GreenTrainerCallback(TrainerCallback):
     def __init__(self, rho: float = 0.6, importance: str = "dw_grad", select_every: int | None = None,
                  seq_len: int | None = None, log=print):
-        from .config import GreenTrainerConfig
         GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every).validate()  # UsageError
         if seq_len is not None and seq_len <= 0:
             raise UsageError(f"seq_len must be positive, got {seq_len}")
@@ -40,9 +39,9 @@ class GreenTrainerCallback(TrainerCallback):
         return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
-        if args.world_size > 1:  # the Trainer wrapped the model in DDP while every tensor required grad
-            raise UsageError("GreenTrainerCallback does not support several processes yet (DDP cannot follow a "
-                             "trainable set that changes); use `torchrun -m greentrainer train`, which does")
+        self._world = args.world_size
+        if self._world > 1:
+            self._take_over_gradient_sync(model)
         batch = self._batch(train_dataloader, model.device)
         if "input_ids" not in batch or "labels" not in batch:
             raise UsageError(f"GreenTrainerCallback needs batches with input_ids and labels; got "
@@ -95,6 +94,9 @@ class GreenTrainerCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         self._stop_counting()
         self._hook.remove()
+        if getattr(self, "_sync_hook", None) is not None:
+            self._sync_hook.remove()
+            self._sync_hook = None
 
     def _stop_counting(self):
         if self._counter is not None:
@@ -115,9 +117,47 @@ class GreenTrainerCallback(TrainerCallback):
         logs["greentrainer/trainable_tensors"] = len(self.current or ())
 
     def attach(self, trainer) -> "GreenTrainerCallback":
-        """Add this callback to ``trainer`` ahead of the others, so the loggers it reports to see its values."""
-        trainer.callback_handler.callbacks.insert(0, self)
+        """Add this callback to ``trainer`` ahead of the others, so the loggers it reports to see its values
+        (needed on several processes, where the callback takes over DDP's gradient sync)."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        self._trainer = trainer
         return self
+
+    # -- several processes ----------------------------------------------------------------------------
+    def _take_over_gradient_sync(self, model) -> None:
+        """DDP's reducer serves the tensors that required grad when it wrapped the model, so it cannot follow a
+        trainable set that changes. Its sync is turned off, and at the end of each synchronising backward the
+        gradients of exactly the trainable tensors are averaged over processes (before the Trainer clips them),
+        as the engine does; the probe's gradients are averaged too, so every process scores the same."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            raise UsageError("GreenTrainerCallback on several processes: add it with "
+                             "GreenTrainerCallback(...).attach(trainer) (it takes over DDP's gradient sync)")
+        ddp = trainer.model_wrapped
+        if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
+            raise UsageError(f"GreenTrainerCallback on several processes needs plain DDP; the model is wrapped in "
+                             f"{type(ddp).__name__} (FSDP and DeepSpeed shard what the selection changes)")
+        ddp.require_backward_grad_sync = False  # Accelerate's no_sync() restores this value, so it stays off
+        self._sync_hook = model.register_forward_hook(self._queue_sync)
+
+    def _queue_sync(self, module, args, output):
+        logits = getattr(output, "logits", None)
+        if self._in_step and module.training and logits is not None and logits.requires_grad:
+            logits.register_hook(self._on_backward)
+
+    def _on_backward(self, grad):
+        from accelerate.state import GradientState
+        if GradientState().sync_gradients:  # the last micro-batch of an accumulated step
+            torch.autograd.Variable._execution_engine.queue_callback(self._average_trainable_grads)
+        return grad
+
+    def _average_trainable_grads(self) -> None:
+        from .loop import sync_gradients
+        sync_gradients([p for _, p in unique_named_parameters(self._trainer.model) if p.requires_grad],
+                       _mean_over_processes)
 
     def _select(self, state, model, optimizer, lr_scheduler, train_dataloader):
         # the probe steps the optimizer itself: the Trainer's wrappers would skip that step while gradients
@@ -128,10 +168,16 @@ class GreenTrainerCallback(TrainerCallback):
         chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
                                   self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
                                   self.importance, previous=self.current, log=self.log, agree=_first_process,
-                                  count=self._count_probe, debt=self._debt)
+                                  count=self._count_probe, debt=self._debt,
+                                  reduce_grads=self._average_probe_grads if self._world > 1 else None)
         rec["step"] = state.global_step
         self.current = chosen
         self.selections.append(rec)
+
+    @staticmethod
+    def _average_probe_grads(params) -> None:
+        from .loop import sync_gradients
+        sync_gradients(params, _mean_over_processes)
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kw):
@@ -173,6 +219,12 @@ class GreenTrainerCallback(TrainerCallback):
             raise UsageError(f"{checkpoint_dir} holds no {self.STATE_FILE} (was it saved with GreenTrainerCallback?)")
         state = json.loads(open(path, encoding="utf-8").read())
         self.current, self.selections = state["current"], state["selections"]
+
+
+def _mean_over_processes(t):
+    import torch.distributed as dist
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 def _first_process(chosen):

@@ -6,8 +6,8 @@ import json
 import math
 import sys
 
-from .config import (GreenTrainerConfig, PeftMethodConfig, SMTConfig, TrainConfig, METHODS, PRECISIONS,
-                     config_from_options, option_names)
+from .config import TrainConfig, config_from_options, dashed, method_option_specs, option_names, option_specs
+from .methods.registry import registered_methods
 from .errors import RunFailed, UsageError, one_line, warn
 
 DEMO = ["--max-train", "32", "--max-eval", "12", "--epochs", "2", "--max-input-length", "320",
@@ -39,94 +39,39 @@ def _number(kind):
 
 FLOAT, INT = _number(float), _number(int)
 
-# Options that only one method reads: given with another method they are ignored (warned once).
-METHOD_OPTIONS = {
-    "greentrainer": ("rho", "rho_schedule", "select_every", "select_once", "importance", "selector_resolution",
-                     "deselected_state"),
-    "lora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
-    "dora": ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"),
-    "prefix": ("prefix_tokens", "prefix_init"),
-    "smt": ("smt_warmup", "smt_targets", "smt_params", "smt_block"),
-}
+TYPES = {int: INT, float: FLOAT, str: str}
+
+
+def _add_options(group, specs) -> None:
+    """One argument per option of a config dataclass (see :func:`greentrainer.config.option`)."""
+    for o in specs:
+        if o.type is bool:
+            assert o.default is (True if o.negate else False), f"{o.name}: a flag's default must be off"
+            group.add_argument(dashed(o.name), dest=o.name, action="store_true", help=o.help)
+        else:
+            group.add_argument(dashed(o.name), dest=o.name, type=TYPES[o.type], default=o.default,
+                               choices=o.choices, help=o.help)
 
 
 def _add_train_args(p):
-    d = TrainConfig()
     p.add_argument("--config", default=None, metavar="FILE.yaml",
                    help="options from a YAML file (rho: 0.5, method: lora, ...); the command line overrides it; "
                         "every run folder's train_config.yaml re-runs that run")
-    g, pe, s = GreenTrainerConfig(), PeftMethodConfig(), SMTConfig()
-    p.add_argument("--model", default=d.model, help="smollm2-135m (packaged), a local HF folder, or a hub name")
-    p.add_argument("--dataset", default=d.dataset, help="scitldr, dialogsum, webquestions, piqa, samsum or a .jsonl file")
-    p.add_argument("--eval-dataset", default=None,
-                   help="your own test set (.jsonl) for a .jsonl --dataset (default: a fixed 10%% held out of it)")
-    p.add_argument("--method", default=d.method, choices=METHODS)
-    p.add_argument("--output-dir", default=None)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--epochs", type=INT, default=d.epochs)
-    p.add_argument("--batch-size", type=INT, default=d.batch_size)
-    p.add_argument("--lr", type=FLOAT, default=d.lr)
-    p.add_argument("--weight-decay", type=FLOAT, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=INT, default=d.warmup_steps)
-    p.add_argument("--max-input-length", type=INT, default=d.max_input_length)
-    p.add_argument("--max-train", type=INT, default=None)
-    p.add_argument("--max-eval", type=INT, default=None)
-    p.add_argument("--seed", type=INT, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--bf16", action="store_true", help="the same as --precision bf16-mixed")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
-                   help="32-true; bf16-mixed (autocast); bf16-true (bf16 weights, half the memory); "
-                        "16-mixed (fp16 autocast with a gradient scaler)")
-    p.add_argument("--save-every", type=INT, default=None,
-                   help="write checkpoint/ every N optimizer steps (default: at the end of each epoch)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoint/, with its saved config")
-    p.add_argument("--attn-implementation", default=d.attn_implementation, choices=("sdpa", "eager"),
-                   help="sdpa: fused attention where the model has it (its FLOPs are counted exactly); eager")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="recompute activations in the backward (less memory; the recompute is counted and budgeted)")
-    p.add_argument("--report-to", default=d.report_to,
-                   help="trackers (Accelerate's): none, tensorboard (offline, in the run folder's logs/), wandb, "
-                        "mlflow, ...; comma-separated")
-    p.add_argument("--logging-steps", type=INT, default=d.logging_steps,
-                   help="log loss, lr, measured FLOPs, the fraction of full FT and the trainable set every N steps")
     p.add_argument("--quiet", action="store_true", help="errors and warnings only (no progress bars)")
-    p.add_argument("--grad-accum", type=INT, default=d.grad_accum,
-                   help="micro-batches per optimizer step (effective batch = batch size × processes × this)")
-    p.add_argument("--num-beams", type=INT, default=d.num_beams)
-    p.add_argument("--max-new-tokens", type=INT, default=None)
-    p.add_argument("--eval-batch-size", type=INT, default=d.eval_batch_size)
-    p.add_argument("--no-eval", action="store_true", help="skip generation-based evaluation")
-    p.add_argument("--eval-before", action="store_true", help="also evaluate before training")
     p.add_argument("--no-progress", action="store_true")
-    gt = p.add_argument_group("greentrainer")
-    gt.add_argument("--rho", type=FLOAT, default=g.rho, help="fraction of full fine-tuning FLOPs per step")
-    gt.add_argument("--rho-schedule", default=None, help="file: JSON {step: rho} or lines 'step rho'")
-    gt.add_argument("--select-every", type=INT, default=None, help="re-select every K steps (default: every epoch)")
-    gt.add_argument("--select-once", action="store_true")
-    gt.add_argument("--importance", default=g.importance, choices=("dw_grad", "dw", "grad"))
-    gt.add_argument("--deselected-state", default=g.deselected_state, choices=("drop", "cpu", "keep"),
-                    help="optimizer state of tensors that leave the selection: drop it (a re-selected tensor "
-                         "starts afresh; frees memory), keep a host copy (cpu), or keep it in place")
-    gt.add_argument("--selector-resolution", type=INT, default=None, help="coarse DP resolution (paper Table 7)")
-    pg = p.add_argument_group("lora / dora / prefix")
-    pg.add_argument("--lora-r", type=INT, default=pe.lora_r)
-    pg.add_argument("--lora-alpha", type=INT, default=pe.lora_alpha)
-    pg.add_argument("--lora-dropout", type=FLOAT, default=pe.lora_dropout)
-    pg.add_argument("--lora-targets", default=None, help="comma-separated module names (default: query, value)")
-    pg.add_argument("--prefix-tokens", type=INT, default=pe.prefix_tokens)
-    pg.add_argument("--prefix-init", default=pe.prefix_init, choices=("data", "random"),
-                    help="data: the base model's keys/values on the first training prompts (decoder-only); "
-                         "random: peft's default")
-    sg = p.add_argument_group("smt")
-    sg.add_argument("--smt-warmup", type=INT, default=s.warmup_steps)
-    sg.add_argument("--smt-targets", default=s.targets, help="comma list of q,k,v,o,gate,up,down")
-    sg.add_argument("--smt-params", type=FLOAT, default=s.params_percent, help="trainable %% of all parameters")
-    sg.add_argument("--smt-block", type=INT, default=s.block_size)
+    _add_options(p, option_specs(TrainConfig))
+    groups: dict[type, list[str]] = {}
+    for spec in registered_methods().values():
+        if spec.config_cls is not None:
+            groups.setdefault(spec.config_cls, []).append(spec.name)
+    for cls, names in groups.items():
+        _add_options(p.add_argument_group(" / ".join(names), cls.__doc__), option_specs(cls))
 
 
 def config_from_args(a) -> TrainConfig:
-    return config_from_options({name: getattr(a, name) for name in option_names()})
+    return config_from_options(vars(a))
 
 
 def load_options_file(path: str, parser: argparse.ArgumentParser) -> dict:
@@ -295,9 +240,10 @@ def given_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
 
 def warn_ignored(method: str, given: set[str]) -> None:
     """One warning for options that belong to another method than the one that runs."""
-    mine = set(METHOD_OPTIONS.get(method, ()))
-    other = sorted({o for opts in METHOD_OPTIONS.values() for o in opts} - mine)
-    ignored = [o for o in other if o in given]
+    general = {o.name for o in option_specs(TrainConfig)}
+    mine = {o.name for o in method_option_specs(method)}
+    other = set(option_names()) - general - mine
+    ignored = [o for o in option_names() if o in other and o in given]
     if ignored:
         warn(f"ignored with --method {method}: " + ", ".join("--" + o.replace("_", "-") for o in ignored))
 

@@ -1,4 +1,8 @@
-"""Every option with its default, validated once before anything heavy is loaded."""
+"""Every option with its default, validated once before anything heavy is loaded.
+
+Each config dataclass (TrainConfig here, one per method in that method's module) declares its fields with
+:func:`option`: the field's default, its help and its flat name. The command line (``--lr``, ``--rho``) and
+the YAML files (``lr: 1e-4``) are generated from these fields, so no option is restated by hand."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,196 +10,159 @@ import json
 import math
 import os
 import shutil
+import typing
 from pathlib import Path
 
 from .errors import UsageError
 
-METHODS = ("greentrainer", "full", "top2", "lora", "dora", "prefix", "smt")
-IMPORTANCE_METRICS = ("dw_grad", "dw", "grad")
-SMT_TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")  # Lightning's / litgpt's names
+
+
+def option(default=None, help: str = "", *, flag: str | None = None, choices=None, negate: bool = False):
+    """A config field that is also a command-line option and a YAML key.
+
+    ``flag``: its flat name when not the field's (``--smt-warmup`` for SMTConfig.warmup_steps); ``choices``:
+    the allowed values (or a function returning them); ``negate``: a boolean given as its opposite
+    (``--no-eval`` sets ``do_eval`` False)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
+                                                        "negate": negate})
+
+
+def dashed(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One flat option: its name, the field it sets, the field's type (int, float, str or bool) and help."""
+
+    name: str
+    field: str
+    type: type
+    default: object
+    help: str
+    choices: tuple | None
+    negate: bool
+
+
+def option_specs(cls) -> list[OptionSpec]:
+    """The flat options of a config dataclass, in field order."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata:
+            continue  # not an option (e.g. TrainConfig.method_config)
+        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
+        kind = kinds[0]
+        if kind not in (int, float, str, bool) or len(kinds) != 1:
+            raise TypeError(f"{cls.__name__}.{f.name}: an option must be int, float, str or bool (or None)")
+        choices = f.metadata["choices"]
+        choices = tuple(choices() if callable(choices) else choices) if choices is not None else None
+        out.append(OptionSpec(f.metadata["flag"] or f.name, f.name, kind, f.default, f.metadata["help"], choices,
+                              f.metadata["negate"]))
+    return out
+
+
+class Options:
+    """Base of the config dataclasses: checks every option's type, finiteness and choices in one place."""
+
+    def check_options(self) -> None:
+        for o in option_specs(type(self)):
+            v = getattr(self, o.field)
+            if v is None and o.default is None:
+                continue
+            ok = isinstance(v, o.type) and not (o.type is not bool and isinstance(v, bool))
+            if o.type is float and isinstance(v, int) and not isinstance(v, bool):
+                ok = True
+            if not ok:
+                raise UsageError(f"{dashed(o.name)} must be {_KIND[o.type]}, got {v!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"{dashed(o.name)} must be a finite number, got {v}")
+            if o.choices is not None and v not in o.choices:
+                raise UsageError(f"{dashed(o.name)} must be one of {', '.join(map(str, o.choices))}, got {v!r}")
+
+    def validate(self) -> None:
+        self.check_options()
+
+
+_KIND = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
 def check_finite(**values) -> None:
     """Every number a user gives must be a finite number (``inf``/``nan`` parse as floats)."""
     for name, v in values.items():
         if v is not None and isinstance(v, float) and not math.isfinite(v):
-            raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+            raise UsageError(f"{dashed(name)} must be a finite number, got {v}")
+
+
+def _method_names():
+    from .methods.registry import registered_methods
+    return list(registered_methods())
 
 
 @dataclasses.dataclass
-class GreenTrainerConfig:
-    """GreenTrainer (adaptive backpropagation) knobs."""
+class TrainConfig(Options):
+    """A training run. Paper defaults: AdamW, lr 2e-5, linear schedule, wd 0.01, batch 4, 5 epochs.
 
-    rho: float = 0.6                 # fraction of full fine-tuning FLOPs per step
-    rho_schedule: str | None = None  # JSON file {step: rho}; the latest entry at or before a selection applies
-    select_every: int | None = None  # re-select every K optimizer steps (default: at every epoch start)
-    select_once: bool = False        # select once at the start and keep it
-    importance: str = "dw_grad"      # paper Table 4: dw_grad (-Σ Δw·g), dw (Σ|Δw|), grad (Σ g²)
-    resolution: int | None = None    # coarse selector (paper Table 7); None = exact
-    deselected_state: str = "drop"   # optimizer state of a deselected tensor: drop (frees it), cpu (host copy), keep
+    ``method_config`` is the chosen method's own config dataclass (None: its defaults)."""
 
-    def validate(self) -> None:
-        check_finite(rho=self.rho)
-        if self.select_once and self.select_every is not None:
-            raise UsageError("--select-once and --select-every contradict each other; give one of them")
-        if not 0 < self.rho <= 1:
-            raise UsageError(f"--rho must be in (0, 1], got {self.rho}")
-        if self.select_every is not None and self.select_every <= 0:
-            raise UsageError(f"--select-every must be a positive number of steps, got {self.select_every}")
-        if self.deselected_state not in ("drop", "cpu", "keep"):
-            raise UsageError(f"--deselected-state must be drop, cpu or keep, got {self.deselected_state!r}")
-        if self.importance not in IMPORTANCE_METRICS:
-            raise UsageError(f"--importance must be one of {', '.join(IMPORTANCE_METRICS)}, got {self.importance!r}")
-        if self.resolution is not None and self.resolution < 2:
-            raise UsageError(f"--selector-resolution must be at least 2, got {self.resolution}")
-        if self.rho_schedule is not None:
-            load_rho_schedule(self.rho_schedule)
+    model: str = option("smollm2-135m", "smollm2-135m (packaged), a local HF folder, or a hub name")
+    dataset: str = option("scitldr", "scitldr, dialogsum, webquestions, piqa, samsum or a .jsonl file")
+    eval_dataset: str | None = option(None, "your own test set (.jsonl) for a .jsonl --dataset (default: a fixed "
+                                            "10%% held out of it)")
+    method: str = option("greentrainer", "the training method", choices=_method_names)
+    output_dir: str | None = option(None, "the run folder (default: runs/METHOD-DATASET-TIME)")
+    overwrite: bool = option(False, "replace the run folder of an earlier run (only a greentrainer run folder)")
+    epochs: int = option(5, "passes over the training set")
+    batch_size: int = option(4, "examples per micro-batch and process")
+    lr: float = option(2e-5, "peak learning rate (AdamW, linear decay)")
+    weight_decay: float = option(0.01, "AdamW weight decay")
+    warmup_steps: int = option(0, "linear learning-rate warm-up, in optimizer steps")
+    max_input_length: int = option(512, "tokens per example (prompt + target); longer ones are truncated")
+    max_train: int | None = option(None, "use only the first N training examples")
+    max_eval: int | None = option(None, "evaluate on the first N test examples")
+    seed: int = option(42, "random seed (data order, probes, initialisation)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    bf16: bool = option(False, "the same as --precision bf16-mixed")
+    precision: str = option("32-true", "32-true; bf16-mixed (autocast); bf16-true (bf16 weights, half the memory); "
+                                       "16-mixed (fp16 autocast with a gradient scaler)", choices=PRECISIONS)
+    grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch size × processes × this)")
+    save_every: int | None = option(None, "write checkpoint/ every N optimizer steps (default: at the end of "
+                                          "each epoch)")
+    attn_implementation: str = option("sdpa", "sdpa: fused attention where the model has it (its FLOPs are counted "
+                                              "exactly); eager", choices=("sdpa", "eager"))
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward (less memory; the recompute "
+                                                 "is counted and budgeted)")
+    report_to: str = option("none", "trackers (Accelerate's): none, tensorboard (offline, in the run folder's "
+                                    "logs/), wandb, mlflow, ...; comma-separated")
+    logging_steps: int = option(10, "log loss, lr, measured FLOPs, the fraction of full FT and the trainable set "
+                                    "every N steps")
+    num_beams: int = option(4, "beams for generation in evaluation")
+    max_new_tokens: int | None = option(None, "generated tokens per test item (default: from the dataset)")
+    eval_batch_size: int = option(4, "test items per generation batch")
+    do_eval: bool = option(True, "skip generation-based evaluation", flag="no_eval", negate=True)
+    eval_before: bool = option(False, "also evaluate before training")
+    method_config: typing.Any = None
 
-
-def config_from_dict(d: dict) -> "TrainConfig":
-    """A TrainConfig from its ``to_dict()`` (a run folder's train_config.json); unknown keys are refused."""
-    d = dict(d)
-    try:
-        subs = {"greentrainer": GreenTrainerConfig(**d.pop("greentrainer", {})),
-                "peft": PeftMethodConfig(**d.pop("peft", {})), "smt": SMTConfig(**d.pop("smt", {}))}
-        return TrainConfig(**d, **subs)
-    except TypeError as e:
-        raise UsageError(f"train_config.json does not describe a run of this version: {e}") from None
-
-
-def load_rho_schedule(path: str) -> dict[int, float]:
-    """Read a ρ schedule: JSON object {"0": 0.5, "100": 0.4} or lines "step rho"."""
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"ρ schedule file not found: {path}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UsageError(f"ρ schedule {path} is not a UTF-8 text file") from None
-    except OSError as e:
-        raise UsageError(f"cannot read ρ schedule {path}: {e.strerror}") from None
-    try:
-        raw = json.loads(text)
-        items = list(raw.items()) if isinstance(raw, dict) else None
-    except ValueError:
-        items = [ln.replace(",", " ").split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
-    if not items:
-        raise UsageError(f"ρ schedule {path}: expected JSON {{step: rho}} or lines 'step rho'")
-    sched = {}
-    for item in items:
-        try:
-            step, rho = int(item[0]), float(item[1])
-        except (ValueError, IndexError, TypeError):
-            raise UsageError(f"ρ schedule {path}: cannot read entry {item!r}") from None
-        if not math.isfinite(rho) or step < 0 or not 0 < rho <= 1:
-            raise UsageError(f"ρ schedule {path}: step must be ≥ 0 and rho in (0, 1], got {step} → {rho}")
-        sched[step] = rho
-    return dict(sorted(sched.items()))
-
-
-@dataclasses.dataclass
-class PeftMethodConfig:
-    """LoRA / DoRA / Prefix tuning knobs (passed to peft)."""
-
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: str | None = None   # comma-separated module names; default: the model's query and value
-    prefix_tokens: int = 20
-    prefix_init: str = "data"         # "data": keys/values of real training prompts; "random": peft's default
+    def __post_init__(self):
+        if self.method_config is None:
+            from .methods.registry import registered_methods
+            spec = registered_methods().get(self.method)
+            if spec is not None and spec.config_cls is not None:
+                self.method_config = spec.config_cls()
 
     def validate(self) -> None:
-        check_finite(lora_dropout=self.lora_dropout)
-        if self.lora_r <= 0 or self.lora_alpha <= 0:
-            raise UsageError("--lora-r and --lora-alpha must be positive")
-        if not 0 <= self.lora_dropout < 1:
-            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.prefix_tokens <= 0:
-            raise UsageError(f"--prefix-tokens must be positive, got {self.prefix_tokens}")
-
-
-@dataclasses.dataclass
-class SMTConfig:
-    """Sparse Matrix Tuning knobs."""
-
-    warmup_steps: int = 100
-    targets: str = "q,k,v"
-    params_percent: float = 1.0   # trainable parameters, % of all model parameters
-    block_size: int = 256
-
-    def target_kinds(self) -> list[str]:
-        return [t.strip() for t in self.targets.split(",") if t.strip()]
-
-    def validate(self) -> None:
-        check_finite(smt_params=self.params_percent)
-        kinds = self.target_kinds()
-        bad = [k for k in kinds if k not in SMT_TARGET_KINDS]
-        if not kinds or bad:
-            raise UsageError(f"--smt-targets: unknown target {', '.join(bad) or '(empty)'}; "
-                             f"choose from {','.join(SMT_TARGET_KINDS)}")
-        if not 0 < self.params_percent <= 100:
-            raise UsageError(f"--smt-params must be a percentage in (0, 100], got {self.params_percent}")
-        if self.block_size <= 0:
-            raise UsageError(f"--smt-block must be a positive block size, got {self.block_size}")
-        if self.warmup_steps < 0:
-            raise UsageError(f"--smt-warmup must be ≥ 0, got {self.warmup_steps}")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """A training run. Paper defaults: AdamW, lr 2e-5, linear schedule, wd 0.01, batch 4, 5 epochs."""
-
-    model: str = "smollm2-135m"
-    dataset: str = "scitldr"
-    eval_dataset: str | None = None   # a user's own test set (JSONL) for a user's training file
-    method: str = "greentrainer"
-    output_dir: str | None = None
-    overwrite: bool = False
-    epochs: int = 5
-    batch_size: int = 4
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    max_input_length: int = 512
-    max_train: int | None = None
-    max_eval: int | None = None
-    seed: int = 42
-    device: str = "auto"
-    bf16: bool = False                # the older flag: the same as precision "bf16-mixed"
-    precision: str = "32-true"        # 32-true, bf16-mixed, bf16-true (bf16 weights) or 16-mixed (GradScaler)
-    grad_accum: int = 1               # micro-batches per optimizer step and process
-    save_every: int | None = None     # checkpoint every N optimizer steps (default: at the end of each epoch)
-    attn_implementation: str = "sdpa"  # fused attention (counted exactly), or eager
-    gradient_checkpointing: bool = False  # recompute blocks in the backward (counted; the budget includes it)
-    report_to: str = "none"           # trackers through Accelerate: tensorboard, wandb, mlflow, ... (comma list)
-    logging_steps: int = 10           # log loss, lr, FLOPs and the fraction of full FT every N optimizer steps
-    num_beams: int = 4
-    max_new_tokens: int | None = None
-    eval_batch_size: int = 4
-    do_eval: bool = True
-    eval_before: bool = False
-    greentrainer: GreenTrainerConfig = dataclasses.field(default_factory=GreenTrainerConfig)
-    peft: PeftMethodConfig = dataclasses.field(default_factory=PeftMethodConfig)
-    smt: SMTConfig = dataclasses.field(default_factory=SMTConfig)
-
-    def validate(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        from .methods.registry import method_spec
+        spec = method_spec(self.method)  # a clear error for an unknown method
+        self.check_options()
         self.trackers()  # names known and installed
-        if self.attn_implementation not in ("sdpa", "eager"):
-            raise UsageError(f"--attn-implementation must be sdpa or eager, got {self.attn_implementation!r}")
-        if self.gradient_checkpointing and self.method == "prefix":
-            raise UsageError("--gradient-checkpointing does not work with --method prefix (peft's prefix caches "
-                             "do not survive the recompute); drop one of them")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.gradient_checkpointing and not spec.method_cls.supports_gradient_checkpointing:
+            raise UsageError(f"--gradient-checkpointing does not work with --method {self.method}; drop one of them")
         if self.bf16 and self.precision not in ("32-true", "bf16-mixed"):
             raise UsageError(f"--bf16 and --precision {self.precision} contradict each other; give one of them")
         for name in ("epochs", "batch_size", "eval_batch_size", "num_beams", "grad_accum", "logging_steps"):
             if getattr(self, name) <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        check_finite(lr=self.lr, weight_decay=self.weight_decay)
+                raise UsageError(f"{dashed(name)} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
         if self.eval_before and not self.do_eval:
@@ -209,12 +176,14 @@ class TrainConfig:
         for name in ("max_train", "max_eval", "max_new_tokens", "save_every"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
+                raise UsageError(f"{dashed(name)} must be positive, got {v}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        self.greentrainer.validate()
-        self.peft.validate()
-        self.smt.validate()
+        if spec.config_cls is not None:
+            if not isinstance(self.method_config, spec.config_cls):
+                raise UsageError(f"--method {self.method} takes a {spec.config_cls.__name__}, "
+                                 f"got {type(self.method_config).__name__}")
+            self.method_config.validate()
 
     def trackers(self) -> list[str]:
         """The --report-to trackers (Accelerate's names); a clear error for an unknown or missing one."""
@@ -231,7 +200,22 @@ class TrainConfig:
         return names
 
     def to_dict(self) -> dict:
+        """Plain data (a run folder's train_config.json): every field, the method's config as a dict."""
         return dataclasses.asdict(self)
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """A TrainConfig from its ``to_dict()`` (a run folder's train_config.json); unknown keys are refused."""
+    from .methods.registry import method_spec
+    d = dict(d)
+    sub = d.pop("method_config", None)
+    try:
+        spec = method_spec(d.get("method", TrainConfig.method))
+        if spec.config_cls is not None:
+            sub = spec.config_cls(**(sub or {}))
+        return TrainConfig(**d, method_config=sub)
+    except TypeError as e:
+        raise UsageError(f"train_config.json does not describe a run of this version: {e}") from None
 
 
 RUN_MARKER = ".greentrainer-run"
@@ -290,54 +274,43 @@ def prepare_output_dir(path: str, overwrite: bool) -> Path:
 
 # ---------------------------------------------------------------- one flat name per option (CLI and YAML)
 
-# Options whose flat name (the command line's, without dashes) differs from their place in TrainConfig.
-_PLACES = {"no_eval": ("do_eval", True), "selector_resolution": ("greentrainer.resolution", False),
-           "smt_warmup": ("smt.warmup_steps", False), "smt_targets": ("smt.targets", False),
-           "smt_params": ("smt.params_percent", False), "smt_block": ("smt.block_size", False)}
-_SECTIONS = {"greentrainer": GreenTrainerConfig, "peft": PeftMethodConfig}
-
-
-def option_place(name: str) -> tuple[str, bool]:
-    """Where a flat option lives in TrainConfig ("section.field" or "field") and whether it is negated."""
-    if name in _PLACES:
-        return _PLACES[name]
-    for section, cls in _SECTIONS.items():
-        if name in {f.name for f in dataclasses.fields(cls)}:
-            return f"{section}.{name}", False
-    if name in {f.name for f in dataclasses.fields(TrainConfig)} and name not in ("greentrainer", "peft", "smt"):
-        return name, False
-    raise KeyError(name)
+def method_option_specs(method: str) -> list[OptionSpec]:
+    """The flat options of ``method``'s own config (none for a method without one)."""
+    from .methods.registry import method_spec
+    cls = method_spec(method).config_cls
+    return option_specs(cls) if cls is not None else []
 
 
 def config_from_options(options: dict) -> TrainConfig:
-    """A TrainConfig from flat options ({"rho": 0.5, "lora_r": 8, "no_eval": True, ...})."""
-    cfg = TrainConfig()
-    for name, value in options.items():
-        place, negated = option_place(name)
-        obj, field = (getattr(cfg, place.split(".")[0]), place.split(".")[1]) if "." in place else (cfg, place)
-        setattr(obj, field, (not value) if negated else value)
-    return cfg
+    """A TrainConfig from flat options ({"method": "greentrainer", "rho": 0.5, "no_eval": True, ...}).
+
+    Options of other methods than the chosen one are ignored (the command line warns about them)."""
+    from .methods.registry import method_spec
+
+    def fields(specs):
+        return {o.field: (not options[o.name]) if o.negate else options[o.name] for o in specs if o.name in options}
+    cfg = fields(option_specs(TrainConfig))
+    spec = method_spec(cfg.get("method", TrainConfig.method))
+    sub = spec.config_cls(**fields(option_specs(spec.config_cls))) if spec.config_cls is not None else None
+    return TrainConfig(**cfg, method_config=sub)
 
 
-def options_from_config(cfg: TrainConfig, names) -> dict:
-    """The flat options ``names`` of ``cfg`` (the inverse of :func:`config_from_options`)."""
+def options_from_config(cfg: TrainConfig) -> dict:
+    """The flat options of ``cfg``: every general one and those of its method (the inverse of
+    :func:`config_from_options`)."""
     out = {}
-    for name in names:
-        place, negated = option_place(name)
-        obj, field = (getattr(cfg, place.split(".")[0]), place.split(".")[1]) if "." in place else (cfg, place)
-        value = getattr(obj, field)
-        out[name] = (not value) if negated else value
+    for obj in (cfg, cfg.method_config):
+        for o in option_specs(type(obj)) if obj is not None else []:
+            v = getattr(obj, o.field)
+            out[o.name] = (not v) if o.negate else v
     return out
 
 
 def option_names() -> list[str]:
-    """Every flat option of a training run, in TrainConfig's order (the command line defines exactly these)."""
-    renamed = {place: name for name, (place, _) in _PLACES.items()}
-    names = []
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("greentrainer", "peft", "smt"):
-            section = {"greentrainer": GreenTrainerConfig, "peft": PeftMethodConfig, "smt": SMTConfig}[f.name]
-            names += [renamed.get(f"{f.name}.{g.name}", g.name) for g in dataclasses.fields(section)]
-        else:
-            names.append(renamed.get(f.name, f.name))
+    """Every flat option: the general ones, then each registered method's (the command line and YAML keys)."""
+    from .methods.registry import registered_methods
+    names = [o.name for o in option_specs(TrainConfig)]
+    for spec in registered_methods().values():
+        if spec.config_cls is not None:
+            names += [o.name for o in option_specs(spec.config_cls) if o.name not in names]
     return names

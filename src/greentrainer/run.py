@@ -17,8 +17,8 @@ from .models import check_input_length, is_seq2seq, load_config, load_model, pic
 def options_yaml(cfg: TrainConfig) -> str:
     """The run's every option as flat YAML: ``greentrainer train --config train_config.yaml`` re-runs it."""
     import yaml
-    from .config import option_names, options_from_config
-    opts = options_from_config(cfg, [n for n in option_names() if n != "overwrite"])
+    from .config import options_from_config
+    opts = {k: v for k, v in options_from_config(cfg).items() if k != "overwrite"}
     return "# greentrainer train --config this_file  (re-runs this run; options given on the command line win)\n" \
         + yaml.safe_dump(opts, sort_keys=False)
 
@@ -131,9 +131,9 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     acc.wait_for_everyone()
     write = write_json_atomic if main else _no_write  # files are the first process's job
     if cfg.trackers():
-        from .config import option_names, options_from_config
-        acc.init_trackers("greentrainer", config={k: v for k, v in options_from_config(
-            cfg, option_names()).items() if isinstance(v, (int, float, str, bool))})
+        from .config import options_from_config
+        acc.init_trackers("greentrainer", config={k: v for k, v in options_from_config(cfg).items()
+                                                  if isinstance(v, (int, float, str, bool))})
     max_new = cfg.max_new_tokens or spec.max_new_tokens
     test_name = cfg.eval_dataset or f"{spec.name} {spec.eval_split}"
     metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name,

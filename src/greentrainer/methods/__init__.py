@@ -1,23 +1,12 @@
-"""Training methods. Each is a small plug-in to the one loop (see :class:`base.Method`)."""
+"""Training methods. Each is a small plug-in to the one loop (see :class:`base.Method`) and registers itself
+(see :mod:`.registry`): a new method is one module in this package or in another package."""
 from __future__ import annotations
 
+from .registry import MethodSpec, method_spec, register_method, registered_methods
 
-def build_method(cfg, **kw):
-    """The method plug-in named by ``cfg.method``."""
-    name = cfg.method
-    if name == "full":
-        from .full import FullFineTuning
-        return FullFineTuning()
-    if name == "top2":
-        from .top2 import Top2
-        return Top2()
-    if name == "greentrainer":
-        from .greentrainer import GreenTrainerMethod
-        return GreenTrainerMethod(cfg.greentrainer)
-    if name in ("lora", "dora", "prefix"):
-        from .peft_methods import PeftMethod
-        return PeftMethod(name, cfg.peft, cfg.model)
-    if name == "smt":
-        from .smt import SMTMethod
-        return SMTMethod(cfg.smt)
-    raise ValueError(name)
+__all__ = ["MethodSpec", "build_method", "method_spec", "register_method", "registered_methods"]
+
+
+def build_method(cfg):
+    """The method plug-in named by ``cfg.method``, configured by ``cfg.method_config``."""
+    return method_spec(cfg.method).method_cls.from_config(cfg)

@@ -11,6 +11,12 @@ class Method:
     """
 
     name = "base"
+    supports_gradient_checkpointing = True
+
+    @classmethod
+    def from_config(cls, train_config) -> "Method":
+        """The method for a run (``train_config.method_config`` is the config registered with it)."""
+        return cls() if train_config.method_config is None else cls(train_config.method_config)
 
     def check(self, model, profile, steps_per_epoch: int, total_steps: int, micro_batches: int = 1) -> None:
         """Reject impossible settings (raise UsageError) before any output is written. Steps are optimizer

@@ -1,9 +1,11 @@
 """Full fine-tuning: every tensor trains (the reference cost that ρ is a fraction of)."""
 from .base import Method
+from .registry import register_method
 
 
+@register_method("full")
 class FullFineTuning(Method):
-    name = "full"
+    """Full fine-tuning: every tensor trains (the reference cost)."""
 
     def prepare(self, model, ctx):
         for p in model.parameters():

@@ -6,17 +6,82 @@ spread over the steps it governs), and only those tensors train until the next s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import time
+from pathlib import Path
 
 import numpy as np
 
-from ..config import load_rho_schedule
+from ..config import Options, option
 from ..errors import UsageError
 from ..importance import probe_importance
 from ..selection import min_feasible_rho, rho_to_backward_budget, select_tensors
 from ..loop import mean_padded_size
 from .base import Method
+from .registry import register_method
+
+
+@dataclasses.dataclass
+class GreenTrainerConfig(Options):
+    """GreenTrainer (adaptive backpropagation) knobs."""
+
+    rho: float = option(0.6, "fraction of full fine-tuning FLOPs per step")
+    rho_schedule: str | None = option(None, "file: JSON {step: rho} or lines 'step rho'; the latest entry at or "
+                                            "before a selection applies")
+    select_every: int | None = option(None, "re-select every K optimizer steps (default: at every epoch start)")
+    select_once: bool = option(False, "select once at the start and keep that selection")
+    importance: str = option("dw_grad", "paper Table 4: dw_grad (-Σ Δw·g), dw (Σ|Δw|), grad (Σ g²)",
+                             choices=("dw_grad", "dw", "grad"))
+    resolution: int | None = option(None, "coarse DP resolution (paper Table 7); default: the exact selector",
+                                    flag="selector_resolution")
+    deselected_state: str = option("drop", "optimizer state of tensors that leave the selection: drop it (a "
+                                           "re-selected tensor starts afresh; frees memory), keep a host copy "
+                                           "(cpu), or keep it in place", choices=("drop", "cpu", "keep"))
+
+    def validate(self) -> None:
+        self.check_options()
+        if self.select_once and self.select_every is not None:
+            raise UsageError("--select-once and --select-every contradict each other; give one of them")
+        if not 0 < self.rho <= 1:
+            raise UsageError(f"--rho must be in (0, 1], got {self.rho}")
+        if self.select_every is not None and self.select_every <= 0:
+            raise UsageError(f"--select-every must be a positive number of steps, got {self.select_every}")
+        if self.resolution is not None and self.resolution < 2:
+            raise UsageError(f"--selector-resolution must be at least 2, got {self.resolution}")
+        if self.rho_schedule is not None:
+            load_rho_schedule(self.rho_schedule)
+
+
+def load_rho_schedule(path: str) -> dict[int, float]:
+    """Read a ρ schedule: JSON object {"0": 0.5, "100": 0.4} or lines "step rho"."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"ρ schedule file not found: {path}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"ρ schedule {path} is not a UTF-8 text file") from None
+    except OSError as e:
+        raise UsageError(f"cannot read ρ schedule {path}: {e.strerror}") from None
+    try:
+        raw = json.loads(text)
+        items = list(raw.items()) if isinstance(raw, dict) else None
+    except ValueError:
+        items = [ln.replace(",", " ").split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if not items:
+        raise UsageError(f"ρ schedule {path}: expected JSON {{step: rho}} or lines 'step rho'")
+    sched = {}
+    for item in items:
+        try:
+            step, rho = int(item[0]), float(item[1])
+        except (ValueError, IndexError, TypeError):
+            raise UsageError(f"ρ schedule {path}: cannot read entry {item!r}") from None
+        if not math.isfinite(rho) or step < 0 or not 0 < rho <= 1:
+            raise UsageError(f"ρ schedule {path}: step must be ≥ 0 and rho in (0, 1], got {step} → {rho}")
+        sched[step] = rho
+    return dict(sorted(sched.items()))
 
 
 def probe_cost(profile, probe_upto: int) -> int:
@@ -132,8 +197,9 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
     return chosen, rec
 
 
+@register_method("greentrainer", config_cls=GreenTrainerConfig)
 class GreenTrainerMethod(Method):
-    """GreenTrainer as a plug-in to the one loop.
+    """GreenTrainer: the most important tensors whose backward fits ρ of full FT's FLOPs train.
 
     Optimizer state follows the selection: the optimizer is built once over every tensor, but after each
     selection the AdamW state (moments and step count) of each tensor that is no longer selected leaves the
@@ -162,7 +228,6 @@ class GreenTrainerMethod(Method):
     ``deselected_state`` (also read from ``cfg.deselected_state`` when the constructor is not given one).
     """
 
-    name = "greentrainer"
     DESELECTED_STATE = ("drop", "cpu", "keep")
 
     def __init__(self, cfg, deselected_state: str | None = None):

@@ -9,12 +9,15 @@ in a short run.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import torch
 
+from ..config import Options, option
 from ..errors import UsageError
 from .base import Method
+from .registry import register_method
 
 
 def default_lora_targets(model) -> list[str]:
@@ -59,46 +62,110 @@ def init_prefix_from_prompts(peft_model, ctx) -> None:
     initialize_kv_prefix_from_past_key_values(peft_model, past_key_values=past, num_virtual_tokens=n)
 
 
+@dataclasses.dataclass
+class LoraMethodConfig(Options):
+    """LoRA / DoRA knobs (passed to peft's LoraConfig)."""
+
+    lora_r: int = option(8, "rank of the low-rank update")
+    lora_alpha: int = option(16, "scaling numerator (the update is scaled by alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the adapter's input")
+    lora_targets: str | None = option(None, "comma-separated module names (default: the model's query and value)")
+
+    def validate(self) -> None:
+        self.check_options()
+        if self.lora_r <= 0 or self.lora_alpha <= 0:
+            raise UsageError("--lora-r and --lora-alpha must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+
+@dataclasses.dataclass
+class PrefixMethodConfig(Options):
+    """Prefix tuning knobs (passed to peft's PrefixTuningConfig)."""
+
+    prefix_tokens: int = option(20, "virtual tokens of the prefix")
+    prefix_init: str = option("data", "data: the base model's keys/values on the first training prompts "
+                                      "(decoder-only); random: peft's default", choices=("data", "random"))
+
+    def validate(self) -> None:
+        self.check_options()
+        if self.prefix_tokens <= 0:
+            raise UsageError(f"--prefix-tokens must be positive, got {self.prefix_tokens}")
+
+
 class PeftMethod(Method):
-    def __init__(self, kind: str, cfg, base_model: str | None = None):
-        self.name = kind
+    """A peft adapter on the frozen model; saved as the adapter alone, with the name of its base model."""
+
+    def __init__(self, cfg, base_model: str | None = None):
         self.cfg = cfg
         self.base_model = base_model
 
-    def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
-        if self.name != "prefix":
-            check_targets(model, self._targets(model))
+    @classmethod
+    def from_config(cls, train_config):
+        return cls(train_config.method_config, train_config.model)
 
-    def _targets(self, model):
-        if self.cfg.lora_targets:
-            return [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
-        return default_lora_targets(model)
+    def peft_config(self, model, task):
+        raise NotImplementedError
 
     def prepare(self, model, ctx):
-        from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+        from peft import TaskType, get_peft_model
         task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
-        if self.name == "prefix":
-            config = PrefixTuningConfig(task_type=task, num_virtual_tokens=self.cfg.prefix_tokens)
-        else:
-            targets = self._targets(model)
-            check_targets(model, targets)
-            self.targets = targets
-            config = LoraConfig(task_type=task, r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
-                                lora_dropout=self.cfg.lora_dropout, target_modules=targets,
-                                use_dora=self.name == "dora")
-        peft_model = get_peft_model(model, config)
-        if self.name == "prefix" and self.cfg.prefix_init == "data":
-            if model.config.is_encoder_decoder:
-                ctx.log("prefix: encoder-decoder models keep peft's random prefix initialisation")
-            else:
-                init_prefix_from_prompts(peft_model, ctx)
-        return peft_model
-
-    def epoch_report(self):
-        return {"lora_targets": self.targets} if hasattr(self, "targets") else {}
+        return get_peft_model(model, self.peft_config(model, task))
 
     def save(self, model, tokenizer, path) -> None:
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)
         with open(path / "greentrainer_base.json", "w") as f:
             json.dump({"base_model": self.base_model, "method": self.name}, f)
+
+
+@register_method("lora", config_cls=LoraMethodConfig)
+class LoraMethod(PeftMethod):
+    """LoRA (peft), on the query and value projections by default."""
+
+    use_dora = False
+
+    def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
+        check_targets(model, self._targets(model))
+
+    def _targets(self, model):
+        if self.cfg.lora_targets:
+            return [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
+        return default_lora_targets(model)
+
+    def peft_config(self, model, task):
+        from peft import LoraConfig
+        self.targets = self._targets(model)
+        check_targets(model, self.targets)
+        return LoraConfig(task_type=task, r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
+                          lora_dropout=self.cfg.lora_dropout, target_modules=self.targets, use_dora=self.use_dora)
+
+    def epoch_report(self):
+        return {"lora_targets": self.targets} if hasattr(self, "targets") else {}
+
+
+@register_method("dora", config_cls=LoraMethodConfig)
+class DoraMethod(LoraMethod):
+    """DoRA (peft): LoRA with a learned magnitude per output."""
+
+    use_dora = True
+
+
+@register_method("prefix", config_cls=PrefixMethodConfig)
+class PrefixMethod(PeftMethod):
+    """Prefix tuning (peft), started from the model's own keys/values on training prompts."""
+
+    supports_gradient_checkpointing = False  # peft's prefix caches do not survive the recompute
+
+    def peft_config(self, model, task):
+        from peft import PrefixTuningConfig
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=self.cfg.prefix_tokens)
+
+    def prepare(self, model, ctx):
+        peft_model = super().prepare(model, ctx)
+        if self.cfg.prefix_init == "data":
+            if model.config.is_encoder_decoder:
+                ctx.log("prefix: encoder-decoder models keep peft's random prefix initialisation")
+            else:
+                init_prefix_from_prompts(peft_model, ctx)
+        return peft_model

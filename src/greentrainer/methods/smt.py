@@ -10,15 +10,50 @@ save that input's needed columns once for all of them (:func:`input_groups`, ``s
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
 import torch
 from torch import nn
 
+from ..config import Options, option
 from ..errors import UsageError
 from ..smt_layer import SMTLinear, share_inputs as _share_inputs
 from .base import Method
+from .registry import register_method
+
+
+SMT_TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclasses.dataclass
+class SMTConfig(Options):
+    """Sparse Matrix Tuning knobs."""
+
+    warmup_steps: int = option(100, "warm-up steps of full fine-tuning whose gradients choose the blocks",
+                               flag="smt_warmup")
+    targets: str = option("q,k,v", "comma list of q,k,v,o,gate,up,down", flag="smt_targets")
+    params_percent: float = option(1.0, "trainable %% of all model parameters", flag="smt_params")
+    block_size: int = option(256, "block edge l (l×l blocks; lowered to divide the target shapes)",
+                             flag="smt_block")
+
+    def target_kinds(self) -> list[str]:
+        return [t.strip() for t in self.targets.split(",") if t.strip()]
+
+    def validate(self) -> None:
+        self.check_options()
+        kinds = self.target_kinds()
+        bad = [k for k in kinds if k not in SMT_TARGET_KINDS]
+        if not kinds or bad:
+            raise UsageError(f"--smt-targets: unknown target {', '.join(bad) or '(empty)'}; "
+                             f"choose from {','.join(SMT_TARGET_KINDS)}")
+        if not 0 < self.params_percent <= 100:
+            raise UsageError(f"--smt-params must be a percentage in (0, 100], got {self.params_percent}")
+        if self.block_size <= 0:
+            raise UsageError(f"--smt-block must be a positive block size, got {self.block_size}")
+        if self.warmup_steps < 0:
+            raise UsageError(f"--smt-warmup must be ≥ 0, got {self.warmup_steps}")
 
 # target kind -> leaf module names used by common architectures (separate nn.Linear projections)
 KIND_NAMES = {
@@ -109,8 +144,9 @@ def block_means(abs_grad: torch.Tensor, l: int) -> torch.Tensor:
     return abs_grad.view(out_f // l, l, in_f // l, l).mean(dim=(1, 3))
 
 
+@register_method("smt", config_cls=SMTConfig)
 class SMTMethod(Method):
-    name = "smt"
+    """Sparse Matrix Tuning: warm-up gradients choose l×l blocks; only those train."""
 
     def __init__(self, cfg, share_inputs: bool = True):
         self.cfg = cfg

@@ -1,6 +1,7 @@
 """FT-Top2 (GreenTrainer paper baseline): train only the last two layers, the output embedding and the
 final norm. With tied embeddings the input embedding is the same tensor and trains with it."""
 from .base import Method
+from .registry import register_method
 
 
 def top2_parameter_names(model, backward_order: list[str]) -> list[str]:
@@ -18,8 +19,9 @@ def top2_parameter_names(model, backward_order: list[str]) -> list[str]:
     return sorted(keep)
 
 
+@register_method("top2")
 class Top2(Method):
-    name = "top2"
+    """FT-Top2: only the last two layers and the output embedding train."""
 
     def prepare(self, model, ctx):
         chosen = set(top2_parameter_names(model, ctx.profile.names))

@@ -1,0 +1,35 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node 2`: a user's own transformers.Trainer
+script with GreenTrainerCallback on two gloo processes. Each process writes what it trained."""
+import hashlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+
+from test_training import make_tiny, tiny_trainer  # noqa: E402
+from greentrainer.callback import GreenTrainerCallback  # noqa: E402
+
+
+def main(out: str, accum: int) -> None:
+    model = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    trainer = tiny_trainer(model, out, 32, [], per_device_train_batch_size=2, gradient_accumulation_steps=accum,
+                           ddp_backend="gloo")
+    cb.attach(trainer)
+    trainer.train()
+    rank = int(os.environ["RANK"])
+    digest = hashlib.sha256()
+    for n, p in sorted(model.named_parameters()):
+        digest.update(n.encode() + p.detach().numpy().tobytes())
+    changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"digest": digest.hexdigest(), "changed": changed, "flops": cb.flops,
+                   "selections": [s["selected"] for s in cb.selections], "steps": trainer.state.global_step}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))

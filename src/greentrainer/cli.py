@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=INT, default=42)
     e.add_argument("--device", default="auto")
     e.add_argument("--output", default=None, help="write metrics and predictions to this JSON file")
+    e.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),
+                   help="auto: the format a run folder's model was trained with, else the chat template where "
+                        "the tokenizer has one, else plain")
+    e.add_argument("--instruction", default=None, help="what the chat format asks (default: the dataset's)")
     sub.add_parser("datasets", help="list the bundled datasets")
     pr = sub.add_parser("profile", help="per-tensor backward FLOPs of a model (GreenTrainer §3.1)")
     pr.add_argument("--model", default="smollm2-135m", help="model name or a folder (config.json is enough)")
@@ -287,7 +291,8 @@ def _main(argv) -> int:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {v}")
         check_eval_output(a.output)
         res = run_eval(a.model, a.dataset, a.max_eval, a.num_beams, a.max_new_tokens, a.max_input_length,
-                       a.seed, a.eval_batch_size, a.device, eval_dataset=a.eval_dataset)
+                       a.seed, a.eval_batch_size, a.device, eval_dataset=a.eval_dataset,
+                       prompt_format=a.prompt_format, instruction=a.instruction)
         print(json.dumps({**res["metrics"], **({"run_status": res["run_status"]} if "run_status" in res else {})},
                          indent=2))
         if a.output:

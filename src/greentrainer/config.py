@@ -13,6 +13,7 @@ import shutil
 import typing
 from pathlib import Path
 
+from .data import PROMPT_FORMATS
 from .errors import UsageError
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")  # Lightning's / litgpt's names
@@ -118,6 +119,9 @@ class TrainConfig(Options):
     lr: float = option(2e-5, "peak learning rate (AdamW, linear decay)")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_steps: int = option(0, "linear learning-rate warm-up, in optimizer steps")
+    prompt_format: str = option("auto", "auto: the tokenizer's chat template where it has one, else plain; chat; "
+                                        "plain: the GreenTrainer paper's text format", choices=PROMPT_FORMATS)
+    instruction: str | None = option(None, "what the chat format asks before the source (default: the dataset's)")
     max_input_length: int = option(512, "tokens per example (prompt + target); longer ones are truncated")
     max_train: int | None = option(None, "use only the first N training examples")
     max_eval: int | None = option(None, "evaluate on the first N test examples")

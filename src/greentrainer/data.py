@@ -29,19 +29,24 @@ class DatasetSpec:
     licence: str
     note: str = ""
     val_split: str | None = None  # None: a fixed part of the train split is held out (see held_out)
+    instruction: str = ""         # what the chat format asks for before the source (see PromptFormat)
 
 
 DATASETS = {
-    "scitldr": DatasetSpec("scitldr", "summarization", "train", "test", 64, "Apache-2.0", val_split="validation"),
+    "scitldr": DatasetSpec("scitldr", "summarization", "train", "test", 64, "Apache-2.0", val_split="validation",
+                           instruction="Write a one-sentence TL;DR of this scientific paper."),
     "dialogsum": DatasetSpec("dialogsum", "summarization", "train", "test", 128, "CC BY-NC-SA 4.0 (non-commercial)",
-                             val_split="validation"),
+                             val_split="validation", instruction="Summarize this dialogue in a few sentences."),
     "samsum": DatasetSpec("samsum", "summarization", "validation", "test", 128, "CC BY-NC-ND 4.0 (non-commercial)",
-                          "no train split is bundled: trains on validation (less a held-out 10%), evaluates on test"),
+                          "no train split is bundled: trains on validation (less a held-out 10%), evaluates on test",
+                          instruction="Summarize this dialogue."),
     "webquestions": DatasetSpec("webquestions", "qa", "train", "test", 32, "CC-BY 4.0",
-                                "validation: a fixed 10% held out of train"),
+                                "validation: a fixed 10% held out of train",
+                                instruction="Answer this question with a name or a short phrase."),
     "piqa": DatasetSpec("piqa", "piqa", "validation[:-500]", "validation[-500:]", 8, "AFL-3.0",
                         "only the labelled validation split exists: its first 1338 items train (less a held-out "
-                        "10% for validation), the last 500 evaluate"),
+                        "10% for validation), the last 500 evaluate",
+                        instruction="Which solution reaches the goal? Answer 0 or 1."),
 }
 SPLITS = ("train", "validation", "test")
 
@@ -199,10 +204,59 @@ def _bundled(name: str, split: str) -> list[Example]:
     return [_to_example(fname, ln, r) for ln, r in _read_jsonl(fname)[sl]]
 
 
-# ---------------------------------------------------------------- prompt formats (GreenTrainer paper)
+# ---------------------------------------------------------------- prompt formats
+
+PROMPT_FORMATS = ("auto", "chat", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How an example becomes tokens. ``plain``: the GreenTrainer paper's text formats ("<source> TL;DR:
+    <target>"). ``chat``: the tokenizer's chat template, with the instruction and the source as the user turn
+    and the target as the assistant turn (the loss covers the assistant's tokens and its end-of-turn only).
+    Training, zero-shot and fine-tuned evaluation use the same format; a run records it (``to_dict``)."""
+
+    kind: str = "plain"
+    instruction: str = ""
+
+    def to_dict(self) -> dict:
+        return {"prompt_format": self.kind, "instruction": self.instruction}
+
+
+PLAIN = PromptFormat()
+
+
+def resolve_prompt_format(requested: str, tok, seq2seq: bool, instruction: str = "") -> PromptFormat:
+    """``auto``: the chat format where the tokenizer has a chat template (decoder-only models), else plain."""
+    has_template = bool(getattr(tok, "chat_template", None)) and not seq2seq
+    if requested == "chat" and not has_template:
+        raise UsageError("--prompt-format chat: " + ("encoder-decoder models use the plain format" if seq2seq else
+                                                      "this tokenizer has no chat template") + "; use plain or auto")
+    if requested not in PROMPT_FORMATS:
+        raise UsageError(f"--prompt-format must be one of {', '.join(PROMPT_FORMATS)}, got {requested!r}")
+    chat = requested == "chat" or (requested == "auto" and has_template)
+    return PromptFormat("chat", instruction) if chat else PLAIN
+
+
+PROMPT_FILE = "greentrainer_prompt.json"  # in a saved model folder: the format it was trained with
+
+
+def recorded_prompt_format(path: str) -> PromptFormat | None:
+    """The prompt format a run folder's (or saved model folder's) model was trained with, if recorded."""
+    p = Path(path)
+    for f in (p / PROMPT_FILE, p / "model" / PROMPT_FILE):
+        if f.is_file():
+            try:
+                d = json.loads(f.read_text(encoding="utf-8"))
+                return PromptFormat(str(d["prompt_format"]), str(d.get("instruction") or ""))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raise UsageError(f"{f} is unreadable; delete it to use --prompt-format") from None
+    return None
+
 
 def format_example(ex: Example, task: str, eos: str, seq2seq: bool) -> tuple[str, str, str]:
-    """(source text that may be truncated, fixed prompt suffix, target text incl. EOS where it belongs)."""
+    """The paper's plain format: (source text that may be truncated, fixed prompt suffix, target text incl.
+    EOS where it belongs)."""
     if task == "qa":
         if seq2seq:
             return f"question: {ex.source}", "", ex.target
@@ -218,6 +272,30 @@ def format_example(ex: Example, task: str, eos: str, seq2seq: bool) -> tuple[str
     return ex.source, " TL;DR: ", f"{ex.target}{eos}"
 
 
+_SRC, _TGT = "\x00source\x00", "\x00target\x00"  # placeholders the template cannot produce itself
+
+
+def chat_example(ex: Example, task: str, tok, instruction: str) -> tuple[str, str, str, str]:
+    """The chat format: (template text before the source, the source, the text after it through the assistant
+    header, the target with the end of the assistant turn). The template is rendered once for generation
+    and once with the answer; a template that renders the prompt differently in the two is refused."""
+    user = f"{instruction}\n\n{_SRC}" if instruction else _SRC
+    target = ex.target
+    if task == "piqa":
+        sol1, sol2 = (ex.choices or ["", ""])[:2]
+        user += f"\n0: {sol1}\n1: {sol2}"
+        target = str(ex.label)
+    turn = [{"role": "user", "content": user}]
+    prompt = tok.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    full = tok.apply_chat_template(turn + [{"role": "assistant", "content": _TGT}], tokenize=False)
+    if not full.startswith(prompt) or prompt.count(_SRC) != 1 or full[len(prompt):].count(_TGT) != 1:
+        raise UsageError("this tokenizer's chat template renders the prompt differently for training and for "
+                         "generation; use --prompt-format plain")
+    before, after = prompt.split(_SRC)
+    t_before, t_after = full[len(prompt):].split(_TGT)
+    return before, ex.source, after, t_before + target + t_after.rstrip()
+
+
 @dataclasses.dataclass
 class Encoded:
     input_ids: list[int]
@@ -225,16 +303,20 @@ class Encoded:
     prompt_ids: list[int]      # what generation starts from
 
 
-def _token_parts(ex: Example, tok, task: str, seq2seq: bool) -> tuple[list[int], list[int], list[int]]:
-    """Token ids of the (truncatable) source, the fixed prompt suffix and the target."""
-    src, suffix, tgt = format_example(ex, task, tok.eos_token, seq2seq)
+def _token_parts(ex: Example, tok, task: str, seq2seq: bool, fmt: PromptFormat = PLAIN):
+    """Token ids of the fixed prompt head, the (truncatable) source, the fixed prompt tail and the target."""
     ids = lambda text: tok(text, add_special_tokens=False).input_ids if text else []  # noqa: E731
-    return ids(src), ids(suffix), ids(tgt)
+    if fmt.kind == "chat":
+        head, src, tail, tgt = chat_example(ex, task, tok, fmt.instruction)
+        return ids(head), ids(src), ids(tail), ids(tgt)
+    src, suffix, tgt = format_example(ex, task, tok.eos_token, seq2seq)
+    return (_bos(tok) if not seq2seq else []), ids(src), ids(suffix), ids(tgt)
 
 
-def encode_example(ex: Example, tok, task: str, seq2seq: bool, max_len: int, max_target_len: int = 256) -> Encoded:
+def encode_example(ex: Example, tok, task: str, seq2seq: bool, max_len: int, max_target_len: int = 256,
+                   fmt: PromptFormat = PLAIN) -> Encoded:
     """Tokenise one example; truncate only the source so the input fits ``max_len``."""
-    src_ids, suf_ids, tgt_ids = _token_parts(ex, tok, task, seq2seq)
+    head, src_ids, suf_ids, tgt_ids = _token_parts(ex, tok, task, seq2seq, fmt)
     if seq2seq:
         eos = [tok.eos_token_id]
         room = max_len - len(suf_ids) - 1
@@ -244,21 +326,30 @@ def encode_example(ex: Example, tok, task: str, seq2seq: bool, max_len: int, max
         prompt = src_ids[:room] + suf_ids + eos
         labels = tgt_ids[: max_target_len - 1] + eos
         return Encoded(prompt, labels, prompt)
-    bos = _bos(tok)
-    room = max_len - len(bos) - len(suf_ids) - len(tgt_ids)
+    room = max_len - len(head) - len(suf_ids) - len(tgt_ids)
     if room < 1:
         raise UsageError(f"--max-input-length {max_len} is too small to hold the prompt and target of "
-                         f"example {ex.id!r} ({len(bos) + len(suf_ids) + len(tgt_ids) + 1} tokens needed)")
-    prompt = bos + src_ids[:room] + suf_ids
+                         f"example {ex.id!r} ({len(head) + len(suf_ids) + len(tgt_ids) + 1} tokens needed)")
+    prompt = head + src_ids[:room] + suf_ids
     return Encoded(prompt + tgt_ids, [-100] * len(prompt) + tgt_ids, prompt)
 
 
-def encode_prompt(ex: Example, tok, task: str, seq2seq: bool, max_len: int) -> list[int]:
+def encode_prompt(ex: Example, tok, task: str, seq2seq: bool, max_len: int, fmt: PromptFormat = PLAIN) -> list[int]:
     """Prompt ids for generation, the source truncated so the prompt fits ``max_len``."""
-    src_ids, suf_ids, _ = _token_parts(ex, tok, task, seq2seq)
+    head, src_ids, suf_ids, _ = _token_parts(ex, tok, task, seq2seq, fmt)
     tail = suf_ids + ([tok.eos_token_id] if seq2seq else [])
-    bos = _bos(tok) if not seq2seq else []
-    return bos + src_ids[: max(1, max_len - len(tail) - len(bos))] + tail
+    return head + src_ids[: max(1, max_len - len(tail) - len(head))] + tail
+
+
+def stop_token_ids(tok, fmt: PromptFormat = PLAIN) -> list[int]:
+    """Token ids that end generation: EOS, and in the chat format the template's end-of-turn token."""
+    stops = [tok.eos_token_id]
+    if fmt.kind == "chat":
+        end = chat_example(Example("x", "", [""]), "summarization", tok, "")[3]
+        first = tok(end, add_special_tokens=False).input_ids[:1]
+        if first and first[0] in tok.all_special_ids and first[0] not in stops:
+            stops += first
+    return stops
 
 
 def _bos(tok) -> list[int]:
@@ -266,8 +357,8 @@ def _bos(tok) -> list[int]:
     return [tok.bos_token_id] if add else []
 
 
-def encode_all(exs, tok, task, seq2seq, max_len) -> list[Encoded]:
-    return [encode_example(e, tok, task, seq2seq, max_len) for e in exs]
+def encode_all(exs, tok, task, seq2seq, max_len, fmt: PromptFormat = PLAIN) -> list[Encoded]:
+    return [encode_example(e, tok, task, seq2seq, max_len, fmt=fmt) for e in exs]
 
 
 def collate(batch: list[Encoded], pad_id: int, seq2seq: bool, pad_to_multiple: int = 8) -> dict:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import encode_example, encode_prompt
+from .data import PLAIN, PromptFormat, encode_example, encode_prompt, stop_token_ids
 
 _ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 
@@ -48,14 +48,16 @@ def exact_match(predictions: list[str], references: list[list[str]]) -> float:
 
 @torch.no_grad()
 def generate(model, tok, examples, task: str, seq2seq: bool, max_input_length: int, max_new_tokens: int,
-             num_beams: int = 4, batch_size: int = 8, device=None, progress=True) -> list[str]:
+             num_beams: int = 4, batch_size: int = 8, device=None, progress=True,
+             fmt: PromptFormat = PLAIN) -> list[str]:
     """Beam-search outputs for the examples' prompts (decoder-only prompts are left-padded)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     outs = []
     prompt_len = max_input_length if seq2seq else max(8, max_input_length - max_new_tokens)
-    prompts = [encode_prompt(e, tok, task, seq2seq, prompt_len) for e in examples]
+    prompts = [encode_prompt(e, tok, task, seq2seq, prompt_len, fmt) for e in examples]
+    stops = stop_token_ids(tok, fmt)
     for i in tqdm(range(0, len(prompts), batch_size), desc="generating", disable=not progress, leave=False):
         chunk = prompts[i: i + batch_size]
         n = max(len(p) for p in chunk)
@@ -69,7 +71,7 @@ def generate(model, tok, examples, task: str, seq2seq: bool, max_input_length: i
         ids = torch.tensor(ids, device=device)
         mask = torch.tensor(mask, device=device)
         gen = model.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id, pad_token_id=pad,
+                             max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
                              early_stopping=True if num_beams > 1 else False)
         new = gen if seq2seq else gen[:, ids.shape[1]:]
         outs += [tok.decode(g, skip_special_tokens=True).strip() for g in new]
@@ -78,7 +80,8 @@ def generate(model, tok, examples, task: str, seq2seq: bool, max_input_length: i
 
 
 @torch.no_grad()
-def choice_loglik_accuracy(model, tok, examples, seq2seq: bool, max_input_length: int, device=None) -> float:
+def choice_loglik_accuracy(model, tok, examples, seq2seq: bool, max_input_length: int, device=None,
+                           fmt: PromptFormat = PLAIN) -> float:
     """PIQA: % of items where the correct label has the higher log-likelihood of the two."""
     device = device or next(model.parameters()).device
     was_training = model.training
@@ -88,7 +91,7 @@ def choice_loglik_accuracy(model, tok, examples, seq2seq: bool, max_input_length
         lls = []
         for lab in (0, 1):
             alt = type(ex)(**{**ex.__dict__, "label": lab})
-            enc = encode_example(alt, tok, "piqa", seq2seq, max_input_length)
+            enc = encode_example(alt, tok, "piqa", seq2seq, max_input_length, fmt=fmt)
             ids = torch.tensor([enc.input_ids], device=device)
             labels = torch.tensor([enc.labels], device=device)
             out = model(input_ids=ids, labels=labels)
@@ -100,10 +103,11 @@ def choice_loglik_accuracy(model, tok, examples, seq2seq: bool, max_input_length
 
 
 def evaluate(model, tok, examples, task: str, seq2seq: bool, max_input_length: int, max_new_tokens: int,
-             num_beams: int = 4, batch_size: int = 8, progress=True) -> tuple[dict, list[dict]]:
+             num_beams: int = 4, batch_size: int = 8, progress=True,
+             fmt: PromptFormat = PLAIN) -> tuple[dict, list[dict]]:
     """Metrics for the task and the per-example predictions."""
     preds = generate(model, tok, examples, task, seq2seq, max_input_length, max_new_tokens, num_beams,
-                     batch_size, progress=progress)
+                     batch_size, progress=progress, fmt=fmt)
     refs = [e.targets for e in examples]
     if task == "summarization":
         metrics = rouge_scores(preds, refs)
@@ -114,6 +118,7 @@ def evaluate(model, tok, examples, task: str, seq2seq: bool, max_input_length: i
     else:
         labels = [str(e.label) for e in examples]
         metrics = {"label_accuracy": 100 * float(np.mean([normalize_answer(p) == lab for p, lab in zip(preds, labels)])),
-                   "loglik_accuracy": choice_loglik_accuracy(model, tok, examples, seq2seq, max_input_length)}
+                   "loglik_accuracy": choice_loglik_accuracy(model, tok, examples, seq2seq, max_input_length,
+                                                             fmt=fmt)}
     records = [{"id": e.id, "prediction": p, "references": e.targets} for e, p in zip(examples, preds)]
     return metrics, records

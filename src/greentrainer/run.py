@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig, check_output_dir, config_from_dict, is_run_folder, prepare_output_dir
-from .data import check_no_overlap, encode_all, load_examples, resolve_dataset
+from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, recorded_prompt_format,
+                   resolve_dataset, resolve_prompt_format)
 from .errors import RunFailed, UsageError, one_line, warn
 from .files import save_dir_atomic, write_json_atomic, write_text_atomic
 from .loop import fmt_flops
@@ -32,13 +33,16 @@ def nonfinite_parameters(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
 
 
-def _save_model(method, model, tok, out: Path) -> None:
+def _save_model(method, model, tok, out: Path, fmt) -> None:
     """Save the weights atomically; refuse weights that are not finite (they are not a result)."""
     bad = nonfinite_parameters(model)
     if bad:
         raise RunFailed(f"{len(bad)} tensor(s) hold NaN/inf (e.g. {bad[0]}); not saving them")
     try:
-        save_dir_atomic(out / "model", lambda tmp: method.save(model, tok, tmp))
+        def write(tmp: Path) -> None:
+            method.save(model, tok, tmp)
+            (tmp / PROMPT_FILE).write_text(json.dumps(fmt.to_dict()) + "\n")  # eval prompts the same way
+        save_dir_atomic(out / "model", write)
     except OSError:
         raise
     except Exception as e:  # noqa: BLE001  (safetensors reports a full disk as its own error type)
@@ -107,9 +111,11 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     log(f"loading model {cfg.model} ...")
     model, tok = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
     seq2seq = is_seq2seq(model)
-    train_enc = encode_all(train_ex, tok, spec.task, seq2seq, cfg.max_input_length)
-    val_enc = encode_all(val_ex, tok, spec.task, seq2seq, cfg.max_input_length)
-    encode_all(test_ex, tok, spec.task, seq2seq, cfg.max_input_length)  # every prompt fits, or stop now
+    fmt = resolve_prompt_format(cfg.prompt_format, tok, seq2seq,
+                                spec.instruction if cfg.instruction is None else cfg.instruction)
+    train_enc = encode_all(train_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)
+    val_enc = encode_all(val_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)
+    encode_all(test_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)  # every prompt fits, or stop now
     from .methods import build_method
     method = build_method(cfg)
     from .loop import build_accelerator
@@ -136,7 +142,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
                                                   if isinstance(v, (int, float, str, bool))})
     max_new = cfg.max_new_tokens or spec.max_new_tokens
     test_name = cfg.eval_dataset or f"{spec.name} {spec.eval_split}"
-    metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name,
+    metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name, **fmt.to_dict(),
                "n_train": len(train_ex), "n_validation": len(val_ex), "n_eval": len(test_ex),
                "splits": {"train": f"{spec.name} {spec.train_split}",
                           "validation": (f"{len(val_ex)} items, for the per-epoch val_loss (steers nothing but is "
@@ -178,7 +184,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         if cfg.eval_before and cfg.do_eval and main and resume is None:
             log(f"evaluating before training on {len(test_ex)} examples ...")
             m, _ = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
-                            cfg.num_beams, cfg.eval_batch_size, progress)
+                            cfg.num_beams, cfg.eval_batch_size, progress, fmt)
             metrics["eval_before"] = m
             log("before: " + _fmt(m))
 
@@ -198,14 +204,14 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
                         "profile_shape": result["profile_shape"]})
         if not main:  # the first process saves and evaluates the model, which is the same on every process
             return metrics
-        _save_model(method, model, tok, out)  # before the evaluation, which can fail or be interrupted
+        _save_model(method, model, tok, out, fmt)  # before the evaluation, which can fail or be interrupted
         saved = True
         method.write_artifacts(out)
         write(out / "metrics.json", metrics)
         if cfg.do_eval:
             log(f"evaluating on {len(test_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
             m, preds = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
-                                cfg.num_beams, cfg.eval_batch_size, progress)
+                                cfg.num_beams, cfg.eval_batch_size, progress, fmt)
             metrics["eval"] = m
             write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in preds))
             log("after: " + _fmt(m))
@@ -214,7 +220,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         if main and not saved and handle.model is not None:
             log(f"{what}: saving the model as it is after step {handle.global_step}")
             try:
-                _save_model(method, method.finalize(handle.model), tok, out)
+                _save_model(method, method.finalize(handle.model), tok, out, fmt)
                 saved = True
             except (OSError, RunFailed) as err:
                 warn(f"could not save the model: {one_line(err)}")
@@ -223,7 +229,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     except RunFailed as e:
         if main and not saved and handle.model is not None:
             try:  # the weights of the last step whose loss and gradients were finite
-                _save_model(method, method.finalize(handle.model), tok, out)
+                _save_model(method, method.finalize(handle.model), tok, out, fmt)
                 saved = True
             except (OSError, RunFailed) as err:
                 warn(f"could not save the last good weights: {one_line(err)}")
@@ -278,7 +284,7 @@ def check_eval_output(path: str | None) -> None:
 
 def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int, max_new_tokens: int | None,
              max_input_length: int, seed: int, batch_size: int, device: str, log=print, progress=True,
-             eval_dataset: str | None = None) -> dict:
+             eval_dataset: str | None = None, prompt_format: str = "auto", instruction: str | None = None) -> dict:
     """Evaluate a saved model (full model folder or PEFT adapter folder) or a model name on the test split
     (a user file's held-out part, or every row of ``eval_dataset``)."""
     spec, _ = resolve_dataset(dataset)
@@ -289,11 +295,20 @@ def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int,
     model, tok = load_any(model_dir)
     model.to(pick_device(device))
     seq2seq = is_seq2seq(model)
+    recorded = recorded_prompt_format(model_dir)
+    if recorded is not None and prompt_format == "auto" and instruction is None:
+        fmt = resolve_prompt_format(recorded.kind, tok, seq2seq, recorded.instruction)  # as it was trained
+    else:
+        fmt = resolve_prompt_format(prompt_format, tok, seq2seq,
+                                    spec.instruction if instruction is None else instruction)
+        if recorded is not None and fmt != recorded:
+            warn(f"{model_dir} was trained with the {recorded.kind} prompt format"
+                 f"{' and another instruction' if recorded.kind == fmt.kind else ''}; evaluating with {fmt.kind}")
     from .evaluate import evaluate
     m, preds = evaluate(model, tok, exs, spec.task, seq2seq, max_input_length,
-                        max_new_tokens or spec.max_new_tokens, num_beams, batch_size, progress)
+                        max_new_tokens or spec.max_new_tokens, num_beams, batch_size, progress, fmt)
     log(_fmt(m))
-    res = {"metrics": m, "predictions": preds}
+    res = {"metrics": m, "predictions": preds, **fmt.to_dict()}
     if status is not None:
         res["run_status"] = status
     return res

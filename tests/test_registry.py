@@ -166,3 +166,23 @@ def test_options_that_clash_are_refused_at_registration():
 def test_the_api_checks_values_like_the_command_line(kw, needle):
     with pytest.raises(UsageError, match=needle):
         TrainConfig(**kw).validate()
+
+
+def test_each_method_has_its_own_default_lr_and_lr_overrides_it():
+    for name, spec in registered_methods().items():
+        assert TrainConfig(method=name).lr == spec.method_cls.default_lr > 0
+    assert config_from_options({"method": "lora", "lr": 2e-5}).lr == 2e-5  # the paper's, one option away
+
+
+def test_default_lrs_and_settings_are_the_validation_sweeps_winners():
+    """The defaults in code are the winners of bench/accuracy.py's validation sweep (its committed table)."""
+    sweep = Path(__file__).parent.parent / "bench" / "results" / "accuracy_sweep_scitldr.json"
+    if not sweep.is_file():
+        pytest.skip("the validation sweep has not been committed yet")
+    winners = json.loads(sweep.read_text())["winners"]
+    assert winners
+    for name, w in winners.items():
+        cfg = TrainConfig(method=name)
+        assert cfg.lr == w["lr"], name
+        opts = options_from_config(cfg)
+        assert {k: opts[k] for k in w["options"]} == w["options"], name

@@ -103,7 +103,8 @@ def _method_names():
 
 @dataclasses.dataclass
 class TrainConfig(Options):
-    """A training run. Paper defaults: AdamW, lr 2e-5, linear schedule, wd 0.01, batch 4, 5 epochs.
+    """A training run. AdamW with a linear schedule, wd 0.01, batch 4, 5 epochs as in the paper; the learning
+    rate is the method's own default unless given.
 
     ``method_config`` is the chosen method's own config dataclass (None: its defaults)."""
 
@@ -116,7 +117,9 @@ class TrainConfig(Options):
     overwrite: bool = option(False, "replace the run folder of an earlier run (only a greentrainer run folder)")
     epochs: int = option(5, "passes over the training set")
     batch_size: int = option(4, "examples per micro-batch and process")
-    lr: float = option(2e-5, "peak learning rate (AdamW, linear decay)")
+    lr: float | None = option(None, "peak learning rate (AdamW, linear decay); default: the method's, chosen on "
+                                    "the validation split (bench/results/accuracy_sweep_scitldr.md); the "
+                                    "paper's is 2e-5")
     weight_decay: float = option(0.01, "AdamW weight decay")
     warmup_steps: int = option(0, "linear learning-rate warm-up, in optimizer steps")
     prompt_format: str = option("auto", "auto: the tokenizer's chat template where it has one, else plain; chat; "
@@ -149,11 +152,12 @@ class TrainConfig(Options):
     method_config: typing.Any = None
 
     def __post_init__(self):
-        if self.method_config is None:
-            from .methods.registry import registered_methods
-            spec = registered_methods().get(self.method)
-            if spec is not None and spec.config_cls is not None:
-                self.method_config = spec.config_cls()
+        from .methods.registry import registered_methods
+        spec = registered_methods().get(self.method)
+        if spec is not None and self.method_config is None and spec.config_cls is not None:
+            self.method_config = spec.config_cls()
+        if spec is not None and self.lr is None:
+            self.lr = spec.method_cls.default_lr
 
     def validate(self) -> None:
         from .methods.registry import method_spec
@@ -224,9 +228,9 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 RUN_MARKER = ".greentrainer-run"
 # Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
-RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "logs", "metrics.json", "progress.json", "predictions.jsonl", "model",
-               "selections.json", "selection_heatmap.png", "model.tmp", "model.old", "checkpoint",
-               "checkpoint.tmp", "checkpoint.old"}
+RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "logs", "metrics.json", "progress.json",
+               "predictions.jsonl", "predictions_before.jsonl", "model", "selections.json", "selection_heatmap.png",
+               "model.tmp", "model.old", "checkpoint", "checkpoint.tmp", "checkpoint.old"}
 
 
 def is_run_folder(out: Path) -> bool:

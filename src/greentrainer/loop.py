@@ -456,6 +456,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
               ("flops_forward", "flops_backward", "flops_overhead", "flops_total", "flops_full_ft_reference",
                "time_s")}
     totals["flops_fraction_of_full"] = totals["flops_total"] / totals["flops_full_ft_reference"]
+    totals["steps"] = ctx.global_step
     totals["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
     totals.update(method.trainable_summary(ctx.model))
     totals.update(world_size=world, grad_accum=accum, effective_batch_size=cfg.batch_size * world * accum,
@@ -567,7 +568,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ep.reference_before))
         total = sum(spent.values())
         peak = ctx.reduce_sum(float(mem.peak)) / acc.num_processes
-        rec = {"epoch": epoch + 1, "train_loss": float(np.mean(ep.losses)), "val_loss": val,
+        rec = {"epoch": epoch + 1, "steps": len(steps), "train_loss": float(np.mean(ep.losses)), "val_loss": val,
                "flops_forward": spent["forward"], "flops_backward": spent["backward"],
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,

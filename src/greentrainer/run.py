@@ -183,9 +183,10 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         model.to(device)
         if cfg.eval_before and cfg.do_eval and main and resume is None:
             log(f"evaluating before training on {len(test_ex)} examples ...")
-            m, _ = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
-                            cfg.num_beams, cfg.eval_batch_size, progress, fmt)
+            m, before = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
+                                 cfg.num_beams, cfg.eval_batch_size, progress, fmt)
             metrics["eval_before"] = m
+            write_text_atomic(out / "predictions_before.jsonl", "".join(json.dumps(r) + "\n" for r in before))
             log("before: " + _fmt(m))
 
         def epoch_done(history):

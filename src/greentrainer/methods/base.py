@@ -12,6 +12,7 @@ class Method:
 
     name = "base"
     supports_gradient_checkpointing = True
+    default_lr = 1e-4  # --lr when not given; each method's is its winner of the validation sweep (bench/accuracy.py)
 
     @classmethod
     def from_config(cls, train_config) -> "Method":

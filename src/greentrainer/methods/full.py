@@ -7,6 +7,8 @@ from .registry import register_method
 class FullFineTuning(Method):
     """Full fine-tuning: every tensor trains (the reference cost)."""
 
+    default_lr = 1e-4
+
     def prepare(self, model, ctx):
         for p in model.parameters():
             p.requires_grad_(True)

@@ -228,6 +228,7 @@ class GreenTrainerMethod(Method):
     ``deselected_state`` (also read from ``cfg.deselected_state`` when the constructor is not given one).
     """
 
+    default_lr = 3e-4
     DESELECTED_STATE = ("drop", "cpu", "keep")
 
     def __init__(self, cfg, deselected_state: str | None = None):

@@ -123,6 +123,7 @@ class PeftMethod(Method):
 class LoraMethod(PeftMethod):
     """LoRA (peft), on the query and value projections by default."""
 
+    default_lr = 1e-3
     use_dora = False
 
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
@@ -156,6 +157,7 @@ class PrefixMethod(PeftMethod):
     """Prefix tuning (peft), started from the model's own keys/values on training prompts."""
 
     supports_gradient_checkpointing = False  # peft's prefix caches do not survive the recompute
+    default_lr = 3e-3
 
     def peft_config(self, model, task):
         from peft import PrefixTuningConfig

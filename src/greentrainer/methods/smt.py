@@ -148,6 +148,8 @@ def block_means(abs_grad: torch.Tensor, l: int) -> torch.Tensor:
 class SMTMethod(Method):
     """Sparse Matrix Tuning: warm-up gradients choose l×l blocks; only those train."""
 
+    default_lr = 1e-4
+
     def __init__(self, cfg, share_inputs: bool = True):
         self.cfg = cfg
         self.share_inputs = share_inputs  # False: each layer saves its own copy of its input columns

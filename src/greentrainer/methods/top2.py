@@ -23,6 +23,8 @@ def top2_parameter_names(model, backward_order: list[str]) -> list[str]:
 class Top2(Method):
     """FT-Top2: only the last two layers and the output embedding train."""
 
+    default_lr = 3e-4
+
     def prepare(self, model, ctx):
         chosen = set(top2_parameter_names(model, ctx.profile.names))
         for n, p in model.named_parameters():

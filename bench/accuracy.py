@@ -1,0 +1,274 @@
+"""Accuracy you can compare: every method on the default model, tuned on the validation split, reported on the
+test split with 95% bootstrap confidence intervals and a Pareto plot of ROUGE-L against measured FLOPs.
+
+Two stages, each one JSON per run in bench/results/accuracy/<dataset>/ (a run whose file exists is skipped, so
+the script can be stopped and started again, across sessions):
+
+  sweep   each method's learning rate (then LoRA/DoRA rank, prefix length, SMT budget) on the VALIDATION split:
+          a short run per setting, the lowest final validation loss wins; writes accuracy_sweep_<dataset>.md
+  final   each method at its winning setting for --steps optimizer steps and --seeds seeds, evaluated on
+          --test-items test items (greedy decoding); writes accuracy_<dataset>.{md,json,png}
+
+python bench/accuracy.py --dataset scitldr --stage sweep
+python bench/accuracy.py --dataset scitldr --stage final
+python bench/accuracy.py --dataset scitldr --stage report     # tables and plot from the runs done so far
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, machine
+
+# Methods of the comparison: label -> (method, options). GreenTrainer's lr is swept at ρ 0.5 and shared.
+VARIANTS = {
+    "full": ("full", {}),
+    "gt0.4": ("greentrainer", {"rho": 0.4}),
+    "gt0.5": ("greentrainer", {"rho": 0.5}),
+    "gt0.6": ("greentrainer", {"rho": 0.6}),
+    "gt0.7": ("greentrainer", {"rho": 0.7}),
+    "top2": ("top2", {}),
+    "lora": ("lora", {}),
+    "dora": ("dora", {}),
+    "prefix": ("prefix", {}),
+    "smt": ("smt", {}),
+}
+LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.5": "GreenTrainer ρ=0.5",
+          "gt0.6": "GreenTrainer ρ=0.6", "gt0.7": "GreenTrainer ρ=0.7", "top2": "FT-Top2", "lora": "LoRA",
+          "dora": "DoRA", "prefix": "Prefix", "smt": "SMT"}
+# The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
+SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
+             "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],
+             "smt": [1e-4, 3e-4, 1e-3]}
+SWEEP_KNOB = {"lora": [{"lora_r": 16, "lora_alpha": 32}], "dora": [{"lora_r": 16, "lora_alpha": 32}],
+              "prefix": [{"prefix_tokens": 40}], "smt": [{"smt_params": 5.0}]}
+SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer"]
+FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3}  # the rest: 1 seed
+
+
+def run_id(method: str, opts: dict, lr: float, seed: int, steps: int) -> str:
+    knobs = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(opts.items()))
+    return f"{method}{knobs}-lr{lr:g}-s{seed}-{steps}steps"
+
+
+def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -> dict:
+    """Train (and for the final stage evaluate) one setting; its result file, or the one already there."""
+    folder = RESULTS / "accuracy" / a.dataset / stage
+    path = folder / f"{run_id(method, opts, lr, seed, a.steps)}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from greentrainer.config import config_from_options
+    from greentrainer.errors import UsageError
+    from greentrainer.run import run_training
+    n_train = a.steps * a.batch_size // a.epochs
+    final = stage == "final"
+    extra = dict(opts)
+    if method == "smt":
+        extra.setdefault("smt_warmup", max(1, a.steps // 4))  # a quarter of the run chooses the blocks
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = config_from_options(dict(
+            dataset=a.dataset, method=method, lr=lr, seed=seed, epochs=a.epochs, batch_size=a.batch_size,
+            max_train=n_train, max_eval=a.test_items if final else a.val_items, max_input_length=a.max_input_length,
+            num_beams=1, do_eval=final, output_dir=f"{tmp}/run", overwrite=True, **extra))
+        t0 = time.perf_counter()
+        try:
+            m = run_training(cfg, log=lambda *x: None, progress=False)
+        except UsageError as e:
+            log(f"  {path.name}: {e}")
+            return {"error": str(e)}
+        wall = time.perf_counter() - t0
+        preds = [json.loads(ln) for ln in (Path(tmp) / "run" / "predictions.jsonl").read_text().splitlines()] \
+            if final else []
+    t = m["totals"]
+    res = {"stage": stage, "dataset": a.dataset, "method": method, "options": opts, "lr": lr, "seed": seed,
+           "steps": a.steps, "n_train": m["n_train"], "n_validation": m["n_validation"],
+           "val_loss": [h["val_loss"] for h in m["history"]], "train_loss": [h["train_loss"] for h in m["history"]],
+           "flops_fraction_of_full": t["flops_fraction_of_full"], "flops_total": t["flops_total"],
+           "train_time_s": t["time_s"], "wall_s": wall, "prompt_format": m.get("prompt_format"),
+           "config": m["config"], "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    if final:
+        res["eval"] = m["eval"]
+        res["per_item_rougeL"] = per_item_rouge(preds)
+        res["predictions"] = preds[:3]
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(res, indent=1))
+    tmp_path.rename(path)
+    log(f"  {path.name}: val loss {res['val_loss'][-1]:.4f}"
+        + (f", ROUGE-L {res['eval']['rougeL_first_ref']:.1f}" if final else "") + f" ({wall:.0f} s)")
+    return res
+
+
+def per_item_rouge(preds: list[dict]) -> list[float]:
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return [100 * scorer.score(p["references"][0], p["prediction"])["rougeL"].fmeasure for p in preds]
+
+
+# ---------------------------------------------------------------- sweep
+
+def sweep(a, log) -> dict:
+    """Each method's winning setting: the lowest final validation loss over its lrs, then its knob."""
+    winners = {}
+    for method in SWEEP_ORDER:
+        opts = {"rho": 0.5} if method == "greentrainer" else {}
+        scores = {}
+        for lr in SWEEP_LRS[method]:
+            r = one_run(a, "sweep", method, opts, lr, 0, log)
+            if "val_loss" in r:
+                scores[(lr, json.dumps(opts))] = r["val_loss"][-1]
+        if not scores:
+            continue
+        best_lr = min(scores, key=scores.get)[0]
+        for knob in SWEEP_KNOB.get(method, []):
+            r = one_run(a, "sweep", method, {**opts, **knob}, best_lr, 0, log)
+            if "val_loss" in r:
+                scores[(best_lr, json.dumps({**opts, **knob}))] = r["val_loss"][-1]
+        (lr, o), loss = min(scores.items(), key=lambda kv: kv[1])
+        winners[method] = {"lr": lr, "options": {k: v for k, v in json.loads(o).items() if k != "rho"},
+                           "val_loss": loss,
+                           "tried": [{"lr": k[0], "options": json.loads(k[1]), "val_loss": v} for k, v in scores.items()]}
+    return winners
+
+
+def write_sweep(a, winners: dict) -> None:
+    lines = [f"# Validation sweep: {a.dataset}", "",
+             f"`python bench/accuracy.py --dataset {a.dataset} --stage sweep` — {machine()}", "",
+             f"Default model, prompt format auto (chat), {a.steps} optimizer steps of batch {a.batch_size} "
+             f"({a.epochs} epochs), final validation loss on {a.val_items} items of the validation split "
+             f"(the test split is not used). GreenTrainer at ρ 0.5. Bold: the winner, which is the method's "
+             f"default in code (greentrainer.methods, `default_lr` and the config defaults).", "",
+             "| method | lr | options | validation loss |", "|---|---|---|---|"]
+    for method, w in winners.items():
+        for t in sorted(w["tried"], key=lambda t: t["val_loss"]):
+            win = t["lr"] == w["lr"] and {k: v for k, v in t["options"].items() if k != "rho"} == w["options"]
+            b = "**" if win else ""
+            lines.append(f"| {b}{method}{b} | {t['lr']:g} | {json.dumps(t['options']) if t['options'] else ''} | "
+                         f"{b}{t['val_loss']:.4f}{b} |")
+    (RESULTS / f"accuracy_sweep_{a.dataset}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"accuracy_sweep_{a.dataset}.json").write_text(json.dumps(
+        {"command": f"python bench/accuracy.py --dataset {a.dataset} --stage sweep", "steps": a.steps,
+         "val_items": a.val_items, "winners": winners}, indent=1))
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- final runs and report
+
+def final(a, log) -> None:
+    winners = json.loads((RESULTS / f"accuracy_sweep_{a.dataset}.json").read_text())["winners"]
+    for label, (method, opts) in VARIANTS.items():
+        if method not in winners:
+            log(f"{label}: no sweep winner yet; skipped")
+            continue
+        w = winners[method]
+        for seed in range(FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds):
+            one_run(a, "final", method, {**opts, **w["options"]}, w["lr"], seed, log)
+
+
+def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean ROUGE-L over test items and seeds, and a 95% interval from resampling the items (seeds paired)."""
+    import numpy as np
+    x = np.array(runs)  # seeds × items
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, x.shape[1], size=(n, x.shape[1]))
+    means = x[:, idx].mean(axis=(0, 2))
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def report(a) -> list[dict]:
+    folder = RESULTS / "accuracy" / a.dataset / "final"
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    rows = []
+    for label, (method, opts) in VARIANTS.items():
+        mine = [r for r in runs if r["method"] == method and all(r["options"].get(k) == v for k, v in opts.items())]
+        if not mine:
+            continue
+        mean, lo, hi = bootstrap_ci([r["per_item_rougeL"] for r in mine])
+        fr = [r["flops_fraction_of_full"] for r in mine]
+        rows.append({"label": LABELS[label], "seeds": len(mine), "lr": mine[0]["lr"], "rougeL": mean, "ci_low": lo,
+                     "ci_high": hi, "rouge1": sum(r["eval"]["rouge1_first_ref"] for r in mine) / len(mine),
+                     "flops_fraction": sum(fr) / len(fr), "flops_min": min(fr), "flops_max": max(fr),
+                     "val_loss": sum(r["val_loss"][-1] for r in mine) / len(mine),
+                     "train_time_s": sum(r["train_time_s"] for r in mine) / len(mine),
+                     "test_items": len(mine[0]["per_item_rougeL"]), "steps": mine[0]["steps"]})
+    if not rows:
+        return rows
+    cols = ["method", "seeds", "lr", "ROUGE-L (95% CI)", "ROUGE-1", "FLOPs % of full", "val loss", "train time s"]
+    lines = [f"# Accuracy: {a.dataset}", "", f"`python bench/accuracy.py --dataset {a.dataset} --stage final` — "
+             f"{machine()}", "",
+             f"Default model, chat prompt format, {rows[0]['steps']} optimizer steps of batch {a.batch_size}, each "
+             f"method at its validation-tuned setting (accuracy_sweep_{a.dataset}.md); {rows[0]['test_items']} test "
+             "items, greedy decoding, ROUGE against the first reference. The interval resamples the test items "
+             "(2000 bootstrap draws, seeds paired); FLOPs are measured, not modelled.", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        fl = f"{100 * r['flops_fraction']:.1f}" + (f" ({100 * r['flops_min']:.1f}–{100 * r['flops_max']:.1f})"
+                                                      if r["seeds"] > 1 else "")
+        lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
+                     f"{r['ci_high']:.1f}) | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
+                     f"{r['train_time_s']:.0f} |")
+    (RESULTS / f"accuracy_{a.dataset}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"accuracy_{a.dataset}.json").write_text(json.dumps({"rows": rows}, indent=1))
+    plot(rows, RESULTS / f"accuracy_{a.dataset}.png", a.dataset)
+    print("\n".join(lines))
+    return rows
+
+
+def plot(rows, path, dataset) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x, y = 100 * r["flops_fraction"], r["rougeL"]
+        ax.errorbar(x, y, yerr=[[y - r["ci_low"]], [r["ci_high"] - y]],
+                    xerr=[[x - 100 * r["flops_min"]], [100 * r["flops_max"] - x]], fmt="o", capsize=3)
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    pts = sorted((100 * r["flops_fraction"], r["rougeL"]) for r in rows)
+    front, best = [], -math.inf
+    for x, y in pts:
+        if y > best:
+            front.append((x, y))
+            best = y
+    ax.plot(*zip(*front), "--", color="grey", lw=1, label="Pareto front")
+    ax.set_xlabel("measured training FLOPs, % of full fine-tuning")
+    ax.set_ylabel("ROUGE-L (test, 95% CI)")
+    ax.set_title(f"{dataset}: accuracy against compute")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="scitldr")
+    ap.add_argument("--stage", choices=("sweep", "final", "report"), required=True)
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (sweep 64, final 256)")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-input-length", type=int, default=320)
+    ap.add_argument("--val-items", type=int, default=64)
+    ap.add_argument("--test-items", type=int, default=200)
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3 for the main ones, 1 else)")
+    a = ap.parse_args()
+    a.steps = a.steps or (64 if a.stage == "sweep" else 256)
+
+    def log(msg):
+        print(msg, flush=True)
+    if a.stage == "sweep":
+        write_sweep(a, sweep(a, log))
+    elif a.stage == "final":
+        final(a, log)
+        report(a)
+    else:
+        report(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

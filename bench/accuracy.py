@@ -115,17 +115,17 @@ def per_item_rouge(preds: list[dict]) -> list[float]:
 def sweep(a, log) -> dict:
     """Each method's winning setting: the lowest final validation loss over its lrs, then its knob."""
     winners = {}
-    for method in SWEEP_ORDER:
+    for method in [m for m in SWEEP_ORDER if a.methods is None or m in a.methods]:
         opts = {"rho": 0.5} if method == "greentrainer" else {}
         scores = {}
-        for lr in SWEEP_LRS[method]:
+        for lr in SWEEP_LRS[method][: 1 if a.quick else None]:
             r = one_run(a, "sweep", method, opts, lr, 0, log)
             if "val_loss" in r:
                 scores[(lr, json.dumps(opts))] = r["val_loss"][-1]
         if not scores:
             continue
         best_lr = min(scores, key=scores.get)[0]
-        for knob in SWEEP_KNOB.get(method, []):
+        for knob in SWEEP_KNOB.get(method, []) if not a.quick else []:
             r = one_run(a, "sweep", method, {**opts, **knob}, best_lr, 0, log)
             if "val_loss" in r:
                 scores[(best_lr, json.dumps({**opts, **knob}))] = r["val_loss"][-1]
@@ -160,8 +160,10 @@ def write_sweep(a, winners: dict) -> None:
 # ---------------------------------------------------------------- final runs and report
 
 def final(a, log) -> None:
-    winners = json.loads((RESULTS / f"accuracy_sweep_{a.dataset}.json").read_text())["winners"]
+    winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
     for label, (method, opts) in VARIANTS.items():
+        if a.methods is not None and label not in a.methods:
+            continue
         if method not in winners:
             log(f"{label}: no sweep winner yet; skipped")
             continue
@@ -202,7 +204,7 @@ def report(a) -> list[dict]:
     lines = [f"# Accuracy: {a.dataset}", "", f"`python bench/accuracy.py --dataset {a.dataset} --stage final` — "
              f"{machine()}", "",
              f"Default model, chat prompt format, {rows[0]['steps']} optimizer steps of batch {a.batch_size}, each "
-             f"method at its validation-tuned setting (accuracy_sweep_{a.dataset}.md); {rows[0]['test_items']} test "
+             f"method at its validation-tuned setting (accuracy_sweep_{a.sweep_from}.md); {rows[0]['test_items']} test "
              "items, greedy decoding, ROUGE against the first reference. The interval resamples the test items "
              "(2000 bootstrap draws, seeds paired); FLOPs are measured, not modelled.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -254,8 +256,17 @@ def main() -> int:
     ap.add_argument("--max-input-length", type=int, default=320)
     ap.add_argument("--val-items", type=int, default=64)
     ap.add_argument("--test-items", type=int, default=200)
+    ap.add_argument("--methods", default=None, help="comma-separated: methods to sweep, or variants (full, gt0.5, "
+                                                     "...) to run")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: 2 steps, 4 items, full and GreenTrainer")
+    ap.add_argument("--sweep-from", default="scitldr", help="whose validation sweep gives the settings (the "
+                                                              "defaults in code come from SciTLDR's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3 for the main ones, 1 else)")
     a = ap.parse_args()
+    if a.quick:
+        a.steps, a.val_items, a.test_items, a.max_input_length, a.seeds = 2, 4, 4, 200, 1
+        a.methods = a.methods or ("full,greentrainer" if a.stage == "sweep" else "full,gt0.5")
+    a.methods = a.methods.split(",") if a.methods else None
     a.steps = a.steps or (64 if a.stage == "sweep" else 256)
 
     def log(msg):

@@ -241,6 +241,13 @@ def cases(env: Env) -> list[dict]:
     add("options", "--report-to an unknown tracker", e.train("--report-to", "carrier-pigeon"),
         needle="unknown tracker")
     add("options", "--logging-steps 0", e.train("--logging-steps", "0"), needle="--logging-steps")
+    add("options", "--eval-steps 0", e.train("--eval-steps", "0"), needle="--eval-steps")
+    add("options", "--prompt-format chat with a tokenizer that has no chat template",
+        e.train("--prompt-format", "chat"), needle="no chat template")
+    add("options", "--prompt-format of an unknown kind", e.train("--prompt-format", "xml"), needle="invalid choice")
+    add("demo", "demo with --rho 3", ["demo", "--rho", "3", "--output-dir", str(e.out())], needle="--rho")
+    add("demo", "demo into a folder that is not a run folder", ["demo", "--output-dir", str(e.user)],
+        needle="not a greentrainer run folder")
     for text, what, needle in (("rhoo: 0.5\n", "unknown option", "unknown option"),
                                ("lr: .inf\n", "non-finite number", "finite"),
                                ("rho: [0.5\n", "not YAML", "YAML"), ("- a\n- b\n", "a list", "mapping"),

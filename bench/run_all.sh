@@ -35,3 +35,8 @@ python methods.py --dataset dialogsum --methods full,lora,smt,gt0.5,gt0.7 --lrs 
   --max-eval 12 --epochs 2 --max-input-length 384 --name methods_dialogsum
 python methods.py --dataset scitldr --methods full,top2,prefix,lora,dora,smt,gt0.5,gt0.6,gt0.7 --lrs all=2e-5 \
   --max-train 64 --max-eval 24 --epochs 2 --name methods_scitldr_lr2e-5
+# accuracy you can compare (resumable: one JSON per run under results/accuracy/ and results/learning_speed/)
+python learning_speed.py
+python accuracy.py --dataset scitldr --stage sweep
+python accuracy.py --dataset scitldr --stage final
+python accuracy.py --dataset dialogsum --stage final --max-input-length 512 --seeds 1

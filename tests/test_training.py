@@ -293,3 +293,42 @@ def test_trainer_callback_logs_measured_flops_for_the_loggers(tmp_path):
     assert cb.flops["steps"] > 0 and cb.flops["probes"] > 0 and cb.flops["full_ft_reference"] > 0
     # over the run, the measured FLOPs (steps and probes) stay within rho of full fine-tuning's on the same batches
     assert cb.flops["steps"] + cb.flops["probes"] <= 0.7 * cb.flops["full_ft_reference"]
+
+
+def test_eval_steps_records_a_validation_curve_without_changing_training():
+    """--eval-steps N: the validation loss before training and every N optimizer steps (the curve the learning-
+    speed measurements use); the weights are the same as without it."""
+    weights = []
+    for every in (None, 2):
+        model = make_tiny("llama")
+        cfg = TrainConfig(method="greentrainer", epochs=2, batch_size=4, lr=1e-3, seed=0, eval_steps=every,
+                          method_config=GreenTrainerConfig(rho=0.8))
+        data = encoded(model)
+        out = train(model, TOK, build_method(cfg), data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
+                    progress=False)
+        weights.append({n: p.detach().clone() for n, p in out["model"].named_parameters()})
+    curve = [pt for h in out["history"] for pt in h["val_curve"]]
+    steps_per_epoch = out["history"][0]["steps"]
+    assert [s for s, _ in curve] == [0] + list(range(2, 2 * steps_per_epoch + 1, 2))
+    assert curve[-1][1] == out["history"][-1]["val_loss"]
+    assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
+
+
+def test_full_fine_tuning_warm_up_is_repaid_within_rho():
+    """--full-warmup-steps K: every tensor trains for the first K steps without a probe; the selections after
+    them repay the extra FLOPs over the rest of the run, so the run as a whole stays within ρ."""
+    model = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out, method = run("greentrainer", model, epochs=3, rho=0.8, full_warmup_steps=1)
+    first = method.selections[0]
+    assert first["note"] == "full fine-tuning warm-up" and first["n_selected"] == len(method.names)
+    assert method.selections[1]["step"] == 1 and method.selections[1]["n_selected"] < len(method.names)
+    assert all(not torch.equal(p, before[n]) for n, p in out["model"].named_parameters())  # all trained once
+    t = out["totals"]
+    assert t["flops_total"] <= 0.8 * t["flops_full_ft_reference"]
+
+
+def test_a_warm_up_that_cannot_be_repaid_is_refused():
+    from greentrainer.errors import UsageError
+    with pytest.raises(UsageError, match="cannot repay"):
+        run("greentrainer", make_tiny("llama"), epochs=2, rho=0.6, full_warmup_steps=7)

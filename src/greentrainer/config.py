@@ -144,6 +144,8 @@ class TrainConfig(Options):
                                     "logs/), wandb, mlflow, ...; comma-separated")
     logging_steps: int = option(10, "log loss, lr, measured FLOPs, the fraction of full FT and the trainable set "
                                     "every N steps")
+    eval_steps: int | None = option(None, "also compute the validation loss every N optimizer steps (and before "
+                                          "the first): each epoch's val_curve in metrics.json")
     num_beams: int = option(4, "beams for generation in evaluation")
     max_new_tokens: int | None = option(None, "generated tokens per test item (default: from the dataset)")
     eval_batch_size: int = option(4, "test items per generation batch")
@@ -181,7 +183,7 @@ class TrainConfig(Options):
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0")
         if self.max_input_length < 8:
             raise UsageError(f"--max-input-length must be at least 8, got {self.max_input_length}")
-        for name in ("max_train", "max_eval", "max_new_tokens", "save_every"):
+        for name in ("max_train", "max_eval", "max_new_tokens", "save_every", "eval_steps"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UsageError(f"{dashed(name)} must be positive, got {v}")

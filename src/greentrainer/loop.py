@@ -518,6 +518,7 @@ class EpochProgress:
     reference_before: float = 0.0
     losses: list = dataclasses.field(default_factory=list)
     elapsed: float = 0.0
+    val_curve: list = dataclasses.field(default_factory=list)  # [optimizer step, validation loss] (--eval-steps)
 
 
 def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end,
@@ -534,6 +535,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                reference_before=ctx.flops_reference)
         steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
                                ctx.micro_batches_per_step, acc.process_index, generator)
+        if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
+            ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
         t0, bookkeeping = time.perf_counter(), 0.0
         with PeakMemory(ctx.device) as mem:
             if ep.steps_done == 0:
@@ -556,6 +559,9 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 ep.steps_done = i + 1
                 if acc.trackers and ctx.global_step % cfg.logging_steps == 0:
                     _log_step(ctx, ep.losses[-cfg.logging_steps:])
+                if cfg.eval_steps and val_data and ctx.global_step % cfg.eval_steps == 0 \
+                        and ep.steps_done < len(steps):  # (the epoch's end computes it anyway)
+                    ep.val_curve.append([ctx.global_step, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
                 bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
                 if on_checkpoint is not None and save_every and ctx.global_step % save_every == 0 \
                         and ep.steps_done < len(steps):
@@ -564,6 +570,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 bookkeeping += time.perf_counter() - r0
         elapsed = ep.elapsed + time.perf_counter() - t0 - bookkeeping
         val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size) if val_data else None
+        if cfg.eval_steps and val is not None:
+            ep.val_curve.append([ctx.global_step, val])
         spent = {k: ctx.reduce_sum(float(ctx.flops[k] - ep.flops_before.get(k, 0))) for k in ctx.flops}
         ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ep.reference_before))
         total = sum(spent.values())
@@ -573,6 +581,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
                "time_s": elapsed, "peak_memory_bytes": peak, **method.epoch_report()}
+        if cfg.eval_steps:
+            rec["val_curve"] = ep.val_curve
         history.append(rec)
         val_text = f"{val:.4f}" if val is not None else "n/a"
         ctx.log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}  val loss {val_text}  "
@@ -627,7 +637,7 @@ def training_state(ctx, method, ep: EpochProgress, history: list, elapsed: float
             "history": _plain(history),
             "epoch": {"epoch": ep.epoch, "generator_state": ep.generator_state, "steps_done": ep.steps_done,
                       "flops_before": ep.flops_before, "reference_before": ep.reference_before,
-                      "losses": ep.losses, "elapsed": elapsed}}
+                      "losses": ep.losses, "elapsed": elapsed, "val_curve": ep.val_curve}}
 
 
 def restore_training_state(ctx, method, state: dict, history: list) -> EpochProgress:
@@ -645,4 +655,4 @@ def restore_training_state(ctx, method, state: dict, history: list) -> EpochProg
     history.extend(state["history"])
     e = state["epoch"]
     return EpochProgress(e["epoch"], e["generator_state"], e["steps_done"], dict(e["flops_before"]),
-                         e["reference_before"], list(e["losses"]), e["elapsed"])
+                         e["reference_before"], list(e["losses"]), e["elapsed"], list(e.get("val_curve", [])))

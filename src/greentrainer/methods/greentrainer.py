@@ -36,6 +36,8 @@ class GreenTrainerConfig(Options):
                              choices=("dw_grad", "dw", "grad"))
     resolution: int | None = option(None, "coarse DP resolution (paper Table 7); default: the exact selector",
                                     flag="selector_resolution")
+    full_warmup_steps: int = option(0, "optimizer steps of full fine-tuning before the first selection; the "
+                                       "selections after them repay the extra FLOPs, so the whole run stays within ρ")
     deselected_state: str = option("drop", "optimizer state of tensors that leave the selection: drop it (a "
                                            "re-selected tensor starts afresh; frees memory), keep a host copy "
                                            "(cpu), or keep it in place", choices=("drop", "cpu", "keep"))
@@ -48,6 +50,8 @@ class GreenTrainerConfig(Options):
             raise UsageError(f"--rho must be in (0, 1], got {self.rho}")
         if self.select_every is not None and self.select_every <= 0:
             raise UsageError(f"--select-every must be a positive number of steps, got {self.select_every}")
+        if self.full_warmup_steps < 0:
+            raise UsageError(f"--full-warmup-steps must be ≥ 0, got {self.full_warmup_steps}")
         if self.resolution is not None and self.resolution < 2:
             raise UsageError(f"--selector-resolution must be at least 2, got {self.resolution}")
         if self.rho_schedule is not None:
@@ -100,17 +104,21 @@ SAFETY_MARGIN = 0.005  # of t_full per step: batch shapes vary around the profil
 
 
 def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
-               probe_paid: bool = False, step_scale: float = 1.0, probe_batches: int = 1) -> tuple[int, int]:
+               probe_paid: bool = False, step_scale: float = 1.0, probe_batches: int = 1,
+               repay_steps: int | None = None) -> tuple[int, int]:
     """(backward budget per step, probe depth) for ρ, paying for the probe, and for any FLOPs measured
     above ρ × full fine-tuning so far (``debt``), out of the same budget over the next steps.
     ``probe_paid``: the probe has run and its measured FLOPs are already in ``debt``. ``step_scale``: a
     real step's full fine-tuning FLOPs over the profile's ``t_full`` (batches shorter than the profiled
-    shape leave less room to repay a fixed overhead)."""
+    shape leave less room to repay a fixed overhead). ``repay_steps``: spread the debt over this many steps
+    instead of the next selection's (the rest of the run, after a full fine-tuning warm-up)."""
     upto = deepest_reachable(profile, rho_to_backward_budget(rho, profile.t_fp, profile.t_full))
-    steps = max(steps_per_selection, 1) * min(max(step_scale, 0.05), 1.0)
+    scale = min(max(step_scale, 0.05), 1.0)
+    steps = max(steps_per_selection, 1) * scale
+    repay = steps if repay_steps is None else max(repay_steps, 1) * scale
     for _ in range(1 if probe_paid else 3):  # the probe is cheaper when it stops higher; a few rounds settle it
         probe = 0 if probe_paid else probe_cost(profile, max(upto, 0)) * probe_batches
-        overhead = (probe + max(debt, 0.0)) / steps + SAFETY_MARGIN * profile.t_full
+        overhead = probe / steps + max(debt, 0.0) / repay + SAFETY_MARGIN * profile.t_full
         budget = rho_to_backward_budget(rho, profile.t_fp, profile.t_full, overhead)
         upto = deepest_reachable(profile, budget)
     return budget, upto
@@ -138,7 +146,7 @@ def check_budget(profile, rho: float, steps_per_selection: int, probe_batches: i
 
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, importance="dw_grad",
                 resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0,
-                step_scale=1.0, reduce_grads=None, agree=None):
+                step_scale=1.0, reduce_grads=None, agree=None, repay_steps=None):
     """Probe importance, select within ρ, and make exactly the selected tensors trainable.
 
     ``debt``: FLOPs measured above ρ × full fine-tuning so far, or a callable giving it; a callable is asked
@@ -149,7 +157,8 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
     names = profile.names
     before = debt() if callable(debt) else debt
     k = len(batch[0]) if isinstance(batch, tuple) else 1  # micro-batches the probe runs
-    budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale, probe_batches=k)
+    budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale, probe_batches=k,
+                              repay_steps=repay_steps)
     if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
         budget, upto = budget_for(profile, rho, steps_per_selection, probe_batches=k)
     t0 = time.perf_counter()
@@ -157,7 +166,8 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
                              reduce_grads)
     if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
         paid = max(before, 0.0) + (debt() - before)
-        after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True, step_scale=step_scale)
+        after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True, step_scale=step_scale,
+                              repay_steps=repay_steps)
         if deepest_reachable(profile, after) >= 0:
             budget = after
     t1 = time.perf_counter()
@@ -237,6 +247,7 @@ class GreenTrainerMethod(Method):
         self.selections: list[dict] = []
         self._epoch_selections: list[dict] = []
         self.current: list[str] | None = None
+        self._selected_at: int | None = None
         mode = deselected_state or getattr(cfg, "deselected_state", None) or "drop"
         if mode not in self.DESELECTED_STATE:
             raise UsageError(f"deselected_state must be one of {', '.join(self.DESELECTED_STATE)}, got {mode!r}")
@@ -248,6 +259,14 @@ class GreenTrainerMethod(Method):
         steps = self._steps(steps_per_epoch, total_steps) * micro_batches
         for rho in {self.cfg.rho, *self.schedule.values()}:
             check_budget(profile, rho, steps, micro_batches)
+        warm = self.cfg.full_warmup_steps
+        if warm:  # repaid by the steps after it, each at least the cheapest useful step (probes aside)
+            lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
+                                  branches=profile.branch_tuples)
+            most = max(int(total_steps * (self.cfg.rho - lo) / (1 - lo)), 0)
+            if warm > most:
+                raise UsageError(f"--full-warmup-steps {warm}: the other {max(total_steps - warm, 0)} steps of the run "
+                                 f"cannot repay it within ρ {self.cfg.rho}; at most {most} of its {total_steps} steps")
 
     def prepare(self, model, ctx):
         self.params = dict(model.named_parameters())
@@ -266,11 +285,31 @@ class GreenTrainerMethod(Method):
     def on_epoch_start(self, ctx):
         self._epoch_selections = []
         if self.cfg.select_every is None and (not self.cfg.select_once or self.current is None):
-            self.select(ctx)
+            self._select_or_warm_up(ctx)
 
     def on_step_start(self, ctx):
-        if self.cfg.select_every is not None and ctx.global_step % self.cfg.select_every == 0:
+        warm = self.cfg.full_warmup_steps
+        if warm and ctx.global_step == warm and self._selected_at != warm:
+            self.select(ctx)  # the first selection, right after the warm-up
+        elif self.cfg.select_every is not None and ctx.global_step % self.cfg.select_every == 0:
+            self._select_or_warm_up(ctx)
+
+    def _select_or_warm_up(self, ctx):
+        if ctx.global_step < self.cfg.full_warmup_steps:
+            self._train_everything(ctx)
+        else:
             self.select(ctx)
+
+    def _train_everything(self, ctx) -> None:
+        """The full fine-tuning warm-up: every tensor trains, no probe (its extra FLOPs are repaid later)."""
+        for p in self.params.values():
+            p.requires_grad_(True)
+        rec = {"rho": 1.0, "n_selected": len(self.names), "selected": list(self.names), "step": ctx.global_step,
+               "epoch": ctx.epoch + 1, "note": "full fine-tuning warm-up"}
+        rec.update(self._follow_selection(ctx.model, ctx.optimizer, self.names))
+        self.current, self._selected_at = list(self.names), ctx.global_step
+        self.selections.append(rec)
+        self._epoch_selections.append(rec)
 
     def epoch_report(self):
         return {"selections": self._epoch_selections}
@@ -312,15 +351,17 @@ class GreenTrainerMethod(Method):
             p = ctx.profile
             reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
+        repay = (ctx.total_steps - ctx.global_step) * micro if self.cfg.full_warmup_steps else None
+        warm_up_ended = bool(self.selections) and self.selections[-1].get("note") == "full fine-tuning warm-up"
         chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), ctx.profile, rho,
                                   self._steps_per_selection(ctx) * micro, self.cfg.importance,
-                                  self.cfg.resolution, self.current, ctx.count, ctx.autocast, ctx.log, debt, scale,
-                                  ctx.reduce_gradients if world > 1 else None, ctx.broadcast)
+                                  self.cfg.resolution, None if warm_up_ended else self.current, ctx.count, ctx.autocast, ctx.log, debt, scale,
+                                  ctx.reduce_gradients if world > 1 else None, ctx.broadcast, repay)
         rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
         rec["debt_flops"] = rec_debt
         rec["step_scale"] = scale
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
-        self.current = chosen
+        self.current, self._selected_at = chosen, ctx.global_step
         self.selections.append(rec)
         self._epoch_selections.append({k: v for k, v in rec.items() if k != "importance"})
         return chosen
@@ -336,6 +377,7 @@ class GreenTrainerMethod(Method):
         import torch
         self.selections, self._epoch_selections = list(state["selections"]), list(state["epoch_selections"])
         self.current = state["current"]
+        self._selected_at = self.selections[-1].get("step") if self.selections else None
         self._offloaded = {n: {k: (v, torch.device(dev) if dev is not None else None) for k, (v, dev) in s.items()}
                            for n, s in state.get("offloaded", {}).items()}
         keep = set(self.current or ())

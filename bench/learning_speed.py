@@ -75,7 +75,7 @@ def run(label: str, opts: dict, a, log) -> dict:
     res = {"label": label, "options": opts, "curve": curve, "flops_fraction_of_full": m["totals"]["flops_fraction_of_full"],
            "flops": {k: m["totals"][k] for k in ("flops_forward", "flops_backward", "flops_overhead")},
            "selections": [{"step": s.get("step"), "n_selected": s["n_selected"], "selected": s["selected"],
-                           "probe_depth": s["probe_depth"]} for s in sels],
+                           "probe_depth": s.get("probe_depth")} for s in sels],
            "train_time_s": m["totals"]["time_s"], "wall_s": time.perf_counter() - t0, "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M")}
     OUT.mkdir(parents=True, exist_ok=True)

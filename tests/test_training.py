@@ -332,3 +332,29 @@ def test_a_warm_up_that_cannot_be_repaid_is_refused():
     from greentrainer.errors import UsageError
     with pytest.raises(UsageError, match="cannot repay"):
         run("greentrainer", make_tiny("llama"), epochs=2, rho=0.6, full_warmup_steps=7)
+
+
+def test_trainer_callback_under_fp16_with_a_gradient_scaler(tmp_path):
+    """fp16: the Trainer's optimizer is wrapped with a GradScaler, whose step() would refuse the probe's step (no
+    inf checks recorded for it). On CPU Accelerate makes no scaler, so a real one is put in before training."""
+    from greentrainer.callback import GreenTrainerCallback
+    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    trainer = tiny_trainer(make_tiny("llama"), tmp_path, 64, [cb], fp16=True)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
+    trainer.train()
+    assert trainer.optimizer.scaler is not None  # the Trainer really stepped through the scaler
+    assert len(cb.selections) == 2 and all(any(x != 0 for x in s["importance"]) for s in cb.selections)
+
+
+def test_full_warm_up_from_the_command_line_writes_its_selection_records(tmp_path, tiny_model_dir, data):
+    import json
+    from conftest import train_args
+    from greentrainer.cli import main
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data, out, "--method", "greentrainer", "--rho", "0.8", "--epochs", "3",
+                           "--full-warmup-steps", "1", "--no-eval", "--lr", "1e-3")) == 0
+    sels = json.loads((out / "selections.json").read_text())["selections"]
+    assert sels[0]["note"] == "full fine-tuning warm-up" and len(sels) >= 2
+    assert (out / "selection_heatmap.png").is_file()
+    totals = json.loads((out / "metrics.json").read_text())["totals"]
+    assert totals["flops_fraction_of_full"] <= 0.8

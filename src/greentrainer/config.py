@@ -89,13 +89,6 @@ class Options:
 _KIND = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
 
 
-def check_finite(**values) -> None:
-    """Every number a user gives must be a finite number (``inf``/``nan`` parse as floats)."""
-    for name, v in values.items():
-        if v is not None and isinstance(v, float) and not math.isfinite(v):
-            raise UsageError(f"{dashed(name)} must be a finite number, got {v}")
-
-
 def _method_names():
     from .methods.registry import registered_methods
     return list(registered_methods())

@@ -39,6 +39,7 @@ def test_a_few_full_steps_lower_the_loss_on_a_fixed_batch(arch):
 
 
 def run(method_name, model, epochs=2, **gt):
+    gt.setdefault("full_warmup_steps", 0)  # the paper's GreenTrainer unless a test asks for the warm-up
     cfg = TrainConfig(method=method_name, epochs=epochs, batch_size=4, lr=1e-3, seed=0,
                       method_config=GreenTrainerConfig(**gt) if method_name == "greentrainer" else None)
     data = encoded(model)
@@ -326,6 +327,22 @@ def test_full_fine_tuning_warm_up_is_repaid_within_rho():
     assert all(not torch.equal(p, before[n]) for n, p in out["model"].named_parameters())  # all trained once
     t = out["totals"]
     assert t["flops_total"] <= 0.8 * t["flops_full_ft_reference"]
+
+
+def test_the_default_warm_up_is_an_eighth_of_the_run_and_what_the_budget_can_repay():
+    out, method = run("greentrainer", make_tiny("llama"), epochs=4, rho=0.8, full_warmup_steps=None)
+    steps = out["totals"]["steps"]
+    assert method.warmup == steps // 8 >= 1 and method.selections[0]["note"] == "full fine-tuning warm-up"
+    assert out["totals"]["flops_total"] <= 0.8 * out["totals"]["flops_full_ft_reference"]
+    # near the smallest feasible ρ the rest of a run cannot repay an eighth of it: the warm-up is capped
+    from greentrainer.methods.greentrainer import GreenTrainerMethod
+    from greentrainer.selection import min_feasible_rho
+    from greentrainer.loop import run_profile
+    prof = run_profile(make_tiny("llama").config, (4, 64, None), False)
+    lo = min_feasible_rho(prof.t_dws, prof.t_dys, prof.t_fp, prof.t_full, branches=prof.branch_tuples)
+    tight = GreenTrainerMethod(GreenTrainerConfig(rho=lo + 0.05))
+    tight.check(make_tiny("llama"), prof, 1000, 1000)
+    assert 0 < tight.warmup < 1000 // 8
 
 
 def test_a_warm_up_that_cannot_be_repaid_is_refused():

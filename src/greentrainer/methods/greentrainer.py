@@ -36,8 +36,10 @@ class GreenTrainerConfig(Options):
                              choices=("dw_grad", "dw", "grad"))
     resolution: int | None = option(None, "coarse DP resolution (paper Table 7); default: the exact selector",
                                     flag="selector_resolution")
-    full_warmup_steps: int = option(0, "optimizer steps of full fine-tuning before the first selection; the "
-                                       "selections after them repay the extra FLOPs, so the whole run stays within ρ")
+    full_warmup_steps: int | None = option(None, "optimizer steps of full fine-tuning before the first selection; "
+                                                 "the selections after them repay the extra FLOPs, so the whole run "
+                                                 "stays within ρ. Default: 1/8 of the run's steps, at most what the "
+                                                 "rest can repay (bench/results/learning_speed.md); 0: the paper's")
     deselected_state: str = option("drop", "optimizer state of tensors that leave the selection: drop it (a "
                                            "re-selected tensor starts afresh; frees memory), keep a host copy "
                                            "(cpu), or keep it in place", choices=("drop", "cpu", "keep"))
@@ -50,7 +52,7 @@ class GreenTrainerConfig(Options):
             raise UsageError(f"--rho must be in (0, 1], got {self.rho}")
         if self.select_every is not None and self.select_every <= 0:
             raise UsageError(f"--select-every must be a positive number of steps, got {self.select_every}")
-        if self.full_warmup_steps < 0:
+        if self.full_warmup_steps is not None and self.full_warmup_steps < 0:
             raise UsageError(f"--full-warmup-steps must be ≥ 0, got {self.full_warmup_steps}")
         if self.resolution is not None and self.resolution < 2:
             raise UsageError(f"--selector-resolution must be at least 2, got {self.resolution}")
@@ -207,6 +209,9 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
     return chosen, rec
 
 
+WARMUP_SHARE = 8  # default warm-up: 1/8 of the run's steps (bench/results/learning_speed.md)
+
+
 @register_method("greentrainer", config_cls=GreenTrainerConfig)
 class GreenTrainerMethod(Method):
     """GreenTrainer: the most important tensors whose backward fits ρ of full FT's FLOPs train.
@@ -248,6 +253,7 @@ class GreenTrainerMethod(Method):
         self._epoch_selections: list[dict] = []
         self.current: list[str] | None = None
         self._selected_at: int | None = None
+        self.warmup = 0  # steps of full fine-tuning first (set by check() from the run's length)
         mode = deselected_state or getattr(cfg, "deselected_state", None) or "drop"
         if mode not in self.DESELECTED_STATE:
             raise UsageError(f"deselected_state must be one of {', '.join(self.DESELECTED_STATE)}, got {mode!r}")
@@ -259,11 +265,15 @@ class GreenTrainerMethod(Method):
         steps = self._steps(steps_per_epoch, total_steps) * micro_batches
         for rho in {self.cfg.rho, *self.schedule.values()}:
             check_budget(profile, rho, steps, micro_batches)
+        # the warm-up is repaid by the steps after it, each at least the cheapest useful step (probes aside)
+        lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
+                              branches=profile.branch_tuples)
+        most = max(int(total_steps * (self.cfg.rho - lo) / (1 - lo)), 0)
         warm = self.cfg.full_warmup_steps
-        if warm:  # repaid by the steps after it, each at least the cheapest useful step (probes aside)
-            lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
-                                  branches=profile.branch_tuples)
-            most = max(int(total_steps * (self.cfg.rho - lo) / (1 - lo)), 0)
+        if warm is None:
+            warm = 0 if self.schedule else min(total_steps // WARMUP_SHARE, most)
+        self.warmup = warm
+        if warm:
             if warm > most:
                 raise UsageError(f"--full-warmup-steps {warm}: the other {max(total_steps - warm, 0)} steps of the run "
                                  f"cannot repay it within ρ {self.cfg.rho}; at most {most} of its {total_steps} steps")
@@ -275,6 +285,9 @@ class GreenTrainerMethod(Method):
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
         self.check(model, ctx.profile, ctx.steps_per_epoch, ctx.total_steps, ctx.micro_batches_per_step)
+        if self.warmup:
+            ctx.log(f"GreenTrainer: full fine-tuning for the first {self.warmup} of {ctx.total_steps} steps, repaid by "
+                    f"the selections after them (the run stays within ρ {self.cfg.rho})")
         for p in model.parameters():
             p.requires_grad_(False)
         return model
@@ -288,14 +301,14 @@ class GreenTrainerMethod(Method):
             self._select_or_warm_up(ctx)
 
     def on_step_start(self, ctx):
-        warm = self.cfg.full_warmup_steps
+        warm = self.warmup
         if warm and ctx.global_step == warm and self._selected_at != warm:
             self.select(ctx)  # the first selection, right after the warm-up
         elif self.cfg.select_every is not None and ctx.global_step % self.cfg.select_every == 0:
             self._select_or_warm_up(ctx)
 
     def _select_or_warm_up(self, ctx):
-        if ctx.global_step < self.cfg.full_warmup_steps:
+        if ctx.global_step < self.warmup:
             self._train_everything(ctx)
         else:
             self.select(ctx)
@@ -351,7 +364,7 @@ class GreenTrainerMethod(Method):
             p = ctx.profile
             reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
-        repay = (ctx.total_steps - ctx.global_step) * micro if self.cfg.full_warmup_steps else None
+        repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
         warm_up_ended = bool(self.selections) and self.selections[-1].get("note") == "full fine-tuning warm-up"
         chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), ctx.profile, rho,
                                   self._steps_per_selection(ctx) * micro, self.cfg.importance,

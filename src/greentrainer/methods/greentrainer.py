@@ -243,7 +243,7 @@ class GreenTrainerMethod(Method):
     ``deselected_state`` (also read from ``cfg.deselected_state`` when the constructor is not given one).
     """
 
-    default_lr = 3e-4
+    default_lr = 1e-4  # with the warm-up (learning_speed.md); until the validation sweep of bench/accuracy.py
     DESELECTED_STATE = ("drop", "cpu", "keep")
 
     def __init__(self, cfg, deselected_state: str | None = None):

@@ -65,10 +65,14 @@ def run_demo(output_dir: str = "runs/demo", tune: bool = False, log=print, progr
             overrides = {**_validation_files(demo_config(output_dir, **overrides), Path(tmp)), **overrides}
         cfg = demo_config(output_dir, **overrides)
         m = run_training(cfg, log=log, progress=progress)
+        return _report(cfg, m, "validation" if tune else "test")
+
+
+def _report(cfg, m, split: str) -> dict:
     out = Path(cfg.output_dir)
     before, after = m["eval_before"], m["eval"]
     t = m["totals"]
-    report = {"items": m["n_eval"], "split": "validation" if tune else "test", "before": before, "after": after,
+    report = {"items": m["n_eval"], "split": split, "before": before, "after": after,
               "gain_rouge1": after["rouge1_first_ref"] - before["rouge1_first_ref"],
               "flops": t["flops_total"], "flops_full": t["flops_full_ft_reference"],
               "fraction": t["flops_fraction_of_full"], "train_time_s": t["time_s"], "steps": t["steps"]}

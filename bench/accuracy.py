@@ -116,7 +116,7 @@ def sweep(a, log) -> dict:
     """Each method's winning setting: the lowest final validation loss over its lrs, then its knob."""
     winners = {}
     for method in [m for m in SWEEP_ORDER if a.methods is None or m in a.methods]:
-        opts = {"rho": 0.5} if method == "greentrainer" else {}
+        opts = {"rho": a.sweep_rho} if method == "greentrainer" else {}
         scores = {}
         for lr in SWEEP_LRS[method][: 1 if a.quick else None]:
             r = one_run(a, "sweep", method, opts, lr, 0, log)
@@ -258,14 +258,16 @@ def main() -> int:
     ap.add_argument("--test-items", type=int, default=200)
     ap.add_argument("--methods", default=None, help="comma-separated: methods to sweep, or variants (full, gt0.5, "
                                                      "...) to run")
-    ap.add_argument("--quick", action="store_true", help="a smoke test: 2 steps, 4 items, full and GreenTrainer")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: 8 steps, 4 items, full and GreenTrainer")
+    ap.add_argument("--sweep-rho", type=float, default=0.5, help="GreenTrainer's ρ in the sweep")
     ap.add_argument("--sweep-from", default="scitldr", help="whose validation sweep gives the settings (the "
                                                               "defaults in code come from SciTLDR's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3 for the main ones, 1 else)")
     a = ap.parse_args()
-    if a.quick:
-        a.steps, a.val_items, a.test_items, a.max_input_length, a.seeds = 2, 4, 4, 200, 1
-        a.methods = a.methods or ("full,greentrainer" if a.stage == "sweep" else "full,gt0.5")
+    if a.quick:  # 8 steps in one epoch: GreenTrainer's probe must be paid by the steps it governs
+        a.steps, a.epochs, a.val_items, a.test_items, a.max_input_length, a.seeds = 8, 1, 4, 4, 160, 1
+        a.sweep_rho = 0.7
+        a.methods = a.methods or ("full,greentrainer" if a.stage == "sweep" else "full,gt0.7")
     a.methods = a.methods.split(",") if a.methods else None
     a.steps = a.steps or (64 if a.stage == "sweep" else 256)
 

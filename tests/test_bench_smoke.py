@@ -81,7 +81,7 @@ def test_memory_bench_quick(tmp_path):
 
 
 def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
-    """bench/accuracy.py's two stages on 2 steps and 4 items: one JSON per run, a rerun skips them, the report
+    """bench/accuracy.py's two stages on 8 steps and 4 items: one JSON per run, a rerun skips them, the report
     has a bootstrap interval around each mean and a Pareto plot."""
     env = dict(os.environ, GREENTRAINER_BENCH_RESULTS=str(tmp_path))
     for stage in ("sweep", "final", "final"):
@@ -92,6 +92,6 @@ def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
     runs = sorted((tmp_path / "accuracy" / "scitldr" / "final").glob("*.json"))
     assert len(runs) == 2  # the second final stage found both runs done
     rows = json.loads((tmp_path / "accuracy_scitldr.json").read_text())["rows"]
-    assert {r["label"] for r in rows} == {"Full FT", "GreenTrainer ρ=0.5"}
+    assert {r["label"] for r in rows} == {"Full FT", "GreenTrainer ρ=0.7"}
     assert all(r["ci_low"] <= r["rougeL"] <= r["ci_high"] for r in rows)
     assert (tmp_path / "accuracy_scitldr.png").exists()

@@ -48,7 +48,7 @@ class Watched(GreenTrainerMethod):
 def run(mode, epochs=3, rho=0.7, **gt):
     model = make_tiny("llama")
     cfg = TrainConfig(method="greentrainer", epochs=epochs, batch_size=4, lr=1e-3, seed=0,
-                      method_config=GreenTrainerConfig(rho=rho, **gt))
+                      method_config=GreenTrainerConfig(rho=rho, **{"full_warmup_steps": 0, **gt}))
     method = Watched(cfg.method_config, deselected_state=mode)
     data = encoded(model)
     out = train(model, TOK, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None, progress=False)

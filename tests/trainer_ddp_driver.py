@@ -29,6 +29,10 @@ def main(out: str, accum: int) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"digest": digest.hexdigest(), "changed": changed, "flops": cb.flops,
                    "selections": [s["selected"] for s in cb.selections], "steps": trainer.state.global_step}, f)
+    import torch.distributed as dist
+    if dist.is_initialized():  # leave together and cleanly (gloo's threads otherwise may abort at exit)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, machine
+from greentrainer.files import write_json_atomic
 
 # Methods of the comparison: label -> (method, options). GreenTrainer's lr is swept at ρ 0.5 and shared.
 VARIANTS = {
@@ -96,9 +97,7 @@ def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -
         res["per_item_rougeL"] = per_item_rouge(preds)
         res["predictions"] = preds[:3]
     folder.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(res, indent=1))
-    tmp_path.rename(path)
+    write_json_atomic(path, res)
     log(f"  {path.name}: val loss {res['val_loss'][-1]:.4f}"
         + (f", ROUGE-L {res['eval']['rougeL_first_ref']:.1f}" if final else "") + f" ({wall:.0f} s)")
     return res

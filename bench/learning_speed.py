@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, machine
+from greentrainer.files import write_json_atomic
 
 OUT = RESULTS / "learning_speed"
 # label -> (options, what it tests)
@@ -79,9 +80,7 @@ def run(label: str, opts: dict, a, log) -> dict:
            "train_time_s": m["totals"]["time_s"], "wall_s": time.perf_counter() - t0, "machine": machine(),
            "date": time.strftime("%Y-%m-%d %H:%M")}
     OUT.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(res, indent=1))
-    tmp_path.rename(path)
+    write_json_atomic(path, res)
     log(f"{label}: " + ", ".join(f"{s}:{v:.3f}" for s, v in curve))
     return res
 

@@ -139,6 +139,17 @@ class TrainConfig(Options):
                                     "every N steps")
     eval_steps: int | None = option(None, "also compute the validation loss every N optimizer steps (and before "
                                           "the first): each epoch's val_curve in metrics.json")
+    track_energy: bool = option(True, "do not measure energy and carbon (CodeCarbon's offline tracker)",
+                                flag="no_energy", negate=True)
+    carbon_intensity: str | None = option(None, "grid intensity for CO2: gCO2eq/kWh, or a 3-letter country code "
+                                                "(its yearly mean in CodeCarbon's offline table); default: the world "
+                                                "average, 475 (IEA)")
+    carbon_trace: str | None = option(None, "CSV of 'timestamp,gco2_per_kwh' rows: the grid's intensity over time, "
+                                            "read along the run's clock (instead of --carbon-intensity)")
+    carbon_start: str | None = option(None, "where in --carbon-trace the run starts (ISO 8601; default: its first "
+                                            "row)")
+    carbon_time_scale: float = option(1.0, "trace seconds per second of measured training (3600: each second of "
+                                           "training moves an hour along the trace)")
     num_beams: int = option(4, "beams for generation in evaluation")
     max_new_tokens: int | None = option(None, "generated tokens per test item (default: from the dataset)")
     eval_batch_size: int = option(4, "test items per generation batch")
@@ -182,6 +193,10 @@ class TrainConfig(Options):
                 raise UsageError(f"{dashed(name)} must be positive, got {v}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        from .energy import build_grid
+        build_grid(self.carbon_intensity, self.carbon_trace, self.carbon_start, self.carbon_time_scale)
+        if getattr(self.method_config, "carbon_aware", False) and self.carbon_trace is None:
+            raise UsageError("--carbon-aware needs --carbon-trace FILE (the grid's intensity over time)")
         if spec.config_cls is not None:
             if not isinstance(self.method_config, spec.config_cls):
                 raise UsageError(f"--method {self.method} takes a {spec.config_cls.__name__}, "
@@ -225,6 +240,7 @@ RUN_MARKER = ".greentrainer-run"
 # Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
 RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "logs", "metrics.json", "progress.json",
                "predictions.jsonl", "predictions_before.jsonl", "model", "selections.json", "selection_heatmap.png",
+               "carbon.png",
                "model.tmp", "model.old", "checkpoint", "checkpoint.tmp", "checkpoint.old"}
 
 

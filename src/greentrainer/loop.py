@@ -28,6 +28,7 @@ from .errors import NonFiniteError, UsageError
 from .rng import as_tuples, rng_state, set_rng_state
 from .interrupts import critical
 
+from .energy import COMPONENTS, EnergyMeter, add_readings, build_grid, step_emissions
 from .flops import (FlopCounter, full_step_flops, layer_forward_flops, meta_model_from_config, profile_config,
                     with_recompute)
 
@@ -99,6 +100,8 @@ class TrainContext:
     scaler: object = None           # torch.amp.GradScaler under 16-mixed
     count_cache: dict = dataclasses.field(default_factory=dict)  # (kind, step_key) -> FLOPs counted once
     live_counting: bool = False     # count every step (no cache); tests compare the two
+    grid: object = None             # energy.Grid: the grid intensity now (fixed, or along a trace)
+    train_seconds: float = 0.0      # measured training time so far (the clock a carbon trace is read along)
     _probe_rng: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))
 
     @property
@@ -405,11 +408,13 @@ class RunHandle:
 
 def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,
           on_epoch_end=None, accelerator=None, resume: dict | None = None, on_checkpoint=None,
-          live_counting: bool = False, handle: RunHandle | None = None) -> dict:
+          live_counting: bool = False, handle: RunHandle | None = None, grid=None, energy_meter="auto") -> dict:
     """Train ``model`` with ``method``; returns per-epoch history and totals (FLOPs, time, memory), the
     FLOPs summed over processes. ``on_checkpoint(state)`` receives a :func:`training_state` every
     ``cfg.save_every`` optimizer steps (default: at the end of each epoch but the last); ``resume`` is such a
-    state to continue from."""
+    state to continue from. ``grid``: the :class:`~greentrainer.energy.Grid` (default: from ``cfg``);
+    ``energy_meter``: an :class:`~greentrainer.energy.EnergyMeter`, None for none, "auto" for one when
+    ``cfg.track_energy``."""
     acc = accelerator or build_accelerator(device if device is not None else "cpu")
     device = acc.device if device is None or acc.num_processes > 1 else torch.device(device)
     seed_everything(cfg.seed)
@@ -421,7 +426,10 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     main = acc.is_main_process
     ctx = TrainContext(model=model, tokenizer=tokenizer, cfg=cfg, device=device, train_data=train_data,
                        profile=profile, meta_model=meta_model, seq2seq=seq2seq, log=log if main else _silent,
-                       accelerator=acc, live_counting=live_counting)
+                       accelerator=acc, live_counting=live_counting,
+                       grid=grid if grid is not None else grid_of(cfg))
+    if energy_meter == "auto":
+        energy_meter = EnergyMeter(device) if cfg.track_energy else None
     ctx._probe_rng = random.Random(cfg.seed + 1)  # the same on every process: probes split one global batch
     generator = torch.Generator().manual_seed(cfg.seed)
     world, accum = acc.num_processes, ctx.micro_batches_per_step
@@ -451,12 +459,16 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
         ctx.log(f"resuming at optimizer step {ctx.global_step} (epoch {start.epoch + 1}, step "
                 f"{start.steps_done + 1} of the epoch)")
     _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end, start,
-            on_checkpoint, handle)
+            on_checkpoint, handle, energy_meter)
     totals = {k: sum(h[k] for h in history) for k in
               ("flops_forward", "flops_backward", "flops_overhead", "flops_total", "flops_full_ft_reference",
                "time_s")}
     totals["flops_fraction_of_full"] = totals["flops_total"] / totals["flops_full_ft_reference"]
     totals["steps"] = ctx.global_step
+    if energy_meter is not None:
+        for k in ENERGY_KEYS:
+            totals[k] = sum(h[k] for h in history)
+        totals["energy"] = energy_meter.describe()
     totals["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
     totals.update(method.trainable_summary(ctx.model))
     totals.update(world_size=world, grad_accum=accum, effective_batch_size=cfg.batch_size * world * accum,
@@ -519,10 +531,13 @@ class EpochProgress:
     losses: list = dataclasses.field(default_factory=list)
     elapsed: float = 0.0
     val_curve: list = dataclasses.field(default_factory=list)  # [optimizer step, validation loss] (--eval-steps)
+    energy: dict = dataclasses.field(default_factory=dict)     # kWh by component so far (this process)
+    step_log: list = dataclasses.field(default_factory=list)   # [step, train s at its end, its s, FLOPs, reference]
 
 
 def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end,
-            resume: EpochProgress | None = None, on_checkpoint=None, handle: RunHandle | None = None):
+            resume: EpochProgress | None = None, on_checkpoint=None, handle: RunHandle | None = None,
+            meter=None):
     acc = ctx.accelerator
     save_every = cfg.save_every
     for epoch in range(resume.epoch if resume else 0, cfg.epochs):
@@ -538,6 +553,10 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
             ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
         t0, bookkeeping = time.perf_counter(), 0.0
+        trained_before = sum(h["time_s"] for h in history) + ep.elapsed
+        ctx.train_seconds = trained_before
+        if meter is not None:
+            meter.start()
         with PeakMemory(ctx.device) as mem:
             if ep.steps_done == 0:
                 method.on_epoch_start(ctx)
@@ -547,14 +566,18 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 if i < ep.steps_done:  # resumed: these steps are in the checkpoint
                     continue
                 batches = [ctx.collate([ctx.train_data[j] for j in idx]) for idx in micro if idx]
+                s0, flops0, ref0 = time.perf_counter(), sum(ctx.flops.values()), ctx.flops_reference
                 method.on_step_start(ctx)
                 loss_sum, n_tokens = _optimizer_step(ctx, method, batches)
                 if handle is not None:
                     handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
+                ctx.train_seconds = trained_before + r0 - t0 - bookkeeping
                 for batch in batches:
                     ctx.flops_reference += reference_step_flops(ctx.meta_model, batch, cfg.gradient_checkpointing,
                                                                 ref_cache)
+                ep.step_log.append([ctx.global_step, ctx.train_seconds, r0 - s0, sum(ctx.flops.values()) - flops0,
+                                    ctx.flops_reference - ref0])
                 ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
                 ep.steps_done = i + 1
                 if acc.trackers and ctx.global_step % cfg.logging_steps == 0:
@@ -565,10 +588,14 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
                 if on_checkpoint is not None and save_every and ctx.global_step % save_every == 0 \
                         and ep.steps_done < len(steps):
+                    if meter is not None:
+                        ep.energy = add_readings(ep.energy, meter.lap())
                     on_checkpoint(training_state(ctx, method, ep, history,
                                                  ep.elapsed + time.perf_counter() - t0 - bookkeeping))
                 bookkeeping += time.perf_counter() - r0
         elapsed = ep.elapsed + time.perf_counter() - t0 - bookkeeping
+        if meter is not None:
+            ep.energy = add_readings(ep.energy, meter.stop())
         val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size) if val_data else None
         if cfg.eval_steps and val is not None:
             ep.val_curve.append([ctx.global_step, val])
@@ -581,6 +608,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
                "time_s": elapsed, "peak_memory_bytes": peak, **method.epoch_report()}
+        if meter is not None:
+            rec.update(epoch_energy(ctx, ep, history, rec))
         if cfg.eval_steps:
             rec["val_curve"] = ep.val_curve
         history.append(rec)
@@ -599,6 +628,48 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                                                     flops_before=dict(ctx.flops),
                                                                     reference_before=ctx.flops_reference),
                                          history, 0.0))
+
+
+ENERGY_KEYS = ("energy_kwh", "co2_g", "energy_full_ft_reference_kwh", "co2_full_ft_reference_g")
+TIMELINE_POINTS = 200  # per epoch, in metrics.json
+
+
+def grid_of(cfg):
+    """The run's grid intensity (a fixed figure or a trace) from its options."""
+    return build_grid(cfg.carbon_intensity, cfg.carbon_trace, cfg.carbon_start, cfg.carbon_time_scale)
+
+
+def epoch_energy(ctx, ep: EpochProgress, history: list, rec: dict) -> dict:
+    """The epoch's energy (summed over processes), its carbon along the grid, and what full fine-tuning would
+    have used and emitted on the same batches: this run's measured energy per FLOP × full fine-tuning's FLOPs
+    of each step, at that step's grid intensity. ``timeline``: cumulative carbon per step (at most
+    ``TIMELINE_POINTS`` of them)."""
+    parts = {k: ctx.reduce_sum(float(ep.energy.get(k, 0.0))) for k in COMPONENTS}
+    kwh_local = sum(float(ep.energy.get(k, 0.0)) for k in COMPONENTS)
+    log = ep.step_log or [[ctx.global_step, ctx.train_seconds, 0.0, 0, 0]]
+    g = [ctx.grid.intensity_at(t - dt / 2) for _, t, dt, _, _ in log]
+    co2_steps = step_emissions(kwh_local, [x[2] for x in log], g)
+    kwh, co2 = sum(parts.values()), ctx.reduce_sum(sum(co2_steps))
+    per_flop = kwh / rec["flops_total"] if rec["flops_total"] else 0.0
+    full_steps = [per_flop * x[4] * gi for x, gi in zip(log, g)]
+    co2_full = ctx.reduce_sum(sum(full_steps))
+    out = {"energy_kwh": kwh, **{f"energy_kwh_{k}": v for k, v in parts.items()}, "co2_g": co2,
+           "carbon_intensity_g_per_kwh": co2 / kwh if kwh else g[-1],
+           "energy_full_ft_reference_kwh": per_flop * rec["flops_full_ft_reference"], "co2_full_ft_reference_g": co2_full}
+    scale = co2 / sum(co2_steps) if sum(co2_steps) else 0.0  # this process's steps stand for all processes'
+    scale_full = co2_full / sum(full_steps) if sum(full_steps) else 0.0
+    run_g = sum(h.get("co2_g", 0.0) for h in history)
+    full_g = sum(h.get("co2_full_ft_reference_g", 0.0) for h in history)
+    every = -(-len(log) // TIMELINE_POINTS)
+    timeline = []
+    for i, (x, gi, c, f) in enumerate(zip(log, g, co2_steps, full_steps)):
+        run_g, full_g = run_g + c * scale, full_g + f * scale_full
+        if i % every == 0 or i == len(log) - 1:
+            t = ctx.grid.time_at(x[1])
+            timeline.append({"step": x[0], "train_s": x[1], "trace_time": t, "g_per_kwh": gi, "co2_g": run_g,
+                             "co2_full_ft_reference_g": full_g, "flops_fraction": x[3] / x[4] if x[4] else None})
+    out["timeline"] = timeline
+    return out
 
 
 def _log_step(ctx, recent_losses: list) -> None:
@@ -637,7 +708,8 @@ def training_state(ctx, method, ep: EpochProgress, history: list, elapsed: float
             "history": _plain(history),
             "epoch": {"epoch": ep.epoch, "generator_state": ep.generator_state, "steps_done": ep.steps_done,
                       "flops_before": ep.flops_before, "reference_before": ep.reference_before,
-                      "losses": ep.losses, "elapsed": elapsed, "val_curve": ep.val_curve}}
+                      "losses": ep.losses, "elapsed": elapsed, "val_curve": ep.val_curve,
+                      "energy": ep.energy, "step_log": ep.step_log}}
 
 
 def restore_training_state(ctx, method, state: dict, history: list) -> EpochProgress:
@@ -655,4 +727,5 @@ def restore_training_state(ctx, method, state: dict, history: list) -> EpochProg
     history.extend(state["history"])
     e = state["epoch"]
     return EpochProgress(e["epoch"], e["generator_state"], e["steps_done"], dict(e["flops_before"]),
-                         e["reference_before"], list(e["losses"]), e["elapsed"], list(e.get("val_curve", [])))
+                         e["reference_before"], list(e["losses"]), e["elapsed"], list(e.get("val_curve", [])),
+                         dict(e.get("energy", {})), [list(x) for x in e.get("step_log", [])])

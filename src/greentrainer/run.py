@@ -100,6 +100,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     """Run ``cfg`` (or continue it from ``resume_dir``'s checkpoint); returns the metrics written to
     ``<output_dir>/metrics.json``."""
     cfg.validate()
+    from .loop import grid_of
+    grid = grid_of(cfg)
     spec, _ = resolve_dataset(cfg.dataset)
     out_dir = cfg.output_dir or default_output_dir(cfg)
     if resume_dir is None:
@@ -108,6 +110,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, cfg.seed, cfg.eval_dataset)
     test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, cfg.seed, cfg.eval_dataset)
     check_input_length(load_config(cfg.model), cfg.max_input_length)  # fails fast, before the weights load
+    from .energy import EnergyMeter
+    meter = EnergyMeter(pick_device(cfg.device)) if cfg.track_energy else None  # detects hardware meanwhile
     log(f"loading model {cfg.model} ...")
     model, tok = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
     seq2seq = is_seq2seq(model)
@@ -199,15 +203,19 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
                 _write_checkpoint(out, state)
 
         result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress and main, epoch_done,
-                       accelerator=acc, resume=resume, on_checkpoint=checkpoint, handle=handle)
+                       accelerator=acc, resume=resume, on_checkpoint=checkpoint, handle=handle, grid=grid,
+                       energy_meter=meter)
         model = method.finalize(result["model"])
         metrics.update({"history": result["history"], "totals": result["totals"],
-                        "profile_shape": result["profile_shape"]})
+                        "profile_shape": result["profile_shape"], "grid": grid.describe()})
         if not main:  # the first process saves and evaluates the model, which is the same on every process
             return metrics
         _save_model(method, model, tok, out, fmt)  # before the evaluation, which can fail or be interrupted
         saved = True
         method.write_artifacts(out)
+        if "co2_g" in metrics["totals"]:
+            from .energy import plot_carbon
+            plot_carbon(metrics["history"], grid, out / "carbon.png")
         write(out / "metrics.json", metrics)
         if cfg.do_eval:
             log(f"evaluating on {len(test_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
@@ -254,7 +262,22 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         f"overhead {fmt_flops(t['flops_overhead'])}) = {100 * t['flops_fraction_of_full']:.1f}% of full "
         f"fine-tuning on the same data; {t['time_s']:.1f} s training; peak memory "
         f"{t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder {out}")
+    if "co2_g" in t:
+        log(energy_line(t, grid))
     return metrics
+
+
+def energy_line(t: dict, grid) -> str:
+    """The end-of-run energy and carbon sentence, with what full fine-tuning would have used."""
+    from .energy import fmt_co2, fmt_energy
+    e, kwh = t["energy"], t["energy_kwh"]
+    saved = t["co2_full_ft_reference_g"] - t["co2_g"]
+    where = grid.source if grid.trace is None else f"along {grid.trace.source}"
+    how = ", ".join(f"{k.upper()} {v.split(':')[0]}" for k, v in e["components"].items())
+    return (f"energy: {fmt_energy(kwh)} ({e['kind']}: {how}; metrics.json says how) = {fmt_co2(t['co2_g'])} at "
+            f"{t['co2_g'] / kwh if kwh else 0:.0f} gCO2eq/kWh ({where}); full fine-tuning on the same batches: "
+            f"{fmt_energy(t['energy_full_ft_reference_kwh'])}, {fmt_co2(t['co2_full_ft_reference_g'])} (at this "
+            f"run's energy per FLOP); saved {fmt_co2(max(saved, 0.0))}")
 
 
 def _silent(*args, **kwargs) -> None:

@@ -40,6 +40,12 @@ class GreenTrainerConfig(Options):
                                                  "the selections after them repay the extra FLOPs, so the whole run "
                                                  "stays within ρ. Default: 1/8 of the run's steps, at most what the "
                                                  "rest can repay (bench/results/learning_speed.md); 0: the paper's")
+    carbon_aware: bool = option(False, "set ρ at each selection from the grid intensity along --carbon-trace: "
+                                       "--rho-max where the trace is at its cleanest, --rho-min at its dirtiest, "
+                                       "linear between")
+    rho_min: float | None = option(None, "carbon-aware ρ at the dirtiest grid (default: --rho − 0.2, at least the "
+                                         "smallest feasible ρ)")
+    rho_max: float | None = option(None, "carbon-aware ρ at the cleanest grid (default: --rho + 0.2, at most 1)")
     deselected_state: str = option("drop", "optimizer state of tensors that leave the selection: drop it (a "
                                            "re-selected tensor starts afresh; frees memory), keep a host copy "
                                            "(cpu), or keep it in place", choices=("drop", "cpu", "keep"))
@@ -58,6 +64,17 @@ class GreenTrainerConfig(Options):
             raise UsageError(f"--selector-resolution must be at least 2, got {self.resolution}")
         if self.rho_schedule is not None:
             load_rho_schedule(self.rho_schedule)
+        for name in ("rho_min", "rho_max"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+            if v is not None and not self.carbon_aware:
+                raise UsageError(f"--{name.replace('_', '-')} is the carbon-aware range; it needs --carbon-aware")
+        if self.rho_min is not None and self.rho_max is not None and self.rho_min > self.rho_max:
+            raise UsageError(f"--rho-min {self.rho_min} is above --rho-max {self.rho_max}")
+        if self.carbon_aware and (self.rho_schedule is not None or self.select_once):
+            raise UsageError(f"--carbon-aware sets ρ at each selection; it contradicts "
+                             f"{'--rho-schedule' if self.rho_schedule is not None else '--select-once'}")
 
 
 def load_rho_schedule(path: str) -> dict[int, float]:
@@ -126,24 +143,32 @@ def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
     return budget, upto
 
 
-def check_budget(profile, rho: float, steps_per_selection: int, probe_batches: int = 1) -> None:  # noqa: C901
+def smallest_feasible_rho(profile, steps_per_selection: int, probe_batches: int = 1) -> float | None:
+    """The smallest ρ at which something can train and the probe is paid for (None: not even ρ = 1)."""
+    if budget_for(profile, 1.0, steps_per_selection, probe_batches=probe_batches)[1] < 0:
+        return None
+    lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
+                          branches=profile.branch_tuples)
+    hi = 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if budget_for(profile, mid, steps_per_selection,
+                                         probe_batches=probe_batches)[1] >= 0 else (mid, hi)
+    return hi
+
+
+def check_budget(profile, rho: float, steps_per_selection: int, probe_batches: int = 1, flag: str = "--rho") -> None:
     """Stop early, stating the smallest feasible ρ, when nothing can train within ρ."""
     budget, upto = budget_for(profile, rho, steps_per_selection, probe_batches=probe_batches)
     if upto < 0:
-        lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
-                              branches=profile.branch_tuples)
-        hi = 1.0
-        for _ in range(40):  # smallest ρ that also pays for its probes
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if budget_for(profile, mid, steps_per_selection,
-                                             probe_batches=probe_batches)[1] >= 0 else (mid, hi)
-        if budget_for(profile, 1.0, steps_per_selection, probe_batches=probe_batches)[1] < 0:
+        lowest = smallest_feasible_rho(profile, steps_per_selection, probe_batches)
+        if lowest is None:
             raise UsageError(f"the importance probe (about one training step) cannot be paid for when it is "
                              f"spread over only {steps_per_selection} step(s) per selection; select less often "
                              f"(--select-every K, --select-once) or train on more data")
-        raise UsageError(f"--rho {rho} is below what the forward pass plus the cheapest useful selection "
+        raise UsageError(f"{flag} {rho} is below what the forward pass plus the cheapest useful selection "
                          f"(and the probe, spread over {steps_per_selection} steps) costs for this model and "
-                         f"batch shape; the smallest feasible rho is {hi:.4f}")
+                         f"batch shape; the smallest feasible rho is {lowest:.4f}")
 
 
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, importance="dw_grad",
@@ -259,12 +284,22 @@ class GreenTrainerMethod(Method):
             raise UsageError(f"deselected_state must be one of {', '.join(self.DESELECTED_STATE)}, got {mode!r}")
         self.deselected_state = mode
         self._offloaded: dict[str, dict] = {}  # "cpu": name -> {state key: (host tensor, original device)}
+        # FLOPs allowed so far: Σ over past selections of the ρ in force × the full fine-tuning FLOPs it governed
+        self._allowance, self._ref_mark, self._rho_in_force = 0.0, 0.0, cfg.rho
+        self.rho_range = (cfg.rho, cfg.rho)  # carbon-aware: (ρ at the dirtiest grid, ρ at the cleanest)
 
     # -- the plug-in interface ------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
         steps = self._steps(steps_per_epoch, total_steps) * micro_batches
         for rho in {self.cfg.rho, *self.schedule.values()}:
             check_budget(profile, rho, steps, micro_batches)
+        if self.cfg.carbon_aware:
+            lo, hi = self.cfg.rho_min, self.cfg.rho_max
+            if lo is None:
+                lo = max(self.cfg.rho - 0.2, smallest_feasible_rho(profile, steps, micro_batches) or 1.0)
+            hi = min(self.cfg.rho + 0.2, 1.0) if hi is None else hi
+            self.rho_range = (min(lo, hi), hi)
+            check_budget(profile, self.rho_range[0], steps, micro_batches, "--rho-min")
         # the warm-up is repaid by the steps after it, each at least the cheapest useful step (probes aside)
         lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
                               branches=profile.branch_tuples)
@@ -338,6 +373,14 @@ class GreenTrainerMethod(Method):
             return min(self.cfg.select_every, total_steps or self.cfg.select_every)
         return steps_per_epoch or 1
 
+    def rho_now(self, ctx) -> float:
+        """ρ for a selection now: carbon-aware from the grid intensity at the run's clock, else the schedule's."""
+        if not self.cfg.carbon_aware:
+            return self.rho_at(ctx.global_step)
+        from ..energy import carbon_aware_rho
+        g = ctx.grid.intensity_at(ctx.train_seconds)
+        return ctx.broadcast(round(carbon_aware_rho(g, ctx.grid.lo, ctx.grid.hi, *self.rho_range), 4))
+
     def rho_at(self, step: int) -> float:
         rho = self.cfg.rho
         for s, r in self.schedule.items():
@@ -348,12 +391,15 @@ class GreenTrainerMethod(Method):
     def select(self, ctx) -> list[str]:
         """Probe and select; with several processes the FLOPs are summed over them and each repays its
         share, the probe measures the global step, and all take the first process's selection."""
-        rho = self.rho_at(ctx.global_step)
+        rho = self.rho_now(ctx)
         world, micro = ctx.world_size, ctx.micro_batches_per_step
+        reference = ctx.global_flops()[1]  # close the last selection's account at the ρ it had
+        self._allowance += self._rho_in_force * (reference - self._ref_mark)
+        self._ref_mark, self._rho_in_force = reference, rho
 
         def debt():  # this process's share of the measured overspend (the probe's own FLOPs once it ran)
             spent, reference = ctx.global_flops()
-            return (spent - rho * reference) / world
+            return (spent - self._allowance - rho * (reference - self._ref_mark)) / world
         rec_debt = debt()
         if ctx.global_step:  # measured: full fine-tuning FLOPs per micro-batch so far
             scale = ctx.global_flops()[1] / (ctx.global_step * world * micro) / ctx.profile.t_full
@@ -372,6 +418,9 @@ class GreenTrainerMethod(Method):
                                   ctx.reduce_gradients if world > 1 else None, ctx.broadcast, repay)
         rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
         rec["debt_flops"] = rec_debt
+        if self.cfg.carbon_aware:
+            rec["grid_g_per_kwh"] = ctx.grid.intensity_at(ctx.train_seconds)
+            rec["trace_time"] = ctx.grid.time_at(ctx.train_seconds)
         rec["step_scale"] = scale
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
         self.current, self._selected_at = chosen, ctx.global_step
@@ -382,7 +431,7 @@ class GreenTrainerMethod(Method):
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"selections": self.selections, "epoch_selections": self._epoch_selections,
-                "current": self.current,
+                "current": self.current, "allowance": [self._allowance, self._ref_mark, self._rho_in_force],
                 "offloaded": {n: {k: [v, str(dev) if dev is not None else None] for k, (v, dev) in s.items()}
                               for n, s in self._offloaded.items()}}  # "cpu": the host copies
 
@@ -390,6 +439,7 @@ class GreenTrainerMethod(Method):
         import torch
         self.selections, self._epoch_selections = list(state["selections"]), list(state["epoch_selections"])
         self.current = state["current"]
+        self._allowance, self._ref_mark, self._rho_in_force = state.get("allowance", [0.0, 0.0, self.cfg.rho])
         self._selected_at = self.selections[-1].get("step") if self.selections else None
         self._offloaded = {n: {k: (v, torch.device(dev) if dev is not None else None) for k, (v, dev) in s.items()}
                            for n, s in state.get("offloaded", {}).items()}

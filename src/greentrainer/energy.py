@@ -233,10 +233,14 @@ class EnergyMeter:
         gpu = None
         if device is not None and getattr(device, "type", None) == "cuda":  # this process's GPU (torchrun: its rank's)
             gpu = [device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))]
+        import inspect
+        from codecarbon.emissions_tracker import BaseEmissionsTracker
+        new_api = "output_methods" in inspect.signature(BaseEmissionsTracker.__init__).parameters
+        quiet = {"output_methods": []} if new_api else {"save_to_file": False}  # no emissions.csv of its own
         self._tracker = OfflineEmissionsTracker(
             country_iso_code="USA",  # unused: carbon is computed here, from the run's own grid intensity
-            save_to_file=False, log_level="error", tracking_mode="process", measure_power_secs=5,
-            gpu_ids=gpu, allow_multiple_runs=True)
+            log_level="error", tracking_mode="process", measure_power_secs=5, gpu_ids=gpu,
+            allow_multiple_runs=True, **quiet)
         self._ready = threading.Thread(target=self._detect, daemon=True)
         self._error: str | None = None
         self._ready.start()

@@ -469,6 +469,8 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
         for k in ENERGY_KEYS:
             totals[k] = sum(h[k] for h in history)
         totals["energy"] = energy_meter.describe()
+    else:
+        totals["energy"] = {"kind": "off"}
     totals["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
     totals.update(method.trainable_summary(ctx.model))
     totals.update(world_size=world, grad_accum=accum, effective_batch_size=cfg.batch_size * world * accum,

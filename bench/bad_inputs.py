@@ -245,6 +245,38 @@ def cases(env: Env) -> list[dict]:
     add("options", "--prompt-format chat with a tokenizer that has no chat template",
         e.train("--prompt-format", "chat"), needle="no chat template")
     add("options", "--prompt-format of an unknown kind", e.train("--prompt-format", "xml"), needle="invalid choice")
+    trace_ok = e.write("trace.csv", ["timestamp,gco2_per_kwh", "2024-06-01T00:00:00Z,100", "2024-06-01T01:00:00Z,300"])
+    trace_back = e.write("trace_back.csv", ["2024-06-01T01:00:00Z,100", "2024-06-01T00:00:00Z,300"])
+    trace_neg = e.write("trace_neg.csv", ["2024-06-01T00:00:00Z,-5"])
+    trace_text = e.write("trace_text.csv", ["timestamp,gco2_per_kwh", "noon,high"])
+    gt = ("--method", "greentrainer")
+    sched_ok = e.write("sched_ok.txt", ["0 0.6"])
+    add("carbon", "--carbon-intensity that is neither a number nor a country", e.train("--carbon-intensity", "Mars"),
+        needle="--carbon-intensity")
+    add("carbon", "--carbon-intensity below zero", e.train("--carbon-intensity", "-1"), needle="≥ 0")
+    add("carbon", "--carbon-trace that does not exist", e.train("--carbon-trace", str(e.root / "none.csv")),
+        needle="not found")
+    add("carbon", "--carbon-trace with timestamps going back", e.train("--carbon-trace", trace_back),
+        needle="increase")
+    add("carbon", "--carbon-trace with a negative intensity", e.train("--carbon-trace", trace_neg), needle="≥ 0")
+    add("carbon", "--carbon-trace with rows that are not timestamp,value", e.train("--carbon-trace", trace_text),
+        needle="row 2")
+    add("carbon", "--carbon-trace that is a folder", e.train("--carbon-trace", str(e.root)), needle="not found")
+    add("carbon", "--carbon-intensity and --carbon-trace together",
+        e.train("--carbon-intensity", "100", "--carbon-trace", trace_ok), needle="contradict")
+    add("carbon", "--carbon-start outside the trace",
+        e.train("--carbon-trace", trace_ok, "--carbon-start", "2030-01-01T00:00:00Z"), needle="outside the trace")
+    add("carbon", "--carbon-start that is not a time",
+        e.train("--carbon-trace", trace_ok, "--carbon-start", "soon"), needle="ISO 8601")
+    add("carbon", "--carbon-time-scale 0", e.train("--carbon-trace", trace_ok, "--carbon-time-scale", "0"),
+        needle="--carbon-time-scale")
+    add("carbon", "--carbon-aware without a trace", e.train(*gt, "--carbon-aware"), needle="--carbon-trace")
+    add("carbon", "--rho-min above --rho-max",
+        e.train(*gt, "--carbon-aware", "--carbon-trace", trace_ok, "--rho-min", "0.9", "--rho-max", "0.5"),
+        needle="above --rho-max")
+    add("carbon", "--rho-min without --carbon-aware", e.train(*gt, "--rho-min", "0.5"), needle="--carbon-aware")
+    add("carbon", "--carbon-aware with --rho-schedule",
+        e.train(*gt, "--carbon-aware", "--carbon-trace", trace_ok, "--rho-schedule", sched_ok), needle="contradict")
     add("demo", "demo with --rho 3", ["demo", "--rho", "3", "--output-dir", str(e.out())], needle="--rho")
     add("demo", "demo into a folder that is not a run folder", ["demo", "--output-dir", str(e.user)],
         needle="not a greentrainer run folder")

@@ -6,6 +6,7 @@ spread over the steps it governs), and only those tensors train until the next s
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,13 +21,19 @@ from ..importance import probe_importance
 from ..selection import min_feasible_rho, rho_to_backward_budget, select_tensors
 from ..loop import mean_padded_size
 from .base import Method
+from .peft_methods import LoraOptions, save_adapter
 from .registry import register_method
+
+OVER = ("tensors", "lora")
 
 
 @dataclasses.dataclass
-class GreenTrainerConfig(Options):
-    """GreenTrainer (adaptive backpropagation) knobs."""
+class GreenTrainerConfig(LoraOptions):
+    """GreenTrainer (adaptive backpropagation) knobs; the LoRA ones apply with ``over="lora"``."""
 
+    over: str = option("tensors", "what the selection picks from: tensors (the paper: the model's own tensors); "
+                                  "lora (the adapters of a peft LoRA model, --lora-r/--lora-alpha/--lora-targets: "
+                                  "the backward stops at the deepest selected adapter)", choices=OVER)
     rho: float = option(0.6, "fraction of full fine-tuning FLOPs per step")
     rho_schedule: str | None = option(None, "file: JSON {step: rho} or lines 'step rho'; the latest entry at or "
                                             "before a selection applies")
@@ -52,6 +59,8 @@ class GreenTrainerConfig(Options):
 
     def validate(self) -> None:
         self.check_options()
+        if self.over == "lora":
+            self.check_lora()
         if self.select_once and self.select_every is not None:
             raise UsageError("--select-once and --select-every contradict each other; give one of them")
         if not 0 < self.rho <= 1:
@@ -105,6 +114,17 @@ def load_rho_schedule(path: str) -> dict[int, float]:
             raise UsageError(f"ρ schedule {path}: step must be ≥ 0 and rho in (0, 1], got {step} → {rho}")
         sched[step] = rho
     return dict(sorted(sched.items()))
+
+
+def lora_profile(config, lora_config, shape, t_full: int):
+    """The adapters of a LoRA model as the candidates: each adapter tensor's t_dw and t_dy and the base chain's
+    backward it forces, profiled on a weightless copy; ``t_full`` stays full fine-tuning's of the base model, so
+    ρ keeps its meaning (a fraction of full fine-tuning)."""
+    from peft import get_peft_model
+    from ..flops import meta_model_from_config, profile_model
+    meta = get_peft_model(meta_model_from_config(config), copy.deepcopy(lora_config))
+    adapters = [n for n, _ in meta.named_parameters() if ".lora_" in n]
+    return dataclasses.replace(profile_model(meta, *shape, candidates=adapters), t_full=t_full)
 
 
 def probe_cost(profile, probe_upto: int) -> int:
@@ -271,8 +291,10 @@ class GreenTrainerMethod(Method):
     default_lr = 1e-4  # with the warm-up (learning_speed.md); until the validation sweep of bench/accuracy.py
     DESELECTED_STATE = ("drop", "cpu", "keep")
 
-    def __init__(self, cfg, deselected_state: str | None = None):
+    def __init__(self, cfg, deselected_state: str | None = None, base_model: str | None = None):
         self.cfg = cfg
+        self.base_model = base_model  # --over lora: the name saved with the adapter
+        self._profiles: dict = {}
         self.schedule = load_rho_schedule(cfg.rho_schedule) if cfg.rho_schedule else {}
         self.selections: list[dict] = []
         self._epoch_selections: list[dict] = []
@@ -288,8 +310,27 @@ class GreenTrainerMethod(Method):
         self._allowance, self._ref_mark, self._rho_in_force = 0.0, 0.0, cfg.rho
         self.rho_range = (cfg.rho, cfg.rho)  # carbon-aware: (ρ at the dirtiest grid, ρ at the cleanest)
 
+    @classmethod
+    def from_config(cls, train_config):
+        return cls(train_config.method_config, base_model=train_config.model)
+
+    @property
+    def over(self) -> str:
+        return getattr(self.cfg, "over", "tensors")
+
+    def candidates(self, model, profile):
+        """The profile the selection works on: the model's (``over="tensors"``) or its LoRA adapters'."""
+        if self.over == "tensors":
+            return profile
+        key = (profile.batch_size, profile.seq_len, profile.target_len or None)
+        if key not in self._profiles:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            self._profiles[key] = lora_profile(base.config, self.cfg.lora_config(base), key, profile.t_full)
+        return self._profiles[key]
+
     # -- the plug-in interface ------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
+        profile = self.candidates(model, profile)
         steps = self._steps(steps_per_epoch, total_steps) * micro_batches
         for rho in {self.cfg.rho, *self.schedule.values()}:
             check_budget(profile, rho, steps, micro_batches)
@@ -314,8 +355,13 @@ class GreenTrainerMethod(Method):
                                  f"cannot repay it within ρ {self.cfg.rho}; at most {most} of its {total_steps} steps")
 
     def prepare(self, model, ctx):
-        self.params = dict(model.named_parameters())
-        self.names = ctx.profile.names
+        if self.over == "lora":
+            from peft import get_peft_model
+            model = get_peft_model(model, self.cfg.lora_config(model))
+        self.profile = self.candidates(model, ctx.profile)
+        self.params = {n: p for n, p in model.named_parameters() if self.over == "tensors" or n in
+                       set(self.profile.names)}
+        self.names = self.profile.names
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
@@ -408,11 +454,12 @@ class GreenTrainerMethod(Method):
             scale = mean_padded_size(ctx.train_data, p.batch_size, ctx.seq2seq) / (p.seq_len + p.target_len)
         if self.deselected_state == "cpu":  # the probe steps reachable tensors with their own moments
             p = ctx.profile
+            p = self.profile
             reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
         warm_up_ended = bool(self.selections) and self.selections[-1].get("note") == "full fine-tuning warm-up"
-        chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), ctx.profile, rho,
+        chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), self.profile, rho,
                                   self._steps_per_selection(ctx) * micro, self.cfg.importance,
                                   self.cfg.resolution, None if warm_up_ended else self.current, ctx.count, ctx.autocast, ctx.log, debt, scale,
                                   ctx.reduce_gradients if world > 1 else None, ctx.broadcast, repay)
@@ -484,6 +531,12 @@ class GreenTrainerMethod(Method):
         return sum(v.numel() * v.element_size() for s in states for v in s.values() if isinstance(v, torch.Tensor))
 
     # -- outputs -----------------------------------------------------------------------------
+    def save(self, model, tokenizer, path) -> None:
+        if self.over == "lora":  # a normal peft adapter folder; adapters never selected keep their initial value
+            save_adapter(model, tokenizer, path, self.base_model, "greentrainer-lora")
+        else:
+            super().save(model, tokenizer, path)
+
     def write_artifacts(self, out_dir) -> None:
         from ..files import write_text_atomic
         write_text_atomic(out_dir / "selections.json",

@@ -23,17 +23,20 @@ from ..loop import mean_padded_size
 from .base import Method
 from .peft_methods import LoraOptions, save_adapter
 from .registry import register_method
+from .smt import BlockOptions
 
-OVER = ("tensors", "lora")
+OVER = ("tensors", "lora", "blocks")
 
 
 @dataclasses.dataclass
-class GreenTrainerConfig(LoraOptions):
-    """GreenTrainer (adaptive backpropagation) knobs; the LoRA ones apply with ``over="lora"``."""
+class GreenTrainerConfig(LoraOptions, BlockOptions):
+    """GreenTrainer (adaptive backpropagation) knobs; the LoRA ones apply with ``over="lora"``, the block ones
+    (--smt-targets, --smt-block) with ``over="blocks"``."""
 
     over: str = option("tensors", "what the selection picks from: tensors (the paper: the model's own tensors); "
                                   "lora (the adapters of a peft LoRA model, --lora-r/--lora-alpha/--lora-targets: "
-                                  "the backward stops at the deepest selected adapter)", choices=OVER)
+                                  "the backward stops at the deepest selected adapter); blocks (the l×l blocks of "
+                                  "--smt-targets, as SMT, and the norms and biases whole)", choices=OVER)
     rho: float = option(0.6, "fraction of full fine-tuning FLOPs per step")
     rho_schedule: str | None = option(None, "file: JSON {step: rho} or lines 'step rho'; the latest entry at or "
                                             "before a selection applies")
@@ -61,6 +64,8 @@ class GreenTrainerConfig(LoraOptions):
         self.check_options()
         if self.over == "lora":
             self.check_lora()
+        if self.over == "blocks":
+            self.check_blocks()
         if self.select_once and self.select_every is not None:
             raise UsageError("--select-once and --select-every contradict each other; give one of them")
         if not 0 < self.rho <= 1:
@@ -129,8 +134,8 @@ def lora_profile(config, lora_config, shape, t_full: int):
 
 def probe_cost(profile, probe_upto: int) -> int:
     """Predicted FLOPs of one probe: a forward and a backward to tensor ``probe_upto`` training all above."""
-    t = profile.tensors
-    return profile.t_fp + sum(x.t_dw + x.t_dy for x in t[: probe_upto + 1])
+    dws = getattr(profile, "probe_t_dws", None) or profile.t_dws  # over blocks: the probe steps dense tensors
+    return profile.t_fp + sum(dw + t.t_dy for dw, t in zip(dws[: probe_upto + 1], profile.tensors))
 
 
 def deepest_reachable(profile, backward_budget: int) -> int:
@@ -325,8 +330,13 @@ class GreenTrainerMethod(Method):
         key = (profile.batch_size, profile.seq_len, profile.target_len or None)
         if key not in self._profiles:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            self._profiles[key] = lora_profile(base.config, self.cfg.lora_config(base), key, profile.t_full)
-        return self._profiles[key]
+            if self.over == "lora":
+                self._profiles[key] = lora_profile(base.config, self.cfg.lora_config(base), key, profile.t_full)
+            else:
+                from .greentrainer_blocks import block_candidates
+                self._profiles[key] = block_candidates(base, profile, self.cfg.target_kinds(), self.cfg.block_size)
+        found = self._profiles[key]
+        return found if self.over == "lora" else found.profile
 
     # -- the plug-in interface ------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
@@ -362,6 +372,14 @@ class GreenTrainerMethod(Method):
         self.params = {n: p for n, p in model.named_parameters() if self.over == "tensors" or n in
                        set(self.profile.names)}
         self.names = self.profile.names
+        if self.over == "blocks":
+            from .greentrainer_blocks import BlockTraining
+            key = (ctx.profile.batch_size, ctx.profile.seq_len, ctx.profile.target_len or None)
+            self.cands = self._profiles[key]
+            self.block_training = BlockTraining(self.cands)
+            if self.cands.l != self.cfg.block_size:
+                ctx.log(f"GreenTrainer: block size {self.cfg.block_size} does not divide the target shapes; "
+                        f"using {self.cands.l}")
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
@@ -410,7 +428,9 @@ class GreenTrainerMethod(Method):
 
     # -- selection ----------------------------------------------------------------------------
     def _steps_per_selection(self, ctx) -> int:
-        return self._steps(ctx.steps_per_epoch, ctx.total_steps)
+        """Steps this selection governs: the next K, or fewer when the run ends sooner (its probe is paid by
+        those alone)."""
+        return max(min(self._steps(ctx.steps_per_epoch, ctx.total_steps), ctx.total_steps - ctx.global_step), 1)
 
     def _steps(self, steps_per_epoch, total_steps) -> int:
         if self.cfg.select_once:
@@ -459,11 +479,20 @@ class GreenTrainerMethod(Method):
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
         warm_up_ended = bool(self.selections) and self.selections[-1].get("note") == "full fine-tuning warm-up"
-        chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), self.profile, rho,
-                                  self._steps_per_selection(ctx) * micro, self.cfg.importance,
-                                  self.cfg.resolution, None if warm_up_ended else self.current, ctx.count, ctx.autocast, ctx.log, debt, scale,
-                                  ctx.reduce_gradients if world > 1 else None, ctx.broadcast, repay)
-        rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
+        if self.current and not warm_up_ended and \
+                budget_for(self.profile, rho, self._steps_per_selection(ctx) * micro, probe_batches=micro)[1] < 0:
+            ctx.log(f"GreenTrainer: keeping the selection: the {self._steps_per_selection(ctx)} step(s) left cannot "
+                    f"pay for a probe")
+            return self.current
+        if self.over == "blocks":
+            chosen, rec = self._select_blocks(ctx, rho, debt, self._steps_per_selection(ctx) * micro, scale, repay)
+        else:
+            chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), self.profile,
+                                      rho, self._steps_per_selection(ctx) * micro, self.cfg.importance,
+                                      self.cfg.resolution, None if warm_up_ended else self.current, ctx.count,
+                                      ctx.autocast, ctx.log, debt, scale, ctx.reduce_gradients if world > 1 else None,
+                                      ctx.broadcast, repay)
+            rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
         rec["debt_flops"] = rec_debt
         if self.cfg.carbon_aware:
             rec["grid_g_per_kwh"] = ctx.grid.intensity_at(ctx.train_seconds)
@@ -475,12 +504,66 @@ class GreenTrainerMethod(Method):
         self._epoch_selections.append({k: v for k, v in rec.items() if k != "importance"})
         return chosen
 
+    def _select_blocks(self, ctx, rho, debt, steps, scale, repay):
+        """Probe the dense candidates (blocks scored one by one), select members within ρ exactly, and train
+        the chosen blocks through SMT's layer and the chosen small tensors whole; the optimizer state of the
+        previous selection is dropped (its blocks are other tensors)."""
+        from ..block_selection import select_members
+        from .greentrainer_blocks import chosen_blocks, member_importance
+        c, prof = self.cands, self.profile
+        self.block_training.remove(ctx.model)
+        ctx.rebuild_optimizer([self.params[n] for n in c.tensors])  # the probe steps the dense candidates
+        batch = ctx.sample_batches()
+        before = debt()
+        budget, upto = budget_for(prof, rho, steps, before, step_scale=scale, probe_batches=len(batch[0]),
+                                  repay_steps=repay)
+        if upto < 0:
+            budget, upto = budget_for(prof, rho, steps, probe_batches=len(batch[0]))
+        t0 = time.perf_counter()
+        probe = probe_importance(ctx.model, ctx.optimizer, ctx.scheduler, batch, c.tensors, upto, self.cfg.importance,
+                                 ctx.count, ctx.autocast, ctx.reduce_gradients if ctx.world_size > 1 else None,
+                                 blocks={c.weight_of(m): c.l for m in c.targets})
+        after, _ = budget_for(prof, rho, steps, max(before, 0.0) + (debt() - before), probe_paid=True,
+                              step_scale=scale, repay_steps=repay)
+        if deepest_reachable(prof, after) >= 0:
+            budget = after
+        t1 = time.perf_counter()
+        imp = member_importance(c, probe)
+        sel = select_members(c.t_dy, c.positions, c.costs, imp, budget)
+        if not sel.members:  # every score ≤ 0: by |importance| instead
+            ctx.log("GreenTrainer: every importance ≤ 0: selecting by |importance| instead")
+            sel = select_members(c.t_dy, c.positions, c.costs, np.abs(imp) + 1e-12, budget)
+        t2 = time.perf_counter()
+        blocks, whole = ctx.broadcast(chosen_blocks(c, sel.members))
+        ctx.rebuild_optimizer(self.block_training.install(ctx.model, blocks, whole))
+        chosen = sorted(set(whole) | {c.weight_of(m) for m in blocks}, key=c.tensors.index)
+        predicted = prof.t_fp + sel.cost
+        n_blocks = sum(len(v) for v in blocks.values())
+        rec = {"rho": rho, "n_selected": len(chosen), "selected": chosen, "n_blocks": n_blocks, "block_size": c.l,
+               "blocks": {k: [list(b) for b in v] for k, v in blocks.items()}, "whole": whole,
+               "n_candidates": len(c.members), "predicted_step_flops": predicted,
+               "predicted_fraction_of_full": predicted / prof.t_full, "backward_budget": budget, "probe_depth": upto,
+               "probe_grad_bytes": probe["grad_bytes"], "probe_time_s": t1 - t0, "selector_time_s": t2 - t1,
+               "importance": [float(x) for x in probe["importance"]]}
+        ctx.log(f"GreenTrainer: rho {rho}: {n_blocks} blocks of {c.l}x{c.l} in {len(blocks)} projections and "
+                f"{len(whole)} small tensors, of {len(c.members)} candidates; predicted "
+                f"{100 * predicted / prof.t_full:.1f}% of a full step (selector {1000 * (t2 - t1):.0f} ms)")
+        return chosen, rec
+
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"selections": self.selections, "epoch_selections": self._epoch_selections,
                 "current": self.current, "allowance": [self._allowance, self._ref_mark, self._rho_in_force],
                 "offloaded": {n: {k: [v, str(dev) if dev is not None else None] for k, (v, dev) in s.items()}
-                              for n, s in self._offloaded.items()}}  # "cpu": the host copies
+                              for n, s in self._offloaded.items()},  # "cpu": the host copies
+                "installed": self._installed()}
+
+    def _installed(self) -> dict | None:
+        """--over blocks: the blocks and small tensors training now (the layers to put back on resume)."""
+        if self.over != "blocks" or not self.block_training.layers and not self.current:
+            return None
+        last = next((s for s in reversed(self.selections) if "blocks" in s), None)
+        return None if last is None else {"blocks": last["blocks"], "whole": last["whole"]}
 
     def load_state_dict(self, state: dict, ctx) -> None:
         import torch
@@ -490,9 +573,24 @@ class GreenTrainerMethod(Method):
         self._selected_at = self.selections[-1].get("step") if self.selections else None
         self._offloaded = {n: {k: (v, torch.device(dev) if dev is not None else None) for k, (v, dev) in s.items()}
                            for n, s in state.get("offloaded", {}).items()}
+        installed = state.get("installed")
+        if installed:  # --over blocks: the same layers again, then the loop loads their weights
+            blocks = {k: [tuple(b) for b in v] for k, v in installed["blocks"].items()}
+            ctx.rebuild_optimizer(self.block_training.install(ctx.model, blocks, installed["whole"]))
+            return
         keep = set(self.current or ())
         for n, p in ctx.model.named_parameters():
             p.requires_grad_(n in keep)
+
+    def after_optimizer_step(self, ctx):
+        if self.over == "blocks":
+            self.block_training.write()
+
+    def finalize(self, model):
+        """--over blocks: the trained blocks merged back into plain linear layers (a plain checkpoint)."""
+        if self.over == "blocks":
+            self.block_training.remove(model)
+        return model
 
     # -- optimizer state of deselected tensors ------------------------------------------------
     def _follow_selection(self, model, optimizer, chosen) -> dict:

@@ -209,3 +209,19 @@ def test_over_blocks_cli_saves_a_plain_checkpoint(capsys, tmp_path, tiny_model_d
     assert "model.layers.0.self_attn.q_proj.weight" in keys and not any(".blocks" in k or ".linear." in k for k in keys)
     sel = json.loads((out / "selections.json").read_text())["selections"]
     assert any(s.get("n_blocks") for s in sel)
+
+
+def test_callback_on_a_lora_model_selects_over_its_adapters(tmp_path):
+    """A peft LoRA model handed to the Trainer: the callback selects among its adapters within ρ."""
+    from peft import LoraConfig, get_peft_model
+    from greentrainer.callback import GreenTrainerCallback
+    from test_training import tiny_trainer
+    model = get_peft_model(make_tiny("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                           "o_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = GreenTrainerCallback(rho=0.75, select_every=4, log=lambda *a: None)
+    tiny_trainer(model, tmp_path, 32, [cb], num_train_epochs=3, learning_rate=1e-2).train()
+    assert cb.selections and all(all(".lora_" in n for n in s["selected"]) for s in cb.selections)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= set().union(*(s["selected"] for s in cb.selections))
+    assert cb.flops["steps"] + cb.flops["probes"] <= 0.75 * cb.flops["full_ft_reference"]

@@ -38,10 +38,16 @@ VARIANTS = {
     "dora": ("dora", {}),
     "prefix": ("prefix", {}),
     "smt": ("smt", {}),
+    "gt-lora0.5": ("greentrainer", {"over": "lora", "rho": 0.5}),     # beyond the papers (--over)
+    "gt-blocks0.5": ("greentrainer", {"over": "blocks", "rho": 0.5}),
 }
+# whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
+# LoRA's setting; over SMT's blocks, SMT's
+SETTING_FROM = {"gt-lora0.5": "lora", "gt-blocks0.5": "smt"}
 LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.5": "GreenTrainer ρ=0.5",
           "gt0.6": "GreenTrainer ρ=0.6", "gt0.7": "GreenTrainer ρ=0.7", "top2": "FT-Top2", "lora": "LoRA",
-          "dora": "DoRA", "prefix": "Prefix", "smt": "SMT"}
+          "dora": "DoRA", "prefix": "Prefix", "smt": "SMT",
+          "gt-lora0.5": "GT over LoRA ρ=0.5", "gt-blocks0.5": "GT over blocks ρ=0.5"}
 # The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
 SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
              "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],
@@ -49,7 +55,8 @@ SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "to
 SWEEP_KNOB = {"lora": [{"lora_r": 16, "lora_alpha": 32}], "dora": [{"lora_r": 16, "lora_alpha": 32}],
               "prefix": [{"prefix_tokens": 40}], "smt": [{"smt_params": 5.0}]}
 SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer"]
-FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3}  # the rest: 1 seed
+FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3}
+# the rest: 1 seed
 
 
 def run_id(method: str, opts: dict, lr: float, seed: int, steps: int) -> str:
@@ -163,10 +170,13 @@ def final(a, log) -> None:
     for label, (method, opts) in VARIANTS.items():
         if a.methods is not None and label not in a.methods:
             continue
-        if method not in winners:
+        source = SETTING_FROM.get(label, method)
+        if source not in winners:
             log(f"{label}: no sweep winner yet; skipped")
             continue
-        w = winners[method]
+        w = winners[source]
+        if source != method:  # the knobs that the other method shares (LoRA's rank; SMT's block size)
+            w = {"lr": w["lr"], "options": {k: v for k, v in w["options"].items() if k in ("lora_r", "lora_alpha")}}
         for seed in range(FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds):
             one_run(a, "final", method, {**opts, **w["options"]}, w["lr"], seed, log)
 
@@ -186,7 +196,8 @@ def report(a) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     rows = []
     for label, (method, opts) in VARIANTS.items():
-        mine = [r for r in runs if r["method"] == method and all(r["options"].get(k) == v for k, v in opts.items())]
+        mine = [r for r in runs if r["method"] == method and all(r["options"].get(k) == v for k, v in opts.items())
+                and r["options"].get("over", "tensors") == opts.get("over", "tensors")]
         if not mine:
             continue
         mean, lo, hi = bootstrap_ci([r["per_item_rougeL"] for r in mine])

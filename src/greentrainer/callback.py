@@ -54,6 +54,8 @@ class GreenTrainerCallback(TrainerCallback):
         if self._gc:  # the Trainer enabled it with input grads on, which runs every backward to the bottom:
             enable_checkpointing(model)  # keep the backward as short as the selection; the recompute is budgeted
         self.profile = run_profile(model.config, shape, self._gc)
+        if hasattr(model, "peft_config"):  # a peft model: the selection is over its LoRA adapters
+            self.profile = self._adapter_profile(model, shape)
         self.accum = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
         check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum, self.accum)
@@ -69,6 +71,18 @@ class GreenTrainerCallback(TrainerCallback):
         self._meta, self._refs, self._counter, self._in_step = meta_model_from_config(model.config), {}, None, False
         self.flops = {"steps": 0, "probes": 0, "full_ft_reference": 0}
         self._hook = model.register_forward_pre_hook(self._reference, with_kwargs=True)
+
+    def _adapter_profile(self, model, shape):
+        """A LoRA model's adapters as the candidates (GreenTrainer --over lora); ρ stays a fraction of full
+        fine-tuning of the base model."""
+        from .methods.greentrainer import lora_profile
+        config = model.peft_config[model.active_adapter]
+        if getattr(config.peft_type, "value", config.peft_type) != "LORA":
+            raise UsageError(f"GreenTrainerCallback selects over a LoRA model's adapters; a "
+                             f"{getattr(config.peft_type, 'value', config.peft_type)} model is not supported")
+        if self._gc:
+            raise UsageError("GreenTrainerCallback over a LoRA model does not work with gradient checkpointing yet")
+        return lora_profile(model.get_base_model().config, config, shape, self.profile.t_full)
 
     def _reference(self, module, args, kwargs):
         if not (self._in_step and module.training and "input_ids" in kwargs and "labels" in kwargs):

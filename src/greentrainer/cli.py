@@ -62,8 +62,11 @@ def _add_train_args(p):
     for spec in registered_methods().values():
         if spec.config_cls is not None:
             groups.setdefault(spec.config_cls, []).append(spec.name)
-    for cls, names in groups.items():
-        _add_options(p.add_argument_group(" / ".join(names), cls.__doc__), option_specs(cls))
+    seen = {o.name for o in option_specs(TrainConfig)}
+    for cls, names in groups.items():  # an option two methods share (LoRA's rank) is listed with the first
+        specs = [o for o in option_specs(cls) if o.name not in seen]
+        seen.update(o.name for o in specs)
+        _add_options(p.add_argument_group(" / ".join(names), cls.__doc__), specs)
 
 
 def config_from_args(a) -> TrainConfig:

@@ -305,11 +305,16 @@ def _collect_graph(root):
     return nodes
 
 
-def profile_model(model, batch_size: int, seq_len: int, target_len: int | None = None) -> TensorFlopsProfile:
-    """Profile a model (on any device; a meta copy costs nothing). Leaves requires_grad as it was."""
-    params = unique_named_parameters(model)
-    device = params[0][1].device
-    with trainable_exactly(params, {n for n, _ in params}):
+def profile_model(model, batch_size: int, seq_len: int, target_len: int | None = None,
+                  candidates=None) -> TensorFlopsProfile:
+    """Profile a model (on any device; a meta copy costs nothing). Leaves requires_grad as it was.
+    ``candidates``: the names of the tensors that may train (default: all); the rest stay frozen, so the
+    profile is over those alone (e.g. a LoRA model's adapters, with the base chain they force)."""
+    everything = unique_named_parameters(model)
+    keep = {n for n, _ in everything} if candidates is None else set(candidates)
+    params = [(n, p) for n, p in everything if n in keep]
+    device = everything[0][1].device
+    with trainable_exactly(everything, keep):
         batch = dummy_batch(model, batch_size, seq_len, target_len, device=device)
         with flop_counter_mode() as fc, meta_safe(model):
             loss = model(**batch).loss

@@ -20,24 +20,32 @@ from .errors import NonFiniteError
 from .rng import rng_state, set_rng_state
 
 
+def elementwise_importance(dw: torch.Tensor, g: torch.Tensor, metric: str = "dw_grad") -> torch.Tensor:
+    """Each element's share of its tensor's importance (the tensor's score is its sum)."""
+    if metric == "dw_grad":
+        return -(dw.double() * g.double())
+    if metric == "dw":
+        return dw.double().abs()
+    if metric == "grad":
+        return g.double().pow(2)
+    raise ValueError(f"unknown importance metric {metric!r}")
+
+
+def block_sums(x: torch.Tensor, l: int) -> np.ndarray:
+    """Sums over the l×l blocks of a 2-D tensor: an array [rows // l, cols // l]."""
+    out_f, in_f = x.shape
+    return x.reshape(out_f // l, l, in_f // l, l).sum(dim=(1, 3)).numpy()
+
+
 def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], metric: str = "dw_grad",
-                      names: list[str] | None = None, hint: str = "") -> np.ndarray:
+                      names: list[str] | None = None, hint: str = "", normalize: bool = True) -> np.ndarray:
     """Importance per tensor from its weight update and gradient, scaled by max |I| (paper Table 4 variants).
 
     Raises :class:`NonFiniteError` naming the tensors (``names``) whose score is NaN or infinite; ``hint``
     is added to its message."""
     out = []
     for dw, g in zip(deltas, grads):
-        if dw is None or g is None:
-            out.append(0.0)
-        elif metric == "dw_grad":
-            out.append(-float((dw.double() * g.double()).sum()))
-        elif metric == "dw":
-            out.append(float(dw.double().abs().sum()))
-        elif metric == "grad":
-            out.append(float(g.double().pow(2).sum()))
-        else:
-            raise ValueError(f"unknown importance metric {metric!r}")
+        out.append(0.0 if dw is None or g is None else float(elementwise_importance(dw, g, metric).sum()))
     scores = np.asarray(out, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
@@ -47,7 +55,7 @@ def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], met
                              f"the probe step produced NaN/inf {hint or 'gradients or updates'}; "
                              f"lower --lr or check the model's weights")
     top = np.abs(scores).max() if len(scores) else 0.0
-    return scores / top if top > 0 else scores
+    return scores / top if top > 0 and normalize else scores
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # probed in float32: their Δw would mostly round to 0
@@ -62,7 +70,8 @@ def _base_lr(group: dict):
 
 
 def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe_upto: int,
-                     metric: str = "dw_grad", count=None, autocast=None, reduce_grads=None) -> dict:
+                     metric: str = "dw_grad", count=None, autocast=None, reduce_grads=None,
+                     blocks: dict[str, int] | None = None) -> dict:
     """Importance of ``names[:probe_upto + 1]`` (backward order); the rest score 0 (not reachable).
 
     ``batch``: one batch, or ``(micro-batches, weights)`` of one optimizer step (the probed loss is
@@ -74,7 +83,8 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
     weights (their optimizer state cast to float32 for the step); everything is restored afterwards.
     Returns {"importance": array over all names, "grad_bytes": probe gradient memory,
     "grad_bytes_full": what a backward to the bottom would hold}. Raises :class:`NonFiniteError` when a
-    score is NaN or infinite.
+    score is NaN or infinite. ``blocks``: {name: l} of 2-D tensors whose l×l blocks are scored too
+    (``"blocks"``: {name: array of block scores}, on the tensors' scale).
     """
     params = dict(model.named_parameters())
     probe_names = names[: probe_upto + 1]
@@ -141,10 +151,16 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = old_grads[id(p)]
-    scores = importance_scores(deltas, grads, metric, probe_names, "" if loss_finite else "loss")
+    raw = importance_scores(deltas, grads, metric, probe_names, "" if loss_finite else "loss", normalize=False)
+    top = np.abs(raw).max() if len(raw) else 0.0
+    top = top if top > 0 else 1.0
     full = np.zeros(len(names))
-    full[: len(scores)] = scores
+    full[: len(raw)] = raw / top
+    block_scores = {}
+    for n, dw, g in zip(probe_names, deltas, grads):
+        if blocks and n in blocks and dw is not None and g is not None:
+            block_scores[n] = block_sums(elementwise_importance(dw, g, metric), blocks[n]) / top
     elem = probe[0].element_size() if probe else 4
-    return {"importance": full,
+    return {"importance": full, "blocks": block_scores,
             "grad_bytes": sum(p.numel() for p in probe) * elem,
             "grad_bytes_full": sum(params[n].numel() for n in names) * elem}

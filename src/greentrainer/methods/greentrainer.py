@@ -6,6 +6,7 @@ spread over the steps it governs), and only those tensors train until the next s
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,13 +21,22 @@ from ..importance import probe_importance
 from ..selection import min_feasible_rho, rho_to_backward_budget, select_tensors
 from ..loop import mean_padded_size
 from .base import Method
+from .peft_methods import LoraOptions, save_adapter
 from .registry import register_method
+from .smt import BlockOptions
+
+OVER = ("tensors", "lora", "blocks")
 
 
 @dataclasses.dataclass
-class GreenTrainerConfig(Options):
-    """GreenTrainer (adaptive backpropagation) knobs."""
+class GreenTrainerConfig(LoraOptions, BlockOptions):
+    """GreenTrainer (adaptive backpropagation) knobs; the LoRA ones apply with ``over="lora"``, the block ones
+    (--smt-targets, --smt-block) with ``over="blocks"``."""
 
+    over: str = option("tensors", "what the selection picks from: tensors (the paper: the model's own tensors); "
+                                  "lora (the adapters of a peft LoRA model, --lora-r/--lora-alpha/--lora-targets: "
+                                  "the backward stops at the deepest selected adapter); blocks (the l×l blocks of "
+                                  "--smt-targets, as SMT, and the norms and biases whole)", choices=OVER)
     rho: float = option(0.6, "fraction of full fine-tuning FLOPs per step")
     rho_schedule: str | None = option(None, "file: JSON {step: rho} or lines 'step rho'; the latest entry at or "
                                             "before a selection applies")
@@ -52,6 +62,10 @@ class GreenTrainerConfig(Options):
 
     def validate(self) -> None:
         self.check_options()
+        if self.over == "lora":
+            self.check_lora()
+        if self.over == "blocks":
+            self.check_blocks()
         if self.select_once and self.select_every is not None:
             raise UsageError("--select-once and --select-every contradict each other; give one of them")
         if not 0 < self.rho <= 1:
@@ -107,10 +121,21 @@ def load_rho_schedule(path: str) -> dict[int, float]:
     return dict(sorted(sched.items()))
 
 
+def lora_profile(config, lora_config, shape, t_full: int):
+    """The adapters of a LoRA model as the candidates: each adapter tensor's t_dw and t_dy and the base chain's
+    backward it forces, profiled on a weightless copy; ``t_full`` stays full fine-tuning's of the base model, so
+    ρ keeps its meaning (a fraction of full fine-tuning)."""
+    from peft import get_peft_model
+    from ..flops import meta_model_from_config, profile_model
+    meta = get_peft_model(meta_model_from_config(config), copy.deepcopy(lora_config))
+    adapters = [n for n, _ in meta.named_parameters() if ".lora_" in n]
+    return dataclasses.replace(profile_model(meta, *shape, candidates=adapters), t_full=t_full)
+
+
 def probe_cost(profile, probe_upto: int) -> int:
     """Predicted FLOPs of one probe: a forward and a backward to tensor ``probe_upto`` training all above."""
-    t = profile.tensors
-    return profile.t_fp + sum(x.t_dw + x.t_dy for x in t[: probe_upto + 1])
+    dws = getattr(profile, "probe_t_dws", None) or profile.t_dws  # over blocks: the probe steps dense tensors
+    return profile.t_fp + sum(dw + t.t_dy for dw, t in zip(dws[: probe_upto + 1], profile.tensors))
 
 
 def deepest_reachable(profile, backward_budget: int) -> int:
@@ -271,8 +296,10 @@ class GreenTrainerMethod(Method):
     default_lr = 1e-4  # with the warm-up (learning_speed.md); until the validation sweep of bench/accuracy.py
     DESELECTED_STATE = ("drop", "cpu", "keep")
 
-    def __init__(self, cfg, deselected_state: str | None = None):
+    def __init__(self, cfg, deselected_state: str | None = None, base_model: str | None = None):
         self.cfg = cfg
+        self.base_model = base_model  # --over lora: the name saved with the adapter
+        self._profiles: dict = {}
         self.schedule = load_rho_schedule(cfg.rho_schedule) if cfg.rho_schedule else {}
         self.selections: list[dict] = []
         self._epoch_selections: list[dict] = []
@@ -288,8 +315,32 @@ class GreenTrainerMethod(Method):
         self._allowance, self._ref_mark, self._rho_in_force = 0.0, 0.0, cfg.rho
         self.rho_range = (cfg.rho, cfg.rho)  # carbon-aware: (ρ at the dirtiest grid, ρ at the cleanest)
 
+    @classmethod
+    def from_config(cls, train_config):
+        return cls(train_config.method_config, base_model=train_config.model)
+
+    @property
+    def over(self) -> str:
+        return getattr(self.cfg, "over", "tensors")
+
+    def candidates(self, model, profile):
+        """The profile the selection works on: the model's (``over="tensors"``) or its LoRA adapters'."""
+        if self.over == "tensors":
+            return profile
+        key = (profile.batch_size, profile.seq_len, profile.target_len or None)
+        if key not in self._profiles:
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            if self.over == "lora":
+                self._profiles[key] = lora_profile(base.config, self.cfg.lora_config(base), key, profile.t_full)
+            else:
+                from .greentrainer_blocks import block_candidates
+                self._profiles[key] = block_candidates(base, profile, self.cfg.target_kinds(), self.cfg.block_size)
+        found = self._profiles[key]
+        return found if self.over == "lora" else found.profile
+
     # -- the plug-in interface ------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
+        profile = self.candidates(model, profile)
         steps = self._steps(steps_per_epoch, total_steps) * micro_batches
         for rho in {self.cfg.rho, *self.schedule.values()}:
             check_budget(profile, rho, steps, micro_batches)
@@ -314,8 +365,21 @@ class GreenTrainerMethod(Method):
                                  f"cannot repay it within ρ {self.cfg.rho}; at most {most} of its {total_steps} steps")
 
     def prepare(self, model, ctx):
-        self.params = dict(model.named_parameters())
-        self.names = ctx.profile.names
+        if self.over == "lora":
+            from peft import get_peft_model
+            model = get_peft_model(model, self.cfg.lora_config(model))
+        self.profile = self.candidates(model, ctx.profile)
+        self.params = {n: p for n, p in model.named_parameters() if self.over == "tensors" or n in
+                       set(self.profile.names)}
+        self.names = self.profile.names
+        if self.over == "blocks":
+            from .greentrainer_blocks import BlockTraining
+            key = (ctx.profile.batch_size, ctx.profile.seq_len, ctx.profile.target_len or None)
+            self.cands = self._profiles[key]
+            self.block_training = BlockTraining(self.cands)
+            if self.cands.l != self.cfg.block_size:
+                ctx.log(f"GreenTrainer: block size {self.cfg.block_size} does not divide the target shapes; "
+                        f"using {self.cands.l}")
         missing = [n for n in self.names if n not in self.params]
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
@@ -364,7 +428,9 @@ class GreenTrainerMethod(Method):
 
     # -- selection ----------------------------------------------------------------------------
     def _steps_per_selection(self, ctx) -> int:
-        return self._steps(ctx.steps_per_epoch, ctx.total_steps)
+        """Steps this selection governs: the next K, or fewer when the run ends sooner (its probe is paid by
+        those alone)."""
+        return max(min(self._steps(ctx.steps_per_epoch, ctx.total_steps), ctx.total_steps - ctx.global_step), 1)
 
     def _steps(self, steps_per_epoch, total_steps) -> int:
         if self.cfg.select_once:
@@ -408,15 +474,25 @@ class GreenTrainerMethod(Method):
             scale = mean_padded_size(ctx.train_data, p.batch_size, ctx.seq2seq) / (p.seq_len + p.target_len)
         if self.deselected_state == "cpu":  # the probe steps reachable tensors with their own moments
             p = ctx.profile
+            p = self.profile
             reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
         warm_up_ended = bool(self.selections) and self.selections[-1].get("note") == "full fine-tuning warm-up"
-        chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), ctx.profile, rho,
-                                  self._steps_per_selection(ctx) * micro, self.cfg.importance,
-                                  self.cfg.resolution, None if warm_up_ended else self.current, ctx.count, ctx.autocast, ctx.log, debt, scale,
-                                  ctx.reduce_gradients if world > 1 else None, ctx.broadcast, repay)
-        rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
+        if self.current and not warm_up_ended and \
+                budget_for(self.profile, rho, self._steps_per_selection(ctx) * micro, probe_batches=micro)[1] < 0:
+            ctx.log(f"GreenTrainer: keeping the selection: the {self._steps_per_selection(ctx)} step(s) left cannot "
+                    f"pay for a probe")
+            return self.current
+        if self.over == "blocks":
+            chosen, rec = self._select_blocks(ctx, rho, debt, self._steps_per_selection(ctx) * micro, scale, repay)
+        else:
+            chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), self.profile,
+                                      rho, self._steps_per_selection(ctx) * micro, self.cfg.importance,
+                                      self.cfg.resolution, None if warm_up_ended else self.current, ctx.count,
+                                      ctx.autocast, ctx.log, debt, scale, ctx.reduce_gradients if world > 1 else None,
+                                      ctx.broadcast, repay)
+            rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
         rec["debt_flops"] = rec_debt
         if self.cfg.carbon_aware:
             rec["grid_g_per_kwh"] = ctx.grid.intensity_at(ctx.train_seconds)
@@ -428,12 +504,66 @@ class GreenTrainerMethod(Method):
         self._epoch_selections.append({k: v for k, v in rec.items() if k != "importance"})
         return chosen
 
+    def _select_blocks(self, ctx, rho, debt, steps, scale, repay):
+        """Probe the dense candidates (blocks scored one by one), select members within ρ exactly, and train
+        the chosen blocks through SMT's layer and the chosen small tensors whole; the optimizer state of the
+        previous selection is dropped (its blocks are other tensors)."""
+        from ..block_selection import select_members
+        from .greentrainer_blocks import chosen_blocks, member_importance
+        c, prof = self.cands, self.profile
+        self.block_training.remove(ctx.model)
+        ctx.rebuild_optimizer([self.params[n] for n in c.tensors])  # the probe steps the dense candidates
+        batch = ctx.sample_batches()
+        before = debt()
+        budget, upto = budget_for(prof, rho, steps, before, step_scale=scale, probe_batches=len(batch[0]),
+                                  repay_steps=repay)
+        if upto < 0:
+            budget, upto = budget_for(prof, rho, steps, probe_batches=len(batch[0]))
+        t0 = time.perf_counter()
+        probe = probe_importance(ctx.model, ctx.optimizer, ctx.scheduler, batch, c.tensors, upto, self.cfg.importance,
+                                 ctx.count, ctx.autocast, ctx.reduce_gradients if ctx.world_size > 1 else None,
+                                 blocks={c.weight_of(m): c.l for m in c.targets})
+        after, _ = budget_for(prof, rho, steps, max(before, 0.0) + (debt() - before), probe_paid=True,
+                              step_scale=scale, repay_steps=repay)
+        if deepest_reachable(prof, after) >= 0:
+            budget = after
+        t1 = time.perf_counter()
+        imp = member_importance(c, probe)
+        sel = select_members(c.t_dy, c.positions, c.costs, imp, budget)
+        if not sel.members:  # every score ≤ 0: by |importance| instead
+            ctx.log("GreenTrainer: every importance ≤ 0: selecting by |importance| instead")
+            sel = select_members(c.t_dy, c.positions, c.costs, np.abs(imp) + 1e-12, budget)
+        t2 = time.perf_counter()
+        blocks, whole = ctx.broadcast(chosen_blocks(c, sel.members))
+        ctx.rebuild_optimizer(self.block_training.install(ctx.model, blocks, whole))
+        chosen = sorted(set(whole) | {c.weight_of(m) for m in blocks}, key=c.tensors.index)
+        predicted = prof.t_fp + sel.cost
+        n_blocks = sum(len(v) for v in blocks.values())
+        rec = {"rho": rho, "n_selected": len(chosen), "selected": chosen, "n_blocks": n_blocks, "block_size": c.l,
+               "blocks": {k: [list(b) for b in v] for k, v in blocks.items()}, "whole": whole,
+               "n_candidates": len(c.members), "predicted_step_flops": predicted,
+               "predicted_fraction_of_full": predicted / prof.t_full, "backward_budget": budget, "probe_depth": upto,
+               "probe_grad_bytes": probe["grad_bytes"], "probe_time_s": t1 - t0, "selector_time_s": t2 - t1,
+               "importance": [float(x) for x in probe["importance"]]}
+        ctx.log(f"GreenTrainer: rho {rho}: {n_blocks} blocks of {c.l}x{c.l} in {len(blocks)} projections and "
+                f"{len(whole)} small tensors, of {len(c.members)} candidates; predicted "
+                f"{100 * predicted / prof.t_full:.1f}% of a full step (selector {1000 * (t2 - t1):.0f} ms)")
+        return chosen, rec
+
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"selections": self.selections, "epoch_selections": self._epoch_selections,
                 "current": self.current, "allowance": [self._allowance, self._ref_mark, self._rho_in_force],
                 "offloaded": {n: {k: [v, str(dev) if dev is not None else None] for k, (v, dev) in s.items()}
-                              for n, s in self._offloaded.items()}}  # "cpu": the host copies
+                              for n, s in self._offloaded.items()},  # "cpu": the host copies
+                "installed": self._installed()}
+
+    def _installed(self) -> dict | None:
+        """--over blocks: the blocks and small tensors training now (the layers to put back on resume)."""
+        if self.over != "blocks" or not self.block_training.layers and not self.current:
+            return None
+        last = next((s for s in reversed(self.selections) if "blocks" in s), None)
+        return None if last is None else {"blocks": last["blocks"], "whole": last["whole"]}
 
     def load_state_dict(self, state: dict, ctx) -> None:
         import torch
@@ -443,9 +573,24 @@ class GreenTrainerMethod(Method):
         self._selected_at = self.selections[-1].get("step") if self.selections else None
         self._offloaded = {n: {k: (v, torch.device(dev) if dev is not None else None) for k, (v, dev) in s.items()}
                            for n, s in state.get("offloaded", {}).items()}
+        installed = state.get("installed")
+        if installed:  # --over blocks: the same layers again, then the loop loads their weights
+            blocks = {k: [tuple(b) for b in v] for k, v in installed["blocks"].items()}
+            ctx.rebuild_optimizer(self.block_training.install(ctx.model, blocks, installed["whole"]))
+            return
         keep = set(self.current or ())
         for n, p in ctx.model.named_parameters():
             p.requires_grad_(n in keep)
+
+    def after_optimizer_step(self, ctx):
+        if self.over == "blocks":
+            self.block_training.write()
+
+    def finalize(self, model):
+        """--over blocks: the trained blocks merged back into plain linear layers (a plain checkpoint)."""
+        if self.over == "blocks":
+            self.block_training.remove(model)
+        return model
 
     # -- optimizer state of deselected tensors ------------------------------------------------
     def _follow_selection(self, model, optimizer, chosen) -> dict:
@@ -484,6 +629,12 @@ class GreenTrainerMethod(Method):
         return sum(v.numel() * v.element_size() for s in states for v in s.values() if isinstance(v, torch.Tensor))
 
     # -- outputs -----------------------------------------------------------------------------
+    def save(self, model, tokenizer, path) -> None:
+        if self.over == "lora":  # a normal peft adapter folder; adapters never selected keep their initial value
+            save_adapter(model, tokenizer, path, self.base_model, "greentrainer-lora")
+        else:
+            super().save(model, tokenizer, path)
+
     def write_artifacts(self, out_dir) -> None:
         from ..files import write_text_atomic
         write_text_atomic(out_dir / "selections.json",

@@ -63,20 +63,38 @@ def init_prefix_from_prompts(peft_model, ctx) -> None:
 
 
 @dataclasses.dataclass
-class LoraMethodConfig(Options):
-    """LoRA / DoRA knobs (passed to peft's LoraConfig)."""
+class LoraOptions(Options):
+    """LoRA's knobs (passed to peft's LoraConfig); shared by LoRA, DoRA and GreenTrainer ``--over lora``."""
 
     lora_r: int = option(8, "rank of the low-rank update")
     lora_alpha: int = option(16, "scaling numerator (the update is scaled by alpha / r)")
     lora_dropout: float = option(0.05, "dropout on the adapter's input")
     lora_targets: str | None = option(None, "comma-separated module names (default: the model's query and value)")
 
-    def validate(self) -> None:
-        self.check_options()
+    def check_lora(self) -> None:
         if self.lora_r <= 0 or self.lora_alpha <= 0:
             raise UsageError("--lora-r and --lora-alpha must be positive")
         if not 0 <= self.lora_dropout < 1:
             raise UsageError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def lora_config(self, model, use_dora: bool = False):
+        """peft's LoraConfig for ``model`` (its query and value projections unless targets are given)."""
+        from peft import LoraConfig, TaskType
+        targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()] if self.lora_targets \
+            else default_lora_targets(model)
+        check_targets(model, targets)
+        task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+        return LoraConfig(task_type=task, r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=targets, use_dora=use_dora)
+
+
+@dataclasses.dataclass
+class LoraMethodConfig(LoraOptions):
+    """LoRA / DoRA knobs."""
+
+    def validate(self) -> None:
+        self.check_options()
+        self.check_lora()
 
 
 @dataclasses.dataclass
@@ -113,10 +131,15 @@ class PeftMethod(Method):
         return get_peft_model(model, self.peft_config(model, task))
 
     def save(self, model, tokenizer, path) -> None:
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        with open(path / "greentrainer_base.json", "w") as f:
-            json.dump({"base_model": self.base_model, "method": self.name}, f)
+        save_adapter(model, tokenizer, path, self.base_model, self.name)
+
+
+def save_adapter(model, tokenizer, path, base_model: str | None, method: str) -> None:
+    """A peft adapter folder, with the name of its base model (``eval`` loads the base, then the adapter)."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(path / "greentrainer_base.json", "w") as f:
+        json.dump({"base_model": base_model, "method": method}, f)
 
 
 @register_method("lora", config_cls=LoraMethodConfig)
@@ -127,19 +150,12 @@ class LoraMethod(PeftMethod):
     use_dora = False
 
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
-        check_targets(model, self._targets(model))
-
-    def _targets(self, model):
-        if self.cfg.lora_targets:
-            return [t.strip() for t in self.cfg.lora_targets.split(",") if t.strip()]
-        return default_lora_targets(model)
+        self.cfg.lora_config(model)
 
     def peft_config(self, model, task):
-        from peft import LoraConfig
-        self.targets = self._targets(model)
-        check_targets(model, self.targets)
-        return LoraConfig(task_type=task, r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha,
-                          lora_dropout=self.cfg.lora_dropout, target_modules=self.targets, use_dora=self.use_dora)
+        config = self.cfg.lora_config(model, self.use_dora)
+        self.targets = sorted(config.target_modules)
+        return config
 
     def epoch_report(self):
         return {"lora_targets": self.targets} if hasattr(self, "targets") else {}

@@ -50,14 +50,16 @@ def register_method(name: str, config_cls: type | None = None):
 
 
 def _check_flags(name: str, config_cls: type) -> None:
-    """A method's flat option names must not collide with the general ones or another method's."""
+    """A method's flat option names must not collide with the general ones or another method's, unless
+    both declare the very same option (e.g. LoRA's rank, shared through a base dataclass)."""
     from ..config import TrainConfig, option_specs
-    mine = {o.name for o in option_specs(config_cls)}
+    mine = {o.name: o for o in option_specs(config_cls)}
     taken = {o.name: "the general options" for o in option_specs(TrainConfig)}
     for spec in _REGISTRY.values():
         if spec.config_cls is not None and spec.config_cls is not config_cls and spec.name != name:
-            taken.update({o.name: f"method {spec.name}" for o in option_specs(spec.config_cls)})
-    clash = sorted(mine & set(taken))
+            taken.update({o.name: f"method {spec.name}" for o in option_specs(spec.config_cls)
+                          if mine.get(o.name) != o})
+    clash = sorted(set(mine) & set(taken))
     if clash:
         raise ValueError(f"method {name!r}: option {clash[0]!r} is already an option of {taken[clash[0]]}")
 

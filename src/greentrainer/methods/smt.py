@@ -28,30 +28,39 @@ SMT_TARGET_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 @dataclasses.dataclass
-class SMTConfig(Options):
-    """Sparse Matrix Tuning knobs."""
+class BlockOptions(Options):
+    """Which projections are cut into blocks, and the block edge; shared by SMT and GreenTrainer --over blocks."""
 
-    warmup_steps: int = option(100, "warm-up steps of full fine-tuning whose gradients choose the blocks",
-                               flag="smt_warmup")
     targets: str = option("q,k,v", "comma list of q,k,v,o,gate,up,down", flag="smt_targets")
-    params_percent: float = option(1.0, "trainable %% of all model parameters", flag="smt_params")
     block_size: int = option(256, "block edge l (l×l blocks; lowered to divide the target shapes)",
                              flag="smt_block")
 
     def target_kinds(self) -> list[str]:
         return [t.strip() for t in self.targets.split(",") if t.strip()]
 
-    def validate(self) -> None:
-        self.check_options()
+    def check_blocks(self) -> None:
         kinds = self.target_kinds()
         bad = [k for k in kinds if k not in SMT_TARGET_KINDS]
         if not kinds or bad:
             raise UsageError(f"--smt-targets: unknown target {', '.join(bad) or '(empty)'}; "
                              f"choose from {','.join(SMT_TARGET_KINDS)}")
-        if not 0 < self.params_percent <= 100:
-            raise UsageError(f"--smt-params must be a percentage in (0, 100], got {self.params_percent}")
         if self.block_size <= 0:
             raise UsageError(f"--smt-block must be a positive block size, got {self.block_size}")
+
+
+@dataclasses.dataclass
+class SMTConfig(BlockOptions):
+    """Sparse Matrix Tuning knobs."""
+
+    warmup_steps: int = option(100, "warm-up steps of full fine-tuning whose gradients choose the blocks",
+                               flag="smt_warmup")
+    params_percent: float = option(1.0, "trainable %% of all model parameters", flag="smt_params")
+
+    def validate(self) -> None:
+        self.check_options()
+        self.check_blocks()
+        if not 0 < self.params_percent <= 100:
+            raise UsageError(f"--smt-params must be a percentage in (0, 100], got {self.params_percent}")
         if self.warmup_steps < 0:
             raise UsageError(f"--smt-warmup must be ≥ 0, got {self.warmup_steps}")
 

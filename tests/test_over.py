@@ -13,28 +13,32 @@ from greentrainer.methods.greentrainer import GreenTrainerConfig, GreenTrainerMe
 from test_training import TOK, encoded
 
 
-def run_over_lora(rho=0.75, epochs=3, **gt):
-    """Train GreenTrainer over LoRA adapters on a tiny LLaMA; the adapters' values right after wrapping and
-    the method."""
+def run_gt(**gt):
+    """Train GreenTrainer (3 epochs, a selection every 4 steps, no warm-up) on a tiny LLaMA; returns the result,
+    the method, and every tensor as it was when training started (after the method wrapped the model)."""
     model = make_tiny("llama")
-    gt = {"over": "lora", "rho": rho, "full_warmup_steps": 0, "select_every": 4, "lora_targets": "q_proj,v_proj,o_proj",
-          **gt}
-    cfg = TrainConfig(method="greentrainer", epochs=epochs, batch_size=4, lr=1e-2, seed=0,
+    gt = {"rho": 0.75, "full_warmup_steps": 0, "select_every": 4, **gt}
+    cfg = TrainConfig(method="greentrainer", epochs=3, batch_size=4, lr=1e-2, seed=0,
                       method_config=GreenTrainerConfig(**gt))
     cfg.validate()
     method = build_method(cfg)
     start = {}
     prepare = method.prepare
 
-    def remember(model, ctx):  # the adapters as peft initialised them
+    def remember(model, ctx):  # e.g. the adapters as peft initialised them
         wrapped = prepare(model, ctx)
-        start.update({n: p.detach().clone() for n, p in wrapped.named_parameters() if ".lora_" in n})
+        start.update({n: p.detach().clone() for n, p in wrapped.named_parameters()})
         return wrapped
     method.prepare = remember
     data = encoded(model, 32)
     out = train(model, TOK, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
                 progress=False, energy_meter=None)
     return out, method, start
+
+
+def run_over_lora():
+    out, method, start = run_gt(over="lora", lora_targets="q_proj,v_proj,o_proj")
+    return out, method, {n: p for n, p in start.items() if ".lora_" in n}
 
 
 def test_over_lora_selects_adapters_within_rho_and_unselected_adapters_keep_their_initial_value():
@@ -148,22 +152,8 @@ def test_block_selector_is_exact_against_brute_force(seed):
         assert sel.value == pytest.approx(sum(importance[m] for m in sel.members))
 
 
-def run_over_blocks(rho=0.75, epochs=3):
-    model = make_tiny("llama")
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = TrainConfig(method="greentrainer", epochs=epochs, batch_size=4, lr=1e-2, seed=0,
-                      method_config=GreenTrainerConfig(over="blocks", rho=rho, full_warmup_steps=0, select_every=4,
-                                                       block_size=16, targets="q,k,v"))
-    cfg.validate()
-    method = build_method(cfg)
-    data = encoded(model, 32)
-    out = train(model, TOK, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
-                progress=False, energy_meter=None)
-    return out, method, before
-
-
 def test_over_blocks_stays_within_rho_and_trains_only_selected_blocks():
-    out, method, before = run_over_blocks()
+    out, method, before = run_gt(over="blocks", block_size=16, targets="q,k,v")
     t = out["totals"]
     assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
     sels = [s for s in method.selections if "blocks" in s]

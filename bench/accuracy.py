@@ -121,7 +121,7 @@ def per_item_rouge(preds: list[dict]) -> list[float]:
 def sweep(a, log) -> dict:
     """Each method's winning setting: the lowest final validation loss over its lrs, then its knob."""
     winners = {}
-    for method in [m for m in SWEEP_ORDER if a.methods is None or m in a.methods]:
+    for method in SWEEP_ORDER if a.methods is None else [m for m in a.methods if m in SWEEP_LRS]:
         opts = {"rho": a.sweep_rho} if method == "greentrainer" else {}
         scores = {}
         for lr in SWEEP_LRS[method][: 1 if a.quick else None]:

@@ -24,7 +24,7 @@ from common import RESULTS, machine
 from greentrainer.files import write_json_atomic
 
 TRACE = Path(__file__).parent / "traces" / "caiso-2018-mean-day.csv"
-OUT = RESULTS / "carbon_aware"
+OUT = RESULTS / "carbon_aware"  # one JSON (and the run's carbon.png) per run
 
 
 def run(a, name: str, extra: dict, log) -> dict:
@@ -42,6 +42,7 @@ def run(a, name: str, extra: dict, log) -> dict:
         t0 = time.perf_counter()
         m = run_training(cfg, log=lambda *x: None, progress=False)
         wall = time.perf_counter() - t0
+        OUT.mkdir(parents=True, exist_ok=True)
         (OUT / f"{name}-s{a.seed}.png").write_bytes((Path(tmp) / "run" / "carbon.png").read_bytes())
     t = m["totals"]
     res = {"name": name, "options": extra, "seed": a.seed, "steps": t["steps"], "time_scale": a.time_scale,
@@ -49,7 +50,7 @@ def run(a, name: str, extra: dict, log) -> dict:
            "energy_kwh": t["energy_kwh"], "energy": t["energy"], "co2_g": t["co2_g"],
            "co2_full_ft_reference_g": t["co2_full_ft_reference_g"], "train_time_s": t["time_s"],
            "g_per_kwh_mean": t["co2_g"] / t["energy_kwh"], "val_loss": m["history"][-1]["val_loss"],
-           "eval": m["eval"], "n_eval": m["n_eval"], "selections": [
+           "eval": m["eval"], "n_eval": m["n_eval"], "n_validation": m["n_validation"], "selections": [
                {k: s.get(k) for k in ("step", "rho", "grid_g_per_kwh", "trace_time", "predicted_fraction_of_full")}
                for h in m["history"] for s in h.get("selections", [])],
            "timeline": [p for h in m["history"] for p in h["timeline"]], "wall_s": wall, "machine": machine(),
@@ -79,7 +80,8 @@ def report(a) -> None:
         "# Carbon-aware ρ vs fixed ρ at the same FLOPs", "",
         f"`python bench/carbon.py` — {ca['machine']}, {ca['date']}", "",
         f"GreenTrainer, default model, SciTLDR (chat prompts), {ca['steps']} optimizer steps of batch 4, a selection "
-        f"every {a.select_every} steps, validation loss on 64 items and ROUGE on {ca['n_eval']} test items "
+        f"every {a.select_every} steps, validation loss on {ca['n_validation']} validation items and ROUGE on "
+        f"{ca['n_eval']} test items "
         f"(greedy), seed {a.seed}. Grid: {TRACE.name} (California 2018, mean intensity of each hour of the day; "
         f"source: bench/traces/README.md), read from {a.start} on a clock of measured training time × "
         f"{a.time_scale:g}, so the run lasts about a day of trace time. The fixed run's ρ is the carbon-aware "
@@ -87,7 +89,7 @@ def report(a) -> None:
         f"({'; '.join(f'{k}: {v}' for k, v in ca['energy']['components'].items())}).", "",
         "| run | ρ | FLOPs of full FT | energy (Wh) | mean gCO2eq/kWh | gCO2eq | val loss | ROUGE-1 | ROUGE-L |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
-        f"Carbon-aware: {100 * (1 - ca['co2_g'] / fx['co2_g']):+.1f}% less CO2 than the fixed ρ "
+        f"Carbon-aware: {100 * (ca['co2_g'] / fx['co2_g'] - 1):+.1f}% CO2 against the fixed ρ "
         f"({ca['co2_g']:.3f} vs {fx['co2_g']:.3f} g) at {100 * ca['flops_fraction_of_full']:.1f}% vs "
         f"{100 * fx['flops_fraction_of_full']:.1f}% of full FT's FLOPs; the energy-weighted grid intensity it "
         f"trained at: {ca['g_per_kwh_mean']:.1f} vs {fx['g_per_kwh_mean']:.1f} gCO2eq/kWh. "

@@ -25,6 +25,10 @@ def test_intensity_is_a_number_a_country_or_the_world_average():
     fra, src = parse_intensity("fra")  # CodeCarbon's offline table; France's grid is mostly nuclear
     assert 0 < fra < 150 and "France" in src
     assert parse_intensity("IND")[0] > 3 * fra
+    ca, src = parse_intensity("USA/CA")  # a US state: EPA eGRID, lbs/MWh converted
+    assert 100 < ca < parse_intensity("USA/texas")[0] and "California" in src
+    with pytest.raises(UsageError, match="only for the USA"):
+        parse_intensity("DEU/bavaria")
     for bad in ("-3", "nan", "XYZ", "France"):
         with pytest.raises(UsageError, match="--carbon-intensity"):
             parse_intensity(bad)

@@ -142,8 +142,8 @@ class TrainConfig(Options):
     track_energy: bool = option(True, "do not measure energy and carbon (CodeCarbon's offline tracker)",
                                 flag="no_energy", negate=True)
     carbon_intensity: str | None = option(None, "grid intensity for CO2: gCO2eq/kWh, or a 3-letter country code "
-                                                "(its yearly mean in CodeCarbon's offline table); default: the world "
-                                                "average, 475 (IEA)")
+                                                "(its yearly mean in CodeCarbon's offline table) or a US state (USA/CA); "
+                                                "default: the world average, 475 (IEA)")
     carbon_trace: str | None = option(None, "CSV of 'timestamp,gco2_per_kwh' rows: the grid's intensity over time, "
                                             "read along the run's clock (instead of --carbon-intensity)")
     carbon_start: str | None = option(None, "where in --carbon-trace the run starts (ISO 8601; default: its first "

@@ -40,7 +40,7 @@ def _energy_mix() -> dict:
 
 def parse_intensity(spec: str | None) -> tuple[float, str]:
     """(gCO2eq/kWh, where the figure comes from) for ``--carbon-intensity``: a number, a 3-letter country code
-    (its yearly mean in CodeCarbon's offline table), or None (the world average)."""
+    (its yearly mean in CodeCarbon's offline table), a US state (``USA/CA``), or None (the world average)."""
     if spec is None:
         return WORLD_AVERAGE, WORLD_SOURCE
     try:
@@ -51,6 +51,8 @@ def parse_intensity(spec: str | None) -> tuple[float, str]:
         if not math.isfinite(value) or value < 0:
             raise UsageError(f"--carbon-intensity must be a finite number ≥ 0 (gCO2eq/kWh), got {spec}")
         return value, "given (--carbon-intensity)"
+    if "/" in str(spec):
+        return _us_state_intensity(str(spec))
     mix = _energy_mix()
     row = mix.get(str(spec).strip().upper())
     if row is None:
@@ -58,6 +60,20 @@ def parse_intensity(spec: str | None) -> tuple[float, str]:
                          f"of CodeCarbon's table (e.g. USA, DEU, FRA, GBR, IND, CHN)")
     return float(row["carbon_intensity"]), (f"{row['country_name']}, {row.get('year', '?')} yearly mean "
                                             f"(CodeCarbon's offline energy-mix table)")
+
+
+def _us_state_intensity(spec: str) -> tuple[float, str]:
+    """``USA/CA`` or ``USA/california``: the state's mean from EPA eGRID (CodeCarbon's offline table)."""
+    import codecarbon
+    country, region = (x.strip() for x in spec.split("/", 1))
+    path = Path(codecarbon.__file__).parent / "data" / "private_infra" / "2023" / "usa_emissions.json"
+    table = json.loads(path.read_text()) if country.upper() == "USA" and path.is_file() else {}
+    for name, row in table.items():
+        if not name.startswith("_") and region.lower() in (name, str(row.get("regionCode", "")).lower()):
+            source = table.get("_source", {})
+            return float(row["emissions"]) * 0.45359237, (f"{name.title()}, {source.get('name', 'EPA eGRID')} "
+                                                          f"(CodeCarbon's offline table)")
+    raise UsageError(f"--carbon-intensity {spec!r}: a region is known only for the USA (USA/CA, USA/texas, ...)")
 
 
 def parse_time(text: str) -> float:

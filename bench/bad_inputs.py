@@ -277,6 +277,15 @@ def cases(env: Env) -> list[dict]:
     add("carbon", "--rho-min without --carbon-aware", e.train(*gt, "--rho-min", "0.5"), needle="--carbon-aware")
     add("carbon", "--carbon-aware with --rho-schedule",
         e.train(*gt, "--carbon-aware", "--carbon-trace", trace_ok, "--rho-schedule", sched_ok), needle="contradict")
+    add("over", "--over of an unknown kind", e.train(*gt, "--over", "everything"), needle="invalid choice")
+    add("over", "--over lora with --gradient-checkpointing", e.train(*gt, "--over", "lora", "--gradient-checkpointing"),
+        needle="--gradient-checkpointing")
+    add("over", "--over lora with a target module the model lacks", e.train(*gt, "--over", "lora", "--lora-targets",
+                                                                             "nope"), needle="not found")
+    add("over", "--over blocks with an unknown projection", e.train(*gt, "--over", "blocks", "--smt-targets", "qq"),
+        needle="--smt-targets")
+    add("over", "--over blocks with --smt-block 0", e.train(*gt, "--over", "blocks", "--smt-block", "0"),
+        needle="--smt-block")
     add("demo", "demo with --rho 3", ["demo", "--rho", "3", "--output-dir", str(e.out())], needle="--rho")
     add("demo", "demo into a folder that is not a run folder", ["demo", "--output-dir", str(e.user)],
         needle="not a greentrainer run folder")

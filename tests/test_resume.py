@@ -48,6 +48,9 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tmp
     for k in ("flops_total", "flops_forward", "flops_backward", "flops_overhead", "flops_full_ft_reference"):
         assert a["totals"][k] == b["totals"][k], k
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    # energy and carbon carry over the checkpoint: every step of the resumed epoch is in its timeline
+    steps = [[p["step"] for h in m["history"] for p in h["timeline"]] for m in (a, b)]
+    assert steps[0] == steps[1] and all(h["energy_kwh"] > 0 and h["co2_g"] > 0 for h in b["history"])
     if method == "greentrainer":
         sa, sb = (json.loads((d / "selections.json").read_text())["selections"] for d in (straight, killed))
         assert [s["selected"] for s in sa] == [s["selected"] for s in sb]

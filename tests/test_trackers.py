@@ -19,10 +19,11 @@ def test_tensorboard_logs_loss_lr_flops_and_the_fraction_of_full_ft(tmp_path, ti
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "flops/total", "flops/fraction_of_full", "trainable/tensors",
-            "epoch/val_loss"} <= tags
+            "epoch/val_loss", "epoch/energy_kwh", "epoch/co2_g", "epoch/co2_full_ft_reference_g"} <= tags
     m = json.loads((out / "metrics.json").read_text())
     last = acc.Scalars("epoch/flops_fraction_of_full")[-1].value
     assert last == pytest.approx(m["history"][-1]["flops_fraction_of_full"], rel=1e-5)
+    assert acc.Scalars("epoch/co2_g")[-1].value == pytest.approx(m["history"][-1]["co2_g"], rel=1e-5)
     assert [s.step for s in acc.Scalars("train/loss")] == [2, 4, 6, 8, 10]  # 17 items / batch 4: 5 steps an epoch
 
 

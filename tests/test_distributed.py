@@ -81,13 +81,16 @@ def test_torchrun_cli_writes_one_complete_run_folder(tmp_path, tiny_model_dir, j
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
            str(30500 + os.getpid() % 1000), "-m", "greentrainer", "train", "--model", tiny_model_dir,
            "--dataset", data, "--output-dir", str(out), "--epochs", "1", "--batch-size", "2", "--no-progress",
-           "--num-beams", "1", "--max-new-tokens", "2", "--method", "greentrainer", "--rho", "0.8"]
+           "--num-beams", "1", "--max-new-tokens", "2", "--method", "greentrainer", "--rho", "0.8",
+           "--carbon-intensity", "100"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "complete" and m["world_size"] == 2 and m["effective_batch_size"] == 4
     assert m["totals"]["flops_total"] <= 0.8 * m["totals"]["flops_full_ft_reference"]
+    t = m["totals"]  # each process meters itself; the sums are over both
+    assert t["energy_kwh"] > 0 and t["co2_g"] == pytest.approx(100 * t["energy_kwh"])
     assert proc.stdout.count("epoch 1:") == 1  # one process logs
 
 

@@ -58,15 +58,26 @@ def _add_train_args(p):
     p.add_argument("--quiet", action="store_true", help="errors and warnings only (no progress bars)")
     p.add_argument("--no-progress", action="store_true")
     _add_options(p, option_specs(TrainConfig))
-    groups: dict[type, list[str]] = {}
+    general = {o.name for o in option_specs(TrainConfig)}
+    owners: dict[str, list[str]] = {}  # option -> the methods that take it (LoRA's rank: lora, dora, greentrainer)
+    where: dict[str, tuple] = {}       # option -> (its spec, the dataclass that declares it)
     for spec in registered_methods().values():
-        if spec.config_cls is not None:
-            groups.setdefault(spec.config_cls, []).append(spec.name)
-    seen = {o.name for o in option_specs(TrainConfig)}
-    for cls, names in groups.items():  # an option two methods share (LoRA's rank) is listed with the first
-        specs = [o for o in option_specs(cls) if o.name not in seen]
-        seen.update(o.name for o in specs)
-        _add_options(p.add_argument_group(" / ".join(names), cls.__doc__), specs)
+        for o in option_specs(spec.config_cls) if spec.config_cls is not None else []:
+            if o.name not in general:
+                owners.setdefault(o.name, []).append(spec.name)
+                where.setdefault(o.name, (o, _declared_in(spec.config_cls, o.field)))
+    groups: dict[tuple, list[str]] = {}
+    for name, methods in owners.items():
+        groups.setdefault(tuple(methods), []).append(name)
+    order = list(registered_methods())
+    for methods, names in sorted(groups.items(), key=lambda g: (order.index(g[0][0]), len(g[0]))):
+        _add_options(p.add_argument_group(" / ".join(methods), where[names[0]][1].__doc__),
+                     [where[n][0] for n in names])
+
+
+def _declared_in(cls, field: str) -> type:
+    """The dataclass in ``cls``'s bases that declares ``field`` (its docstring describes the option)."""
+    return next((c for c in cls.__mro__ if field in c.__dict__.get("__annotations__", {})), cls)
 
 
 def config_from_args(a) -> TrainConfig:

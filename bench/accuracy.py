@@ -5,7 +5,8 @@ Two stages, each one JSON per run in bench/results/accuracy/<dataset>/ (a run wh
 the script can be stopped and started again, across sessions):
 
   sweep   each method's learning rate (then LoRA/DoRA rank, prefix length, SMT budget) on the VALIDATION split:
-          a short run per setting, the lowest final validation loss wins; writes accuracy_sweep_<dataset>.md
+          a short run per setting, the lowest final validation loss wins (a winner at the edge of the lr grid
+          is tried one step further, ×3 or ÷3, up to twice); writes accuracy_sweep_<dataset>.md
   final   each method at its winning setting for --steps optimizer steps and --seeds seeds, evaluated on
           --test-items test items (greedy decoding); writes accuracy_<dataset>.{md,json,png}
 
@@ -124,13 +125,23 @@ def sweep(a, log) -> dict:
     for method in SWEEP_ORDER if a.methods is None else [m for m in a.methods if m in SWEEP_LRS]:
         opts = {"rho": a.sweep_rho} if method == "greentrainer" else {}
         scores = {}
-        for lr in SWEEP_LRS[method][: 1 if a.quick else None]:
+        lrs = list(SWEEP_LRS[method][: 1 if a.quick else None])
+        for lr in lrs:
             r = one_run(a, "sweep", method, opts, lr, 0, log)
             if "val_loss" in r:
                 scores[(lr, json.dumps(opts))] = r["val_loss"][-1]
         if not scores:
             continue
         best_lr = min(scores, key=scores.get)[0]
+        for _ in range(0 if a.quick else 2):  # the best at an edge of the grid: one more step beyond it (×3)
+            if best_lr not in (min(lrs), max(lrs)):
+                break
+            lr = float(f"{best_lr / 3 if best_lr == min(lrs) else best_lr * 3:.0e}")
+            lrs.append(lr)
+            r = one_run(a, "sweep", method, opts, lr, 0, log)
+            if "val_loss" in r:
+                scores[(lr, json.dumps(opts))] = r["val_loss"][-1]
+            best_lr = min(scores, key=scores.get)[0]
         for knob in SWEEP_KNOB.get(method, []) if not a.quick else []:
             r = one_run(a, "sweep", method, {**opts, **knob}, best_lr, 0, log)
             if "val_loss" in r:

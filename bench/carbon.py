@@ -62,6 +62,11 @@ def run(a, name: str, extra: dict, log) -> dict:
     return res
 
 
+def span(r: dict) -> float:
+    """Hours of trace time a run covered."""
+    return (r["timeline"][-1]["trace_time"] - r["timeline"][0]["trace_time"]) / 3600
+
+
 def report(a) -> None:
     runs = {n: json.loads((OUT / f"{n}-s{a.seed}.json").read_text()) for n in ("carbon-aware", "fixed")
             if (OUT / f"{n}-s{a.seed}.json").is_file()}
@@ -84,8 +89,8 @@ def report(a) -> None:
         f"{ca['n_eval']} test items "
         f"(greedy), seed {a.seed}. Grid: {TRACE.name} (California 2018, mean intensity of each hour of the day; "
         f"source: bench/traces/README.md), read from {a.start} on a clock of measured training time × "
-        f"{a.time_scale:g}, so the run lasts about a day of trace time. The fixed run's ρ is the carbon-aware "
-        f"run's measured FLOPs fraction. Energy: {ca['energy']['kind']} by {ca['energy']['tracker']} "
+        f"{a.time_scale:g}: the carbon-aware run spans {span(ca):.0f} h of trace time, the fixed one "
+        f"{span(fx):.0f} h. The fixed run's ρ is the carbon-aware run's measured FLOPs fraction. Energy: {ca['energy']['kind']} by {ca['energy']['tracker']} "
         f"({'; '.join(f'{k}: {v}' for k, v in ca['energy']['components'].items())}).", "",
         "| run | ρ | FLOPs of full FT | energy (Wh) | mean gCO2eq/kWh | gCO2eq | val loss | ROUGE-1 | ROUGE-L |",
         "|---|---|---|---|---|---|---|---|---|", *rows, "",
@@ -150,7 +155,8 @@ def main() -> int:
     ap.add_argument("--rho-min", type=float, default=0.5)
     ap.add_argument("--rho-max", type=float, default=0.85)
     ap.add_argument("--start", default="2018-01-01T04:00:00-08:00", help="where on the trace the runs start")
-    ap.add_argument("--time-scale", type=float, default=250.0, help="trace seconds per second of training")
+    ap.add_argument("--time-scale", type=float, default=250.0, help="trace seconds per second of training "
+                    "(250: a 64-step run on one CPU thread spans about a day and a half)")
     ap.add_argument("--report", action="store_true")
     a = ap.parse_args()
     if not a.report:

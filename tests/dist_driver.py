@@ -27,13 +27,18 @@ def main(out: str, method: str, batch_size: int, grad_accum: int, epochs: int, u
                        target=f"fox {i % 3} {'ran' * (i % 2)}", targets=["x"]) for i in range(24)]
     model = make_tiny("llama")
     data = encode_all(exs, tok, "summarization", False, 64)
-    cfg = TrainConfig(method=method, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=2e-3,
-                      seed=0, method_config=GreenTrainerConfig(rho=0.75, full_warmup_steps=0) if method == "greentrainer" else None)
+    variants = {"greentrainer": GreenTrainerConfig(rho=0.75, full_warmup_steps=0),  # the paper's mechanics
+                "greentrainer-warmup": GreenTrainerConfig(rho=0.75),              # the default full FT warm-up
+                "greentrainer-blocks": GreenTrainerConfig(rho=0.75, full_warmup_steps=0, over="blocks",
+                                                          block_size=16)}
+    cfg = TrainConfig(method=method.split("-")[0], epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
+                      lr=2e-3, seed=0, method_config=variants.get(method))
     acc = build_accelerator("cpu")
     m = build_method(cfg)
     res = train(model, tok, m, data, data[:4], cfg, None, log=lambda *a: None, progress=False, accelerator=acc)
     sels = [s["selected"] for s in getattr(m, "selections", [])]
-    torch.save({"state": {k: v.detach().clone() for k, v in res["model"].state_dict().items()},
+    model = m.finalize(res["model"])  # --over blocks: plain layers again
+    torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "selections": sels, "totals": res["totals"]}, Path(out) / f"rank{acc.process_index}.pt")
     acc.wait_for_everyone()
     if torch.distributed.is_initialized():

@@ -41,24 +41,25 @@ def initial():
     return {k: v.detach().clone() for k, v in make_tiny("llama").state_dict().items()}
 
 
-@pytest.mark.parametrize("method", ["full", "greentrainer"])
+@pytest.mark.parametrize("method", ["full", "greentrainer", "greentrainer-warmup", "greentrainer-blocks"])
 def test_two_processes_agree_and_match_one_process(tmp_path, initial, method):
     r0, r1 = run(tmp_path, "two", method, batch=2, procs=2)
     # (a) both processes end with the same weights and the same selections
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
     assert r0["selections"] == r1["selections"]
     assert r0["totals"]["world_size"] == 2 and r0["totals"]["effective_batch_size"] == 4
-    if method == "greentrainer":
+    if method.startswith("greentrainer"):
         ever = {n for s in r0["selections"] for n in s}
         never = [k for k in initial if k not in ever and k in r0["state"]]
-        assert never and all(torch.equal(r0["state"][k], initial[k]) for k in never)
+        if method != "greentrainer-warmup":  # (the warm-up trains every tensor)
+            assert never and all(torch.equal(r0["state"][k], initial[k]) for k in never)
         assert r0["totals"]["flops_total"] <= 0.75 * r0["totals"]["flops_full_ft_reference"]
     # (b) the same global batches in one process: the same training, up to rounding
     (one,) = run(tmp_path, "one", method, batch=4)
     moved = distance(one["state"], initial)
     assert moved > 0
     assert distance(r0["state"], one["state"]) <= 0.01 * moved
-    if method == "greentrainer":
+    if method.startswith("greentrainer"):
         assert r0["selections"] == one["selections"]
     assert r0["totals"]["flops_full_ft_reference"] == pytest.approx(one["totals"]["flops_full_ft_reference"], rel=0.1)
 

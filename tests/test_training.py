@@ -375,3 +375,15 @@ def test_full_warm_up_from_the_command_line_writes_its_selection_records(tmp_pat
     assert (out / "selection_heatmap.png").is_file()
     totals = json.loads((out / "metrics.json").read_text())["totals"]
     assert totals["flops_fraction_of_full"] <= 0.8
+
+
+@pytest.mark.parametrize("select_every", [None, 2, 3])
+def test_the_default_warm_up_and_short_last_windows_stay_within_rho(select_every):
+    """The warm-up ends mid-epoch (or on a selection point), and the last selection governs only the steps
+    left: each selection pays its probe from the steps it really governs, so the run stays within ρ."""
+    out, method = run("greentrainer", make_tiny("llama"), epochs=4, rho=0.75, select_every=select_every,
+                      full_warmup_steps=None)
+    t = out["totals"]
+    assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
+    if select_every is None:
+        assert method.warmup == 2 and method.selections[0].get("note") == "full fine-tuning warm-up"

@@ -358,6 +358,8 @@ class GreenTrainerMethod(Method):
         warm = self.cfg.full_warmup_steps
         if warm is None:
             warm = 0 if self.schedule else min(total_steps // WARMUP_SHARE, most)
+            if self.cfg.select_every:  # end the warm-up on a selection point (no probe for a window of 1 step)
+                warm -= warm % self.cfg.select_every
         self.warmup = warm
         if warm:
             if warm > most:
@@ -428,9 +430,17 @@ class GreenTrainerMethod(Method):
 
     # -- selection ----------------------------------------------------------------------------
     def _steps_per_selection(self, ctx) -> int:
-        """Steps this selection governs: the next K, or fewer when the run ends sooner (its probe is paid by
-        those alone)."""
-        return max(min(self._steps(ctx.steps_per_epoch, ctx.total_steps), ctx.total_steps - ctx.global_step), 1)
+        """Steps this selection governs, until the next selection point or the run's end (its probe is paid by
+        those alone): a selection after the warm-up, or the last one, may govern fewer than usual."""
+        step, total = ctx.global_step, ctx.total_steps
+        if self.cfg.select_once:
+            left = total - step
+        elif self.cfg.select_every is not None:
+            left = self.cfg.select_every - step % self.cfg.select_every
+        else:
+            per = max(ctx.steps_per_epoch, 1)
+            left = per - step % per
+        return max(min(left, total - step), 1)
 
     def _steps(self, steps_per_epoch, total_steps) -> int:
         if self.cfg.select_once:

@@ -98,7 +98,7 @@ def run_row(label, cfg, log):
            "flops_%_full": 100 * t["flops_fraction_of_full"], "train_time_s": t["time_s"],
            "peak_mem_MiB": t["peak_memory_bytes"] / 2**20, "trainable_params": t["trainable_params"],
            "total_wall_s": wall}
-    sels = [s for h in m["history"] for s in h.get("selections", []) if "probe_time_s" in s]  # not the warm-up
+    sels = [s for h in m["history"] for s in h.get("selections", []) if s.get("kind") == "probe"]
     if sels:
         row["probe+selector_time_%"] = 100 * sum(s["probe_time_s"] + s["selector_time_s"] for s in sels) / t["time_s"]
         row["selector_ms"] = 1000 * max(s["selector_time_s"] for s in sels)

@@ -46,7 +46,7 @@ def test_over_lora_selects_adapters_within_rho_and_unselected_adapters_keep_thei
     t = out["totals"]
     assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]  # ρ of full fine-tuning of the base model
     assert method.names == sorted(start, key=method.names.index) and len(method.names) == len(start) == 12
-    sels = [s for s in method.selections if "importance" in s]
+    sels = [s for s in method.selections if s["kind"] == "probe"]
     assert len(sels) >= 3 and all(set(s["selected"]) <= set(start) for s in sels)
     ever = {n for s in method.selections for n in s["selected"]}
     assert ever and ever != set(start)  # a real choice: some adapters never trained

@@ -386,4 +386,4 @@ def test_the_default_warm_up_and_short_last_windows_stay_within_rho(select_every
     t = out["totals"]
     assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
     if select_every is None:
-        assert method.warmup == 2 and method.selections[0].get("note") == "full fine-tuning warm-up"
+        assert method.warmup == 2 and method.selections[0]["kind"] == "warm-up"

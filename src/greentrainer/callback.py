@@ -169,9 +169,7 @@ class GreenTrainerCallback(TrainerCallback):
         return grad
 
     def _average_trainable_grads(self) -> None:
-        from .loop import sync_gradients
-        sync_gradients([p for _, p in unique_named_parameters(self._trainer.model) if p.requires_grad],
-                       _mean_over_processes)
+        _average_grads([p for _, p in unique_named_parameters(self._trainer.model) if p.requires_grad])
 
     def _select(self, state, model, optimizer, lr_scheduler, train_dataloader):
         # the probe steps the optimizer itself: the Trainer's wrappers would skip that step while gradients
@@ -183,15 +181,10 @@ class GreenTrainerCallback(TrainerCallback):
                                   self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
                                   self.importance, previous=self.current, log=self.log, agree=_first_process,
                                   count=self._count_probe, debt=self._debt,
-                                  reduce_grads=self._average_probe_grads if self._world > 1 else None)
+                                  reduce_grads=_average_grads if self._world > 1 else None)
         rec["step"] = state.global_step
         self.current = chosen
         self.selections.append(rec)
-
-    @staticmethod
-    def _average_probe_grads(params) -> None:
-        from .loop import sync_gradients
-        sync_gradients(params, _mean_over_processes)
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kw):
@@ -233,6 +226,12 @@ class GreenTrainerCallback(TrainerCallback):
             raise UsageError(f"{checkpoint_dir} holds no {self.STATE_FILE} (was it saved with GreenTrainerCallback?)")
         state = json.loads(open(path, encoding="utf-8").read())
         self.current, self.selections = state["current"], state["selections"]
+
+
+def _average_grads(params) -> None:
+    """Average ``params``' gradients over the processes (the probe's, and each step's trainable ones)."""
+    from .loop import sync_gradients
+    sync_gradients(params, _mean_over_processes)
 
 
 def _mean_over_processes(t):

@@ -351,20 +351,25 @@ class GreenTrainerMethod(Method):
             hi = min(self.cfg.rho + 0.2, 1.0) if hi is None else hi
             self.rho_range = (min(lo, hi), hi)
             check_budget(profile, self.rho_range[0], steps, micro_batches, "--rho-min")
-        # the warm-up is repaid by the steps after it, each at least the cheapest useful step (probes aside)
+        self.warmup = self._warmup_steps(profile, total_steps)
+
+    def _warmup_steps(self, profile, total_steps: int) -> int:
+        """Steps of full fine-tuning first: the option's, or 1/8 of the run (none with a ρ schedule), at most
+        what the steps after it can repay (each at least the cheapest useful step, probes aside), ending on a
+        selection point (a probe is not worth a window of one step)."""
+        warm = self.cfg.full_warmup_steps
+        if warm == 0 or (warm is None and self.schedule):
+            return 0
         lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
                               branches=profile.branch_tuples)
         most = max(int(total_steps * (self.cfg.rho - lo) / (1 - lo)), 0)
-        warm = self.cfg.full_warmup_steps
         if warm is None:
-            warm = 0 if self.schedule else min(total_steps // WARMUP_SHARE, most)
-            if self.cfg.select_every:  # end the warm-up on a selection point (no probe for a window of 1 step)
-                warm -= warm % self.cfg.select_every
-        self.warmup = warm
-        if warm:
-            if warm > most:
-                raise UsageError(f"--full-warmup-steps {warm}: the other {max(total_steps - warm, 0)} steps of the run "
-                                 f"cannot repay it within ρ {self.cfg.rho}; at most {most} of its {total_steps} steps")
+            warm = min(total_steps // WARMUP_SHARE, most)
+            return warm - warm % self.cfg.select_every if self.cfg.select_every else warm
+        if warm > most:
+            raise UsageError(f"--full-warmup-steps {warm}: the other {max(total_steps - warm, 0)} steps of the run "
+                             f"cannot repay it within ρ {self.cfg.rho}; at most {most} of its {total_steps} steps")
+        return warm
 
     def prepare(self, model, ctx):
         if self.over == "lora":
@@ -419,7 +424,7 @@ class GreenTrainerMethod(Method):
         for p in self.params.values():
             p.requires_grad_(True)
         rec = {"rho": 1.0, "n_selected": len(self.names), "selected": list(self.names), "step": ctx.global_step,
-               "epoch": ctx.epoch + 1, "note": "full fine-tuning warm-up"}
+               "epoch": ctx.epoch + 1, "kind": "warm-up", "note": "full fine-tuning warm-up"}
         rec.update(self._follow_selection(ctx.model, ctx.optimizer, self.names))
         self.current, self._selected_at = list(self.names), ctx.global_step
         self.selections.append(rec)
@@ -488,7 +493,7 @@ class GreenTrainerMethod(Method):
             reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
-        warm_up_ended = bool(self.selections) and self.selections[-1].get("note") == "full fine-tuning warm-up"
+        warm_up_ended = bool(self.selections) and self.selections[-1].get("kind") == "warm-up"
         if self.current and not warm_up_ended and \
                 budget_for(self.profile, rho, self._steps_per_selection(ctx) * micro, probe_batches=micro)[1] < 0:
             ctx.log(f"GreenTrainer: keeping the selection: the {self._steps_per_selection(ctx)} step(s) left cannot "
@@ -504,6 +509,7 @@ class GreenTrainerMethod(Method):
                                       ctx.broadcast, repay)
             rec.update(self._follow_selection(ctx.model, ctx.optimizer, chosen))
         rec["debt_flops"] = rec_debt
+        rec["kind"] = "probe"  # every selection record has a kind: "probe" (probed and selected) or "warm-up"
         if self.cfg.carbon_aware:
             rec["grid_g_per_kwh"] = ctx.grid.intensity_at(ctx.train_seconds)
             rec["trace_time"] = ctx.grid.time_at(ctx.train_seconds)

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
-from .methods.greentrainer import GreenTrainerConfig, check_budget, select_step
+from .methods.greentrainer import GreenTrainerConfig, budget_for, check_budget, select_step
 
 
 class GreenTrainerCallback(TrainerCallback):
@@ -176,11 +176,18 @@ class GreenTrainerCallback(TrainerCallback):
         # accumulate (Δw = 0) or hand it to a gradient scaler (fp16)
         optimizer = getattr(optimizer, "optimizer", optimizer)
         lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        window = self.select_every or self.steps_per_epoch  # the steps this selection governs pay for its probe
+        governs = max(min(window - state.global_step % window, state.max_steps - state.global_step), 1)
+        if self.current and budget_for(self.profile, self.rho, governs * self.accum, probe_batches=self.accum)[1] < 0:
+            self.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
+            return
+        done = state.global_step  # real batches are shorter than the profiled one: a probe weighs more
+        scale = self.flops["full_ft_reference"] / (done * self.accum) / self.profile.t_full if done else 1.0
         batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum)]
         chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
-                                  self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
+                                  self.profile, self.rho, governs * self.accum,
                                   self.importance, previous=self.current, log=self.log, agree=_first_process,
-                                  count=self._count_probe, debt=self._debt,
+                                  count=self._count_probe, debt=self._debt, step_scale=scale,
                                   reduce_grads=_average_grads if self._world > 1 else None)
         rec["step"] = state.global_step
         self.current = chosen

@@ -89,7 +89,14 @@ class GreenTrainerCallback(TrainerCallback):
             return
         from .loop import reference_step_flops
         batch = {"input_ids": kwargs["input_ids"], "labels": kwargs["labels"]}
-        self.flops["full_ft_reference"] += reference_step_flops(self._meta, batch, self._gc, self._refs)
+        counter = self._counter  # measuring the weightless copy (once per batch shape) is not this step's work
+        if counter is not None:
+            counter.__exit__(None, None, None)
+        try:
+            self.flops["full_ft_reference"] += reference_step_flops(self._meta, batch, self._gc, self._refs)
+        finally:
+            if counter is not None:
+                counter.__enter__()
 
     def _debt(self) -> float:
         """FLOPs measured above ρ × full fine-tuning so far: repaid by the next selections, as in the loop."""

@@ -41,14 +41,20 @@ VARIANTS = {
     "smt": ("smt", {}),
     "gt-lora0.5": ("greentrainer", {"over": "lora", "rho": 0.5}),     # beyond the papers (--over)
     "gt-blocks0.5": ("greentrainer", {"over": "blocks", "rho": 0.5}),
+    # at another method's measured FLOPs (ρ = the mean fraction its final runs measured): equal-cost comparisons
+    "gt@lora": ("greentrainer", {"rho": "lora"}),
+    "gt-lora@lora": ("greentrainer", {"over": "lora", "rho": "lora"}),
+    "gt-blocks@smt": ("greentrainer", {"over": "blocks", "rho": "smt"}),
 }
 # whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
 # LoRA's setting; over SMT's blocks, SMT's
-SETTING_FROM = {"gt-lora0.5": "lora", "gt-blocks0.5": "smt"}
+SETTING_FROM = {"gt-lora0.5": "lora", "gt-blocks0.5": "smt", "gt-lora@lora": "lora", "gt-blocks@smt": "smt"}
 LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.5": "GreenTrainer ρ=0.5",
           "gt0.6": "GreenTrainer ρ=0.6", "gt0.7": "GreenTrainer ρ=0.7", "top2": "FT-Top2", "lora": "LoRA",
           "dora": "DoRA", "prefix": "Prefix", "smt": "SMT",
-          "gt-lora0.5": "GT over LoRA ρ=0.5", "gt-blocks0.5": "GT over blocks ρ=0.5"}
+          "gt-lora0.5": "GT over LoRA ρ=0.5", "gt-blocks0.5": "GT over blocks ρ=0.5",
+          "gt@lora": "GreenTrainer at LoRA's FLOPs", "gt-lora@lora": "GT over LoRA at LoRA's FLOPs",
+          "gt-blocks@smt": "GT over blocks at SMT's FLOPs"}
 # The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
 SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
              "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],
@@ -56,7 +62,8 @@ SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "to
 SWEEP_KNOB = {"lora": [{"lora_r": 16, "lora_alpha": 32}], "dora": [{"lora_r": 16, "lora_alpha": 32}],
               "prefix": [{"prefix_tokens": 40}], "smt": [{"smt_params": 5.0}]}
 SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer"]
-FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3}
+FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
+               "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3}
 # the rest: 1 seed
 
 
@@ -176,10 +183,26 @@ def write_sweep(a, winners: dict) -> None:
 
 # ---------------------------------------------------------------- final runs and report
 
+def measured_rho(a, opts: dict) -> dict | None:
+    """``opts`` with ``rho`` naming a method resolved to the FLOPs fraction that method's first final run (seed
+    0) measured (None while it has none)."""
+    if not isinstance(opts.get("rho"), str):
+        return opts
+    folder = RESULTS / "accuracy" / a.dataset / "final"
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{opts['rho']}-*-s0-*.json"))] \
+        if folder.is_dir() else []
+    runs = [r for r in runs if r["method"] == opts["rho"] and r["seed"] == 0]
+    return {**opts, "rho": round(runs[0]["flops_fraction_of_full"], 3)} if runs else None
+
+
 def final(a, log) -> None:
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
     for label, (method, opts) in VARIANTS.items():
         if a.methods is not None and label not in a.methods:
+            continue
+        opts = measured_rho(a, opts)
+        if opts is None:
+            log(f"{label}: the method whose FLOPs it matches has no final run yet; skipped")
             continue
         source = SETTING_FROM.get(label, method)
         if source not in winners:
@@ -207,6 +230,9 @@ def report(a) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     rows = []
     for label, (method, opts) in VARIANTS.items():
+        opts = measured_rho(a, opts)
+        if opts is None:
+            continue
         mine = [r for r in runs if r["method"] == method and all(r["options"].get(k) == v for k, v in opts.items())
                 and r["options"].get("over", "tensors") == opts.get("over", "tensors")]
         if not mine:

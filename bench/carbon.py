@@ -135,7 +135,7 @@ def plot(runs: dict, path) -> None:
     axes[0].set_title("California 2018 mean day (bench/traces/README.md)", fontsize=9)
     colors = {"fixed": "tab:blue", "carbon-aware": "tab:green"}
     for name, r in runs.items():
-        sel = [s for s in r["selections"] if s["trace_time"] is not None or name == "fixed"]
+        sel = r["selections"]  # (the full fine-tuning warm-up first: ρ 1)
         tl = r["timeline"]
         by_step = {p["step"]: p["trace_time"] for p in tl}
         xs = [dt(by_step.get(s["step"], tl[0]["trace_time"])) for s in sel]

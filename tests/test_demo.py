@@ -14,7 +14,7 @@ def test_demo_prints_before_after_flops_and_time(capsys, tmp_path, tiny_model_di
                  "--lr", "1e-2", "--rho", "0.8", "--output-dir", str(out), "--quiet"]) == 0
     text = capsys.readouterr().out
     for needle in ("zero-shot", "fine-tuned", "ROUGE-1", "[1]", "[2]", "reference", "% of full fine-tuning",
-                   "s saved"):
+                   "s saved", "energy:", "CO2eq", "full fine-tuning on the same batches"):
         assert needle in text, needle
     m = json.loads((out / "metrics.json").read_text())
     assert m["status"] == "complete" and "eval_before" in m and "eval" in m

@@ -76,6 +76,9 @@ def _report(cfg, m, split: str) -> dict:
               "gain_rouge1": after["rouge1_first_ref"] - before["rouge1_first_ref"],
               "flops": t["flops_total"], "flops_full": t["flops_full_ft_reference"],
               "fraction": t["flops_fraction_of_full"], "train_time_s": t["time_s"], "steps": t["steps"]}
+    if "co2_g" in t:
+        report.update({k: t[k] for k in ("energy_kwh", "co2_g", "energy_full_ft_reference_kwh",
+                                         "co2_full_ft_reference_g")}, energy_kind=t["energy"]["kind"])
     # full fine-tuning's step time on a few of the same training batches (the trained model's copy is fine:
     # a step's time does not depend on the weights)
     from .data import PromptFormat, collate, encode_all, load_examples, resolve_dataset
@@ -116,4 +119,9 @@ def _print_report(cfg, m, r, out: Path) -> None:
         print(f"time: {r['train_time_s']:.0f} s of training ({r['steps']} steps, probes included); full fine-tuning: "
               f"~{full:.0f} s ({r['full_step_s']:.1f} s per step, timed on training batches) → "
               f"~{full - r['train_time_s']:.0f} s saved ({100 * (1 - r['train_time_s'] / full):.0f}%)")
-    print(f"run folder: {out} (metrics.json, predictions.jsonl, predictions_before.jsonl, model/)")
+    if "co2_g" in r:
+        from .energy import fmt_co2, fmt_energy
+        print(f"energy: {fmt_energy(r['energy_kwh'])} ({r['energy_kind']}, CodeCarbon) = {fmt_co2(r['co2_g'])} "
+              f"({m.get('grid', {}).get('carbon_intensity_source', 'along the trace')}); full fine-tuning on the same batches: {fmt_energy(r['energy_full_ft_reference_kwh'])}"
+              f" = {fmt_co2(r['co2_full_ft_reference_g'])} (this run's energy per FLOP)")
+    print(f"run folder: {out} (metrics.json, predictions.jsonl, predictions_before.jsonl, model/, carbon.png)")

@@ -41,8 +41,12 @@ def main(out: str, method: str, batch_size: int, grad_accum: int, epochs: int, u
     torch.save({"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
                 "selections": sels, "totals": res["totals"]}, Path(out) / f"rank{acc.process_index}.pt")
     acc.wait_for_everyone()
-    if torch.distributed.is_initialized():
+    if torch.distributed.is_initialized():  # then exit at once (torch's teardown of a gloo run can abort)
         torch.distributed.destroy_process_group()
+        import os
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,12 @@ def main(out: str, accum: int) -> None:
         json.dump({"digest": digest.hexdigest(), "changed": changed, "flops": cb.flops,
                    "selections": [s["selected"] for s in cb.selections], "steps": trainer.state.global_step}, f)
     import torch.distributed as dist
-    if dist.is_initialized():  # leave together and cleanly (gloo's threads otherwise may abort at exit)
-        dist.barrier()
+    if dist.is_initialized():  # leave together, then exit at once: torch's teardown of a gloo run can abort
+        dist.barrier()         # ("terminate called without an active exception") after the work is done
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,31 @@ def _quiet_libraries() -> None:
 def main(argv=None) -> int:
     """Exit codes: 0 done, 1 a fault during a run (marked failed in its folder), 2 bad input,
     130 interrupted (Ctrl-C), 143 terminated (SIGTERM). Every error is one line on stderr."""
+    code = _main_once(argv)
+    _leave_process_group(code)
+    return code
+
+
+def _leave_process_group(code: int) -> None:
+    """Under torchrun: leave the process group and exit at once. A process of a gloo run that lets the
+    interpreter tear torch down afterwards can abort (SIGABRT, "terminate called without an active
+    exception") and make torchrun report a finished run as failed."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.destroy_process_group()
+    except Exception:  # noqa: BLE001  (leaving anyway)
+        pass
+    import logging
+    import os
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main_once(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     _quiet_libraries()
     from .interrupts import Terminated, installed
@@ -269,7 +294,7 @@ def warn_ignored(method: str, given: set[str]) -> None:
     general = {o.name for o in option_specs(TrainConfig)}
     mine = {o.name for o in method_option_specs(method)}
     other = set(option_names()) - general - mine
-    ignored = [o for o in option_names() if o in other and o in given]
+    ignored = sorted(o for o in option_names() if o in other and o in given)
     if ignored:
         warn(f"ignored with --method {method}: " + ", ".join("--" + o.replace("_", "-") for o in ignored))
 

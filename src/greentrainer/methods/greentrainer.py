@@ -376,8 +376,8 @@ class GreenTrainerMethod(Method):
             from peft import get_peft_model
             model = get_peft_model(model, self.cfg.lora_config(model))
         self.profile = self.candidates(model, ctx.profile)
-        self.params = {n: p for n, p in model.named_parameters() if self.over == "tensors" or n in
-                       set(self.profile.names)}
+        names = set(self.profile.names)
+        self.params = {n: p for n, p in model.named_parameters() if self.over == "tensors" or n in names}
         self.names = self.profile.names
         if self.over == "blocks":
             from .greentrainer_blocks import BlockTraining
@@ -488,22 +488,21 @@ class GreenTrainerMethod(Method):
             p = ctx.profile
             scale = mean_padded_size(ctx.train_data, p.batch_size, ctx.seq2seq) / (p.seq_len + p.target_len)
         if self.deselected_state == "cpu":  # the probe steps reachable tensors with their own moments
-            p = ctx.profile
             p = self.profile
             reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
         warm_up_ended = bool(self.selections) and self.selections[-1].get("kind") == "warm-up"
+        governs = self._steps_per_selection(ctx)
         if self.current and not warm_up_ended and \
-                budget_for(self.profile, rho, self._steps_per_selection(ctx) * micro, probe_batches=micro)[1] < 0:
-            ctx.log(f"GreenTrainer: keeping the selection: the {self._steps_per_selection(ctx)} step(s) left cannot "
-                    f"pay for a probe")
+                budget_for(self.profile, rho, governs * micro, probe_batches=micro)[1] < 0:
+            ctx.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
             return self.current
         if self.over == "blocks":
-            chosen, rec = self._select_blocks(ctx, rho, debt, self._steps_per_selection(ctx) * micro, scale, repay)
+            chosen, rec = self._select_blocks(ctx, rho, debt, governs * micro, scale, repay)
         else:
             chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), self.profile,
-                                      rho, self._steps_per_selection(ctx) * micro, self.cfg.importance,
+                                      rho, governs * micro, self.cfg.importance,
                                       self.cfg.resolution, None if warm_up_ended else self.current, ctx.count,
                                       ctx.autocast, ctx.log, debt, scale, ctx.reduce_gradients if world > 1 else None,
                                       ctx.broadcast, repay)

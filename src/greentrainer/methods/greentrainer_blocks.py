@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..flops import TensorFlops, TensorFlopsProfile
-from .smt import effective_block_size, find_targets, install_layers
+from .smt import effective_block_size, find_targets, install_layers, remove_layers
 
 
 @dataclasses.dataclass
@@ -129,8 +129,5 @@ class BlockTraining:
 
     def remove(self, model) -> None:
         """Merge the trained blocks into their dense weights and put the plain linear layers back."""
-        for name, layer in self.layers.items():
-            layer.write_blocks()
-            parent, leaf = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), leaf, layer.linear)
+        remove_layers(model, self.layers)
         self.layers = {}

@@ -109,6 +109,15 @@ def install_layers(model, chosen: dict[str, list[tuple[int, int]]], l: int, targ
     return layers
 
 
+def remove_layers(model, layers: dict[str, SMTLinear]) -> None:
+    """Undo :func:`install_layers`: merge each layer's trained blocks into its dense weight and put the plain
+    ``nn.Linear`` back."""
+    for name, layer in layers.items():
+        layer.write_blocks()
+        parent_name, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), leaf, layer.linear)
+
+
 def find_targets(model, kinds: list[str]) -> dict[str, str]:
     """{module name: kind} for the nn.Linear target projections; a clear error when a kind is absent."""
     found: dict[str, str] = {}
@@ -266,9 +275,6 @@ class SMTMethod(Method):
 
     def finalize(self, model):
         """Merge the blocks back and restore plain nn.Linear modules: a plain transformers model."""
-        for name, layer in self.layers.items():
-            layer.write_blocks()
-            parent_name, leaf = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent_name), leaf, layer.linear)
+        remove_layers(model, self.layers)
         self.layers = {}
         return model

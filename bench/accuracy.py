@@ -161,6 +161,13 @@ def sweep(a, log) -> dict:
 
 
 def write_sweep(a, winners: dict) -> None:
+    """The sweep's table: these winners merged into the committed table's (a sweep over some ``--methods`` keeps
+    the other methods' rows)."""
+    path = RESULTS / f"accuracy_sweep_{a.dataset}.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old.get("steps") == a.steps and old.get("val_items") == a.val_items:
+        winners = {**old["winners"], **winners}
+    winners = {m: winners[m] for m in sorted(winners, key=lambda m: SWEEP_ORDER.index(m))}
     lines = [f"# Validation sweep: {a.dataset}", "",
              f"`python bench/accuracy.py --dataset {a.dataset} --stage sweep` — {machine()}", "",
              f"Default model, prompt format auto (chat), {a.steps} optimizer steps of batch {a.batch_size} "
@@ -175,7 +182,7 @@ def write_sweep(a, winners: dict) -> None:
             lines.append(f"| {b}{method}{b} | {t['lr']:g} | {json.dumps(t['options']) if t['options'] else ''} | "
                          f"{b}{t['val_loss']:.4f}{b} |")
     (RESULTS / f"accuracy_sweep_{a.dataset}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"accuracy_sweep_{a.dataset}.json").write_text(json.dumps(
+    path.write_text(json.dumps(
         {"command": f"python bench/accuracy.py --dataset {a.dataset} --stage sweep", "steps": a.steps,
          "val_items": a.val_items, "winners": winners}, indent=1))
     print("\n".join(lines))

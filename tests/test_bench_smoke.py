@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -95,3 +96,24 @@ def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
     assert {r["label"] for r in rows} == {"Full FT", "GreenTrainer ρ=0.7"}
     assert all(r["ci_low"] <= r["rougeL"] <= r["ci_high"] for r in rows)
     assert (tmp_path / "accuracy_scitldr.png").exists()
+
+
+def test_accuracy_sweep_table_keeps_the_methods_an_earlier_sweep_decided(tmp_path, monkeypatch):
+    """A sweep over some --methods adds its winners to the committed table instead of replacing it; a table of
+    another protocol (steps, validation items) is not merged."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    a = SimpleNamespace(dataset="scitldr", steps=64, val_items=64, batch_size=4, epochs=2)
+    won = lambda lr, loss: {"lr": lr, "options": {}, "val_loss": loss, "tried": [{"lr": lr, "options": {},
+                                                                                   "val_loss": loss}]}
+    accuracy.write_sweep(a, {"lora": won(3e-3, 2.5)})
+    accuracy.write_sweep(a, {"full": won(3e-5, 2.4)})
+    table = json.loads((tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]
+    assert list(table) == ["full", "lora"] and table["lora"]["lr"] == 3e-3
+    assert "| **lora** | 0.003 |" in (tmp_path / "accuracy_sweep_scitldr.md").read_text()
+    accuracy.write_sweep(SimpleNamespace(**{**vars(a), "steps": 8}), {"full": won(1e-4, 2.6)})
+    assert list(json.loads((tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]) == ["full"]

@@ -7,7 +7,7 @@ from .registry import register_method
 class FullFineTuning(Method):
     """Full fine-tuning: every tensor trains (the reference cost)."""
 
-    default_lr = 1e-4
+    default_lr = 3e-5  # the validation sweep's winner (bench/results/accuracy_sweep_scitldr.md)
 
     def prepare(self, model, ctx):
         for p in model.parameters():

@@ -249,3 +249,10 @@ def test_llama_profile_is_exact(rho):
 def test_non_finite_importance_is_refused():
     with pytest.raises(ValueError, match="finite"):
         select_tensors([10, 10], [5, 5], [float("nan"), 1.0], 100)
+
+
+def test_a_selection_governs_the_steps_to_the_next_selection_point_or_the_run_end():
+    from greentrainer.methods.greentrainer import steps_governed
+    assert [steps_governed(s, 10, 4) for s in range(10)] == [4, 3, 2, 1, 4, 3, 2, 1, 2, 1]
+    assert steps_governed(3, 10, 10) == 7  # once for the whole run (the window is the run)
+    assert steps_governed(10, 10, 4) == steps_governed(0, 10, 0) == 1  # never fewer than one step

@@ -27,6 +27,8 @@ import dataclasses
 
 import numpy as np
 
+from .selection import chain_costs
+
 
 @dataclasses.dataclass
 class BlockSelection:
@@ -34,10 +36,6 @@ class BlockSelection:
     value: float           # Σ importance
     cost: int              # predicted backward FLOPs: Σ t_dw + chain cost to the deepest member
     budget: int
-
-
-def chain_costs(t_dy) -> np.ndarray:
-    return np.cumsum(np.asarray(t_dy, dtype=np.int64))
 
 
 def _add_to_front(front, cost: int, value: float, member: int):
@@ -86,7 +84,7 @@ def select_members(t_dy, positions, costs, importance, budget: int) -> BlockSele
     pool_ids = np.empty(0, dtype=np.int64)     # greedy members at or above d, most important first
     pool_values = np.empty(0, dtype=np.float64)
     prefix = np.zeros(1)
-    best = (0.0, (), 0, -1)  # value, front members, number of greedy members, d
+    best = (0.0, (), pool_ids, -1)  # value, front members, greedy members, d
     for d in sorted(set(by_pos_greedy) | set(by_pos_other)):
         for m in by_pos_other.get(d, []):
             front = _add_to_front(front, int(costs[m]), float(importance[m]), m)
@@ -108,15 +106,12 @@ def select_members(t_dy, positions, costs, importance, budget: int) -> BlockSele
         values = np.asarray(front[1])[ok] + prefix[k]
         i = int(np.argmax(values))
         if values[i] > best[0]:
-            best = (float(values[i]), front[2][int(np.flatnonzero(ok)[i])], int(k[i]), d)
-    value, chosen_other, k, d = best
+            # the pool is replaced, never changed in place, when it grows: a view of its head stays valid
+            best = (float(values[i]), front[2][int(np.flatnonzero(ok)[i])], pool_ids[: int(k[i])], d)
+    value, chosen_other, chosen_greedy, d = best
     if d < 0:
         return BlockSelection([], 0.0, 0, budget)
-    members = list(chosen_other)
-    if k:  # the k most important greedy members at or above d
-        at = np.flatnonzero(positions[greedy] <= d)
-        ids = greedy[at][np.argsort(-importance[greedy[at]], kind="stable")][:k]
-        members += [int(m) for m in ids]
+    members = list(chosen_other) + [int(m) for m in chosen_greedy]
     deepest = int(positions[members].max())
     cost = int(costs[members].sum()) + int(chain[deepest])
     return BlockSelection(sorted(members, key=lambda m: (positions[m], -importance[m])), value, cost, budget)

@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
-from .methods.greentrainer import GreenTrainerConfig, budget_for, check_budget, select_step
+from .methods.greentrainer import GreenTrainerConfig, can_pay_probe, check_budget, select_step, steps_governed
 
 
 class GreenTrainerCallback(TrainerCallback):
@@ -183,9 +183,8 @@ class GreenTrainerCallback(TrainerCallback):
         # accumulate (Δw = 0) or hand it to a gradient scaler (fp16)
         optimizer = getattr(optimizer, "optimizer", optimizer)
         lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-        window = self.select_every or self.steps_per_epoch  # the steps this selection governs pay for its probe
-        governs = max(min(window - state.global_step % window, state.max_steps - state.global_step), 1)
-        if self.current and budget_for(self.profile, self.rho, governs * self.accum, probe_batches=self.accum)[1] < 0:
+        governs = steps_governed(state.global_step, state.max_steps, self.select_every or self.steps_per_epoch)
+        if self.current and not can_pay_probe(self.profile, self.rho, governs, self.accum):
             self.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
             return
         done = state.global_step  # real batches are shorter than the profiled one: a probe weighs more

@@ -17,8 +17,12 @@ from __future__ import annotations
 import bisect
 import csv
 import dataclasses
+import functools
+import inspect
 import json
+import logging
 import math
+import os
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,11 +35,15 @@ WORLD_SOURCE = "world average, IEA 2019 (CodeCarbon's default)"
 
 # ---------------------------------------------------------------- grid intensity: one figure or a trace
 
+def _codecarbon_table(*parts: str) -> Path:
+    """A file of CodeCarbon's offline tables (its package data, ``data/private_infra/...``)."""
+    import codecarbon
+    return Path(codecarbon.__file__).parent.joinpath("data", "private_infra", *parts)
+
+
 def _energy_mix() -> dict:
     """CodeCarbon's offline table of countries' electricity mix and carbon intensity (by ISO 3166 alpha-3)."""
-    import codecarbon
-    path = Path(codecarbon.__file__).parent / "data" / "private_infra" / "global_energy_mix.json"
-    return json.loads(path.read_text())
+    return json.loads(_codecarbon_table("global_energy_mix.json").read_text())
 
 
 def parse_intensity(spec: str | None) -> tuple[float, str]:
@@ -64,9 +72,8 @@ def parse_intensity(spec: str | None) -> tuple[float, str]:
 
 def _us_state_intensity(spec: str) -> tuple[float, str]:
     """``USA/CA`` or ``USA/california``: the state's mean from EPA eGRID (CodeCarbon's offline table)."""
-    import codecarbon
     country, region = (x.strip() for x in spec.split("/", 1))
-    path = Path(codecarbon.__file__).parent / "data" / "private_infra" / "2023" / "usa_emissions.json"
+    path = _codecarbon_table("2023", "usa_emissions.json")
     table = json.loads(path.read_text()) if country.upper() == "USA" and path.is_file() else {}
     for name, row in table.items():
         if not name.startswith("_") and region.lower() in (name, str(row.get("regionCode", "")).lower()):
@@ -121,6 +128,13 @@ def load_carbon_trace(path: str) -> CarbonTrace:
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"--carbon-trace {path}: file not found")
+    st = p.stat()  # the options are checked, then the run builds its grid: the file is parsed once
+    return _parse_trace(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_trace(path: str, mtime_ns: int, size: int) -> CarbonTrace:
+    p = Path(path)
     try:
         rows = list(csv.reader(p.read_text(encoding="utf-8").splitlines()))
     except UnicodeDecodeError:
@@ -242,15 +256,12 @@ class EnergyMeter:
     (at the start of a run, while the model loads)."""
 
     def __init__(self, device=None):
-        import logging
-        from codecarbon import OfflineEmissionsTracker
+        from codecarbon import OfflineEmissionsTracker  # imported here: a run with --no-energy never loads it
+        from codecarbon.emissions_tracker import BaseEmissionsTracker
         logging.getLogger("codecarbon").setLevel(logging.ERROR)  # its "unknown CPU, using 4 W/thread" notes
-        import os
         gpu = None
         if device is not None and getattr(device, "type", None) == "cuda":  # this process's GPU (torchrun: its rank's)
             gpu = [device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))]
-        import inspect
-        from codecarbon.emissions_tracker import BaseEmissionsTracker
         new_api = "output_methods" in inspect.signature(BaseEmissionsTracker.__init__).parameters
         quiet = {"output_methods": []} if new_api else {"save_to_file": False}  # no emissions.csv of its own
         self._tracker = OfflineEmissionsTracker(

@@ -168,6 +168,19 @@ def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
     return budget, upto
 
 
+def steps_governed(step: int, total_steps: int, window: int) -> int:
+    """Steps a selection made at ``step`` governs, so its probe is paid by those alone: to the next selection
+    point (one every ``window`` steps) or the run's end, whichever comes first."""
+    window = max(window, 1)
+    return max(min(window - step % window, total_steps - step), 1)
+
+
+def can_pay_probe(profile, rho: float, steps: int, micro_batches: int = 1) -> bool:
+    """Whether ``steps`` steps (of ``micro_batches`` each) at ρ can pay for a probe and still train something;
+    when not, a selection keeps the current one instead of probing."""
+    return budget_for(profile, rho, steps * micro_batches, probe_batches=micro_batches)[1] >= 0
+
+
 def smallest_feasible_rho(profile, steps_per_selection: int, probe_batches: int = 1) -> float | None:
     """The smallest ρ at which something can train and the probe is paid for (None: not even ρ = 1)."""
     if budget_for(profile, 1.0, steps_per_selection, probe_batches=probe_batches)[1] < 0:
@@ -196,6 +209,28 @@ def check_budget(profile, rho: float, steps_per_selection: int, probe_batches: i
                          f"batch shape; the smallest feasible rho is {lowest:.4f}")
 
 
+def probe_within_budget(profile, rho, steps_per_selection, debt, batch, step_scale, repay_steps, run_probe):
+    """(backward budget, probe depth, probe result): the probe runs as deep as ρ allows once the overspend
+    (``debt``) is repaid, then the budget is computed again with the probe's measured FLOPs.
+
+    ``debt``: a number, or a callable asked again after the probe (the probe batch's length varies, so its
+    measured cost is paid rather than its prediction). ``run_probe(depth)`` runs the probe on ``batch``."""
+    before = debt() if callable(debt) else debt
+    k = len(batch[0]) if isinstance(batch, tuple) else 1  # micro-batches the probe runs
+    budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale, probe_batches=k,
+                              repay_steps=repay_steps)
+    if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
+        budget, upto = budget_for(profile, rho, steps_per_selection, probe_batches=k)
+    probe = run_probe(upto)
+    if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
+        paid = max(before, 0.0) + (debt() - before)
+        after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True, step_scale=step_scale,
+                              repay_steps=repay_steps)
+        if deepest_reachable(profile, after) >= 0:
+            budget = after
+    return budget, upto, probe
+
+
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, importance="dw_grad",
                 resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0,
                 step_scale=1.0, reduce_grads=None, agree=None, repay_steps=None):
@@ -207,21 +242,11 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
     Several processes: ``reduce_grads`` sums the probe's gradients, ``agree`` makes every process take the
     first one's selection. Returns (selected names, a record of the selection for logs)."""
     names = profile.names
-    before = debt() if callable(debt) else debt
-    k = len(batch[0]) if isinstance(batch, tuple) else 1  # micro-batches the probe runs
-    budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale, probe_batches=k,
-                              repay_steps=repay_steps)
-    if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
-        budget, upto = budget_for(profile, rho, steps_per_selection, probe_batches=k)
     t0 = time.perf_counter()
-    probe = probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast,
-                             reduce_grads)
-    if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
-        paid = max(before, 0.0) + (debt() - before)
-        after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True, step_scale=step_scale,
-                              repay_steps=repay_steps)
-        if deepest_reachable(profile, after) >= 0:
-            budget = after
+    budget, upto, probe = probe_within_budget(
+        profile, rho, steps_per_selection, debt, batch, step_scale, repay_steps,
+        lambda upto: probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast,
+                                      reduce_grads))
     t1 = time.perf_counter()
     imp = probe["importance"]
     dw, dy, br = profile.t_dws, profile.t_dys, profile.branch_tuples
@@ -324,9 +349,15 @@ class GreenTrainerMethod(Method):
         return getattr(self.cfg, "over", "tensors")
 
     def candidates(self, model, profile):
-        """The profile the selection works on: the model's (``over="tensors"``) or its LoRA adapters'."""
+        """The profile the selection works on: the model's (``over="tensors"``), its LoRA adapters' or its
+        blocks' (folded to one row per tensor)."""
         if self.over == "tensors":
             return profile
+        found = self._candidates_for(model, profile)
+        return found if self.over == "lora" else found.profile
+
+    def _candidates_for(self, model, profile):
+        """The LoRA profile or the BlockCandidates for this batch shape (built once per shape)."""
         key = (profile.batch_size, profile.seq_len, profile.target_len or None)
         if key not in self._profiles:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -335,8 +366,7 @@ class GreenTrainerMethod(Method):
             else:
                 from .greentrainer_blocks import block_candidates
                 self._profiles[key] = block_candidates(base, profile, self.cfg.target_kinds(), self.cfg.block_size)
-        found = self._profiles[key]
-        return found if self.over == "lora" else found.profile
+        return self._profiles[key]
 
     # -- the plug-in interface ------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
@@ -381,8 +411,7 @@ class GreenTrainerMethod(Method):
         self.names = self.profile.names
         if self.over == "blocks":
             from .greentrainer_blocks import BlockTraining
-            key = (ctx.profile.batch_size, ctx.profile.seq_len, ctx.profile.target_len or None)
-            self.cands = self._profiles[key]
+            self.cands = self._candidates_for(model, ctx.profile)
             self.block_training = BlockTraining(self.cands)
             if self.cands.l != self.cfg.block_size:
                 ctx.log(f"GreenTrainer: block size {self.cfg.block_size} does not divide the target shapes; "
@@ -437,15 +466,9 @@ class GreenTrainerMethod(Method):
     def _steps_per_selection(self, ctx) -> int:
         """Steps this selection governs, until the next selection point or the run's end (its probe is paid by
         those alone): a selection after the warm-up, or the last one, may govern fewer than usual."""
-        step, total = ctx.global_step, ctx.total_steps
-        if self.cfg.select_once:
-            left = total - step
-        elif self.cfg.select_every is not None:
-            left = self.cfg.select_every - step % self.cfg.select_every
-        else:
-            per = max(ctx.steps_per_epoch, 1)
-            left = per - step % per
-        return max(min(left, total - step), 1)
+        cfg = self.cfg
+        window = ctx.total_steps if cfg.select_once else cfg.select_every or ctx.steps_per_epoch
+        return steps_governed(ctx.global_step, ctx.total_steps, window)
 
     def _steps(self, steps_per_epoch, total_steps) -> int:
         if self.cfg.select_once:
@@ -494,8 +517,7 @@ class GreenTrainerMethod(Method):
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
         warm_up_ended = bool(self.selections) and self.selections[-1].get("kind") == "warm-up"
         governs = self._steps_per_selection(ctx)
-        if self.current and not warm_up_ended and \
-                budget_for(self.profile, rho, governs * micro, probe_batches=micro)[1] < 0:
+        if self.current and not warm_up_ended and not can_pay_probe(self.profile, rho, governs, micro):
             ctx.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
             return self.current
         if self.over == "blocks":
@@ -529,19 +551,13 @@ class GreenTrainerMethod(Method):
         self.block_training.remove(ctx.model)
         ctx.rebuild_optimizer([self.params[n] for n in c.tensors])  # the probe steps the dense candidates
         batch = ctx.sample_batches()
-        before = debt()
-        budget, upto = budget_for(prof, rho, steps, before, step_scale=scale, probe_batches=len(batch[0]),
-                                  repay_steps=repay)
-        if upto < 0:
-            budget, upto = budget_for(prof, rho, steps, probe_batches=len(batch[0]))
         t0 = time.perf_counter()
-        probe = probe_importance(ctx.model, ctx.optimizer, ctx.scheduler, batch, c.tensors, upto, self.cfg.importance,
-                                 ctx.count, ctx.autocast, ctx.reduce_gradients if ctx.world_size > 1 else None,
-                                 blocks={c.weight_of(m): c.l for m in c.targets})
-        after, _ = budget_for(prof, rho, steps, max(before, 0.0) + (debt() - before), probe_paid=True,
-                              step_scale=scale, repay_steps=repay)
-        if deepest_reachable(prof, after) >= 0:
-            budget = after
+        budget, upto, probe = probe_within_budget(
+            prof, rho, steps, debt, batch, scale, repay,
+            lambda upto: probe_importance(ctx.model, ctx.optimizer, ctx.scheduler, batch, c.tensors, upto,
+                                          self.cfg.importance, ctx.count, ctx.autocast,
+                                          ctx.reduce_gradients if ctx.world_size > 1 else None,
+                                          blocks={c.weight_of(m): c.l for m in c.targets}))
         t1 = time.perf_counter()
         imp = member_importance(c, probe)
         sel = select_members(c.t_dy, c.positions, c.costs, imp, budget)

@@ -183,15 +183,20 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     handle = RunHandle()  # the model as the loop left it (after its last completed step)
 
     from .evaluate import evaluate
+
+    def evaluate_into(key: str, predictions_file: str, label: str) -> None:
+        """Evaluate the model on the test items: metrics under ``key``, predictions in ``predictions_file``."""
+        m, preds = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
+                            cfg.num_beams, cfg.eval_batch_size, progress, fmt)
+        metrics[key] = m
+        write_text_atomic(out / predictions_file, "".join(json.dumps(r) + "\n" for r in preds))
+        log(f"{label}: " + _fmt(m))
+
     try:
         model.to(device)
         if cfg.eval_before and cfg.do_eval and main and resume is None:
             log(f"evaluating before training on {len(test_ex)} examples ...")
-            m, before = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
-                                 cfg.num_beams, cfg.eval_batch_size, progress, fmt)
-            metrics["eval_before"] = m
-            write_text_atomic(out / "predictions_before.jsonl", "".join(json.dumps(r) + "\n" for r in before))
-            log("before: " + _fmt(m))
+            evaluate_into("eval_before", "predictions_before.jsonl", "before")
 
         def epoch_done(history):
             metrics["history"] = history
@@ -219,11 +224,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         write(out / "metrics.json", metrics)
         if cfg.do_eval:
             log(f"evaluating on {len(test_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
-            m, preds = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
-                                cfg.num_beams, cfg.eval_batch_size, progress, fmt)
-            metrics["eval"] = m
-            write_text_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in preds))
-            log("after: " + _fmt(m))
+            evaluate_into("eval", "predictions.jsonl", "after")
     except KeyboardInterrupt as e:
         what = "terminated" if type(e).__name__ == "Terminated" else "interrupted"
         if main and not saved and handle.model is not None:

@@ -114,3 +114,7 @@ def test_trainer_callback_on_two_processes_trains_one_model(tmp_path, accum):
     assert a["digest"] == b["digest"] and a["selections"] == b["selections"]
     assert a["changed"] == sorted(set().union(*map(set, a["selections"])))
     assert 0 < a["flops"]["steps"] + a["flops"]["probes"] <= 0.7 * a["flops"]["full_ft_reference"]
+    # the report sums both processes: FLOPs and energy (each process meters its own use)
+    assert a["report"] == b["report"]
+    assert a["report"]["flops"] == sum(r["flops"]["steps"] + r["flops"]["probes"] for r in (a, b))
+    assert a["report"]["energy_kwh"] > 0

@@ -6,6 +6,7 @@ from conftest import make_tiny
 from greentrainer.config import TrainConfig, config_from_options
 from greentrainer.methods.greentrainer import GreenTrainerConfig
 from greentrainer.data import Example, collate, encode_all
+from greentrainer.errors import UsageError
 from greentrainer.importance import probe_importance
 from greentrainer.loop import train
 from greentrainer.methods import build_method
@@ -390,3 +391,34 @@ def test_the_default_warm_up_and_short_last_windows_stay_within_rho(select_every
     assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
     if select_every is None:
         assert method.warmup == 2 and method.selections[0]["kind"] == "warm-up"
+
+
+def test_callback_reports_energy_and_co2_against_full_fine_tuning(tmp_path):
+    """The Trainer's logs and the callback's report carry the training's energy, its CO2 at the given intensity
+    and full fine-tuning's on the same batches (energy per FLOP × its FLOPs); one summary line at the end."""
+    from transformers import TrainerCallback
+    from greentrainer.callback import GreenTrainerCallback
+    from greentrainer.energy import parse_intensity
+    seen, lines = [], []
+
+    class Logger(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            seen.append(dict(logs))
+
+    trainer = tiny_trainer(make_tiny("llama"), tmp_path, 16, [Logger()], logging_strategy="steps", logging_steps=2)
+    cb = GreenTrainerCallback(rho=0.7, carbon_intensity="DEU", log=lines.append).attach(trainer)
+    trainer.train()
+    logged = [h for h in seen if "greentrainer/energy_kwh" in h]
+    assert logged and all(h["greentrainer/energy_kwh"] > 0 for h in logged)
+    r, g = cb.report, parse_intensity("DEU")[0]
+    assert r["energy_kwh"] >= logged[-1]["greentrainer/energy_kwh"] > 0
+    assert r["co2_g"] == pytest.approx(r["energy_kwh"] * g)
+    assert r["energy_full_ft_reference_kwh"] == pytest.approx(r["energy_kwh"] / r["flops_fraction_of_full"])
+    assert r["co2_full_ft_reference_g"] > r["co2_g"] and r["energy"]["kind"] in ("measured", "partly measured",
+                                                                                  "estimated")
+    assert "% of full fine-tuning" in lines[-1] and "CO2eq" in lines[-1]
+    off = GreenTrainerCallback(rho=0.7, energy=False, log=lambda *a: None)
+    tiny_trainer(make_tiny("llama"), tmp_path, 8, [off]).train()
+    assert "energy_kwh" not in off.report and off.report["flops_fraction_of_full"] <= 0.7
+    with pytest.raises(UsageError):
+        GreenTrainerCallback(carbon_intensity="nowhere")

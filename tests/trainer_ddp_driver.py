@@ -28,7 +28,8 @@ def main(out: str, accum: int) -> None:
     changed = sorted(n for n, p in model.named_parameters() if not torch.equal(p, before[n]))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"digest": digest.hexdigest(), "changed": changed, "flops": cb.flops,
-                   "selections": [s["selected"] for s in cb.selections], "steps": trainer.state.global_step}, f)
+                   "selections": [s["selected"] for s in cb.selections], "steps": trainer.state.global_step,
+                   "report": {k: v for k, v in cb.report.items() if k != "energy"}}, f)
     import torch.distributed as dist
     if dist.is_initialized():  # leave together, then exit at once: torch's teardown of a gloo run can abort
         dist.barrier()         # ("terminate called without an active exception") after the work is done

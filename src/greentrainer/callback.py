@@ -6,6 +6,13 @@
 The Trainer builds its optimizer before ``on_train_begin``, while every tensor still requires grad, so
 tensors selected later have optimizer state and really train. Selection runs at every epoch start (or
 every ``select_every`` steps).
+
+What it reports (in the Trainer's logs, under ``greentrainer/``, and in :attr:`GreenTrainerCallback.report`
+with one summary line at the end): the measured FLOPs against full fine-tuning's on the same batches and,
+with ``energy`` on (the default), the training's energy (CodeCarbon, as the CLI measures it; the Trainer's
+own evaluations during training are included), its CO2 at ``carbon_intensity``, and what full fine-tuning
+would have used and emitted (this run's energy per FLOP × full fine-tuning's FLOPs). A carbon trace and
+carbon-aware ρ are the CLI's (``greentrainer train --carbon-trace``).
 """
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ import contextlib
 import torch
 from transformers import TrainerCallback
 
+from .energy import COMPONENTS, EnergyMeter, add_readings, fmt_co2, fmt_energy, parse_intensity
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
 from .methods.greentrainer import GreenTrainerConfig, can_pay_probe, check_budget, select_step, steps_governed
@@ -21,13 +29,20 @@ from .methods.greentrainer import GreenTrainerConfig, can_pay_probe, check_budge
 
 class GreenTrainerCallback(TrainerCallback):
     def __init__(self, rho: float = 0.6, importance: str = "dw_grad", select_every: int | None = None,
-                 seq_len: int | None = None, log=print):
+                 seq_len: int | None = None, energy: bool = True, carbon_intensity: str | float | None = None,
+                 log=print):
         GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every).validate()  # UsageError
         if seq_len is not None and seq_len <= 0:
             raise UsageError(f"seq_len must be positive, got {seq_len}")
         self.rho, self.importance, self.select_every, self.seq_len, self.log = rho, importance, select_every, seq_len, log
         self.selections: list[dict] = []
         self.current = None
+        self.energy = energy
+        # gCO2eq/kWh: a number, a country (ISO 3166 alpha-3) or a US state (USA/CA); default the world average
+        self.intensity, self.intensity_source = parse_intensity(None if carbon_intensity is None
+                                                                else str(carbon_intensity))
+        self.report: dict = {}  # the run's totals, filled at the end of training
+        self._meter, self._kwh = None, dict.fromkeys(COMPONENTS, 0.0)
 
     def _batch(self, dataloader, device):
         it = getattr(self, "_it", None)
@@ -39,7 +54,7 @@ class GreenTrainerCallback(TrainerCallback):
         return {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kw):
-        self._world = args.world_size
+        self._world, self._device = args.world_size, model.device
         if self._world > 1:
             self._take_over_gradient_sync(model)
         batch = self._batch(train_dataloader, model.device)
@@ -71,6 +86,9 @@ class GreenTrainerCallback(TrainerCallback):
         self._meta, self._refs, self._counter, self._in_step = meta_model_from_config(model.config), {}, None, False
         self.flops = {"steps": 0, "probes": 0, "full_ft_reference": 0}
         self._hook = model.register_forward_pre_hook(self._reference, with_kwargs=True)
+        if self.energy:
+            self._meter = EnergyMeter(model.device)
+            self._meter.start()
 
     def _adapter_profile(self, model, shape):
         """A LoRA model's adapters as the candidates (GreenTrainer --over lora); ρ stays a fraction of full
@@ -118,6 +136,41 @@ class GreenTrainerCallback(TrainerCallback):
         if getattr(self, "_sync_hook", None) is not None:
             self._sync_hook.remove()
             self._sync_hook = None
+        self.report = self._totals(final=True)
+        if self._meter is not None:
+            self.report["energy"] = self._meter.describe()
+            self._meter = None
+        if state.is_world_process_zero:
+            self.log(self._summary())
+
+    def _totals(self, final: bool = False) -> dict:
+        """FLOPs (and energy, CO2 and full fine-tuning's) so far, summed over the processes."""
+        dev = self._device
+        spent = _sum_over_processes(self.flops["steps"] + self.flops["probes"], dev)
+        full = _sum_over_processes(self.flops["full_ft_reference"], dev)
+        out = {"flops": spent, "flops_full_ft_reference": full, "flops_fraction_of_full": spent / full if full else None,
+               "trainable_tensors": len(self.current or ())}
+        if self._meter is not None:
+            reading = self._meter.stop() if final else self._meter.lap()
+            self._kwh = add_readings(self._kwh, reading)
+            kwh = _sum_over_processes(sum(self._kwh[k] for k in COMPONENTS), dev)
+            ref = kwh * full / spent if spent else 0.0
+            out.update(energy_kwh=kwh, co2_g=kwh * self.intensity, energy_full_ft_reference_kwh=ref,
+                       co2_full_ft_reference_g=ref * self.intensity, carbon_intensity_g_per_kwh=self.intensity,
+                       carbon_intensity_source=self.intensity_source)
+        return out
+
+    def _summary(self) -> str:
+        r = self.report
+        if r.get("flops_fraction_of_full") is None:
+            return "GreenTrainer: no training step was measured"
+        line = (f"GreenTrainer: {r['flops']:.3g} FLOPs measured = {100 * r['flops_fraction_of_full']:.1f}% of full "
+                f"fine-tuning on the same batches (ρ {self.rho})")
+        if "energy_kwh" in r:
+            line += (f"; energy {fmt_energy(r['energy_kwh'])} ({r['energy']['kind']}, CodeCarbon) = "
+                     f"{fmt_co2(r['co2_g'])} at {self.intensity:g} gCO2eq/kWh; full fine-tuning: "
+                     f"{fmt_energy(r['energy_full_ft_reference_kwh'])} = {fmt_co2(r['co2_full_ft_reference_g'])}")
+        return line
 
     def _stop_counting(self):
         if self._counter is not None:
@@ -130,12 +183,9 @@ class GreenTrainerCallback(TrainerCallback):
         see them when this callback runs first: :meth:`attach`)."""
         if logs is None or not hasattr(self, "flops"):
             return
-        spent = self.flops["steps"] + self.flops["probes"]
-        logs["greentrainer/flops"] = float(spent)
-        logs["greentrainer/flops_full_ft_reference"] = float(self.flops["full_ft_reference"])
-        if self.flops["full_ft_reference"]:
-            logs["greentrainer/flops_fraction_of_full"] = spent / self.flops["full_ft_reference"]
-        logs["greentrainer/trainable_tensors"] = len(self.current or ())
+        for k, v in self._totals().items():
+            if isinstance(v, (int, float)):
+                logs[f"greentrainer/{k}"] = float(v)
 
     def attach(self, trainer) -> "GreenTrainerCallback":
         """Add this callback to ``trainer`` ahead of the others, so the loggers it reports to see its values
@@ -245,6 +295,16 @@ def _average_grads(params) -> None:
     """Average ``params``' gradients over the processes (the probe's, and each step's trainable ones)."""
     from .loop import sync_gradients
     sync_gradients(params, _mean_over_processes)
+
+
+def _sum_over_processes(x: float, device=None) -> float:
+    """``x`` summed over the processes (itself on one); ``device``: where the backend reduces (NCCL: the GPU)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
 
 
 def _mean_over_processes(t):

@@ -278,8 +278,7 @@ def cases(env: Env) -> list[dict]:
     add("carbon", "--carbon-aware with --rho-schedule",
         e.train(*gt, "--carbon-aware", "--carbon-trace", trace_ok, "--rho-schedule", sched_ok), needle="contradict")
     add("over", "--over of an unknown kind", e.train(*gt, "--over", "everything"), needle="invalid choice")
-    add("over", "--over lora with --gradient-checkpointing", e.train(*gt, "--over", "lora", "--gradient-checkpointing"),
-        needle="--gradient-checkpointing")
+    add("over", "--over lora with rank 0", e.train(*gt, "--over", "lora", "--lora-r", "0"), needle="--lora-r")
     add("over", "--over lora with a target module the model lacks", e.train(*gt, "--over", "lora", "--lora-targets",
                                                                              "nope"), needle="not found")
     add("over", "--over blocks with an unknown projection", e.train(*gt, "--over", "blocks", "--smt-targets", "qq"),

@@ -13,13 +13,13 @@ from greentrainer.methods.greentrainer import GreenTrainerConfig, GreenTrainerMe
 from test_training import TOK, encoded
 
 
-def run_gt(**gt):
+def run_gt(gradient_checkpointing=False, **gt):
     """Train GreenTrainer (3 epochs, a selection every 4 steps, no warm-up) on a tiny LLaMA; returns the result,
     the method, and every tensor as it was when training started (after the method wrapped the model)."""
     model = make_tiny("llama")
     gt = {"rho": 0.75, "full_warmup_steps": 0, "select_every": 4, **gt}
     cfg = TrainConfig(method="greentrainer", epochs=3, batch_size=4, lr=1e-2, seed=0,
-                      method_config=GreenTrainerConfig(**gt))
+                      gradient_checkpointing=gradient_checkpointing, method_config=GreenTrainerConfig(**gt))
     cfg.validate()
     method = build_method(cfg)
     start = {}
@@ -92,8 +92,6 @@ def test_over_lora_bad_options_are_one_line(capsys, tmp_path, tiny_model_dir, da
     from test_cli import err
     out = tmp_path / "run"
     gt = ("--method", "greentrainer", "--over", "lora")
-    assert "--gradient-checkpointing" in err(capsys, train_args(tiny_model_dir, data, out, *gt,
-                                                                "--gradient-checkpointing"))
     assert "not found" in err(capsys, train_args(tiny_model_dir, data, out, *gt, "--lora-targets", "nope"))
     assert "--lora-r" in err(capsys, train_args(tiny_model_dir, data, out, *gt, "--lora-r", "0"))
     assert "invalid choice" in err(capsys, train_args(tiny_model_dir, data, out, "--method", "greentrainer",
@@ -201,8 +199,10 @@ def test_over_blocks_cli_saves_a_plain_checkpoint(capsys, tmp_path, tiny_model_d
     assert any(s.get("n_blocks") for s in sel)
 
 
-def test_callback_on_a_lora_model_selects_over_its_adapters(tmp_path):
-    """A peft LoRA model handed to the Trainer: the callback selects among its adapters within ρ."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_callback_on_a_lora_model_selects_over_its_adapters(tmp_path, checkpointing):
+    """A peft LoRA model handed to the Trainer: the callback selects among its adapters within ρ (also with the
+    Trainer's gradient checkpointing, whose recompute the budget charges)."""
     from peft import LoraConfig, get_peft_model
     from greentrainer.callback import GreenTrainerCallback
     from test_training import tiny_trainer
@@ -210,8 +210,49 @@ def test_callback_on_a_lora_model_selects_over_its_adapters(tmp_path):
                                                                                            "o_proj"]))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cb = GreenTrainerCallback(rho=0.75, select_every=4, log=lambda *a: None)
-    tiny_trainer(model, tmp_path, 32, [cb], num_train_epochs=3, learning_rate=1e-2).train()
+    tiny_trainer(model, tmp_path, 32, [cb], num_train_epochs=3, learning_rate=1e-2,
+                 gradient_checkpointing=checkpointing).train()
     assert cb.selections and all(all(".lora_" in n for n in s["selected"]) for s in cb.selections)
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= set().union(*(s["selected"] for s in cb.selections))
     assert cb.flops["steps"] + cb.flops["probes"] <= 0.75 * cb.flops["full_ft_reference"]
+
+
+@pytest.mark.parametrize("layers", [None, [0]])
+def test_over_lora_profile_predicts_the_measured_step_with_activation_checkpointing(layers):
+    """Under activation checkpointing a block is recomputed when the backward reaches it: the LoRA profile
+    charges that (adapters included) to the first adapter at or below it, also for blocks without adapters
+    (``layers``: adapters on the first layer only)."""
+    import random
+    from peft import LoraConfig, get_peft_model
+    from greentrainer.loop import enable_checkpointing
+    from greentrainer.methods.greentrainer import lora_profile
+    from test_checkpointing import measured
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=layers)
+    model = get_peft_model(make_tiny("llama"), config)
+    model.train()
+    enable_checkpointing(model)
+    batch = {"input_ids": torch.randint(0, 250, (2, 32))}
+    batch["labels"] = batch["input_ids"].clone()
+    base = model.get_base_model().config
+    prof = lora_profile(base, config, (2, 32, None), 1, gradient_checkpointing=True)
+    plain = lora_profile(base, config, (2, 32, None), 1)
+    rng = random.Random(0)
+    names = prof.names
+    assert names and all(".lora_" in n for n in names)
+    for sel in [[names[0]], [names[-1]], names] + [rng.sample(names, rng.randint(1, len(names))) for _ in range(8)]:
+        fwd, bwd = measured(model, batch, set(sel))
+        assert fwd + bwd == prof.predict(sel), sel
+        assert prof.predict(sel) > plain.predict(sel)  # at least the adapters' own block is recomputed
+
+
+@pytest.mark.parametrize("over", ["lora", "blocks"])
+def test_over_lora_and_blocks_stay_within_rho_with_activation_checkpointing(over):
+    extra = {"lora_targets": "q_proj,v_proj,o_proj"} if over == "lora" else {"block_size": 16, "targets": "q,k,v"}
+    out, method, before = run_gt(gradient_checkpointing=True, over=over, **extra)
+    t = out["totals"]
+    assert 0 < t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
+    sels = [s for s in method.selections if s["kind"] == "probe"]
+    assert len(sels) >= 3
+    now = dict(out["model"].named_parameters())
+    assert any(not torch.equal(now[n], before[n]) for n in now if n in before)  # it trained

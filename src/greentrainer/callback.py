@@ -98,9 +98,7 @@ class GreenTrainerCallback(TrainerCallback):
         if getattr(config.peft_type, "value", config.peft_type) != "LORA":
             raise UsageError(f"GreenTrainerCallback selects over a LoRA model's adapters; a "
                              f"{getattr(config.peft_type, 'value', config.peft_type)} model is not supported")
-        if self._gc:
-            raise UsageError("GreenTrainerCallback over a LoRA model does not work with gradient checkpointing yet")
-        return lora_profile(model.get_base_model().config, config, shape, self.profile.t_full)
+        return lora_profile(model.get_base_model().config, config, shape, self.profile.t_full, self._gc)
 
     def _reference(self, module, args, kwargs):
         if not (self._in_step and module.training and "input_ids" in kwargs and "labels" in kwargs):

@@ -170,9 +170,6 @@ class TrainConfig(Options):
         spec = method_spec(self.method)  # a clear error for an unknown method
         self.check_options()
         self.trackers()  # names known and installed
-        if self.gradient_checkpointing and getattr(self.method_config, "over", "tensors") != "tensors":
-            raise UsageError(f"--gradient-checkpointing does not work with --over {self.method_config.over} yet; "
-                             f"drop one of them")
         if self.gradient_checkpointing and not spec.method_cls.supports_gradient_checkpointing:
             raise UsageError(f"--gradient-checkpointing does not work with --method {self.method}; drop one of them")
         if self.bf16 and self.precision not in ("32-true", "bf16-mixed"):

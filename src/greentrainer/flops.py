@@ -547,14 +547,25 @@ def layer_forward_flops(meta_model, batch_size: int, seq_len: int, target_len: i
 def with_recompute(profile: TensorFlopsProfile, meta_model, layer_flops: dict) -> TensorFlopsProfile:
     """The profile under activation checkpointing: a block is recomputed in the backward whenever the
     backward reaches it, i.e. whenever the deepest selected tensor is its first tensor in backward order or
-    lies below, so its forward FLOPs join that tensor's ``t_dy``; full fine-tuning recomputes every block."""
+    lies below, so its forward FLOPs join that tensor's ``t_dy``; full fine-tuning recomputes every block.
+    A block none of whose tensors is profiled (a candidate profile: LoRA adapters on some layers only) is
+    recomputed when the backward goes below it, so its FLOPs join the next profiled tensor below it.
+    ``layer_flops``: each block's forward FLOPs, in forward order (:func:`layer_forward_flops`)."""
     import copy
     prof = copy.deepcopy(profile)
     index = {n: i for i, n in enumerate(prof.names)}
-    for layer, flops in layer_flops.items():
-        own = [index[n] for n, _ in unique_named_parameters(meta_model) if n.startswith(layer + ".") and n in index]
+    names = [n for n, _ in unique_named_parameters(meta_model) if n in index]
+    owned, pending = set(), 0
+    for layer in reversed(list(layer_flops)):  # from the top block down, as the backward meets them
+        own = [index[n] for n in names if n.startswith(layer + ".")]
+        owned.update(own)
+        pending += layer_flops[layer]
         if own:
-            prof.tensors[min(own)].t_dy += flops
+            prof.tensors[min(own)].t_dy += pending
+            pending = 0
+    below = [i for i in range(len(prof.names)) if i not in owned and owned and i > max(owned)]
+    if pending and below:  # blocks with nothing profiled at the bottom, and a tensor below them (an embedding)
+        prof.tensors[min(below)].t_dy += pending
     prof.t_full += sum(layer_flops.values())
     prof.__dict__.pop("single_costs", None)  # cached on the copied profile
     return prof

@@ -377,6 +377,12 @@ def enable_checkpointing(model) -> None:
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     base.disable_input_require_grads()
+    # it keeps one hook's handle: a hook registered twice (the Trainer enables checkpointing on a peft model,
+    # then this) would stay, so every such hook on the input embeddings goes (transformers' and peft's)
+    emb = base.get_input_embeddings()
+    for key, hook in list(getattr(emb, "_forward_hooks", {}).items()):
+        if "make_inputs_require_grad" in getattr(hook, "__qualname__", ""):
+            del emb._forward_hooks[key]
     base.config.use_cache = False
 
 

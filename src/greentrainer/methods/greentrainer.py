@@ -121,15 +121,19 @@ def load_rho_schedule(path: str) -> dict[int, float]:
     return dict(sorted(sched.items()))
 
 
-def lora_profile(config, lora_config, shape, t_full: int):
+def lora_profile(config, lora_config, shape, t_full: int, gradient_checkpointing: bool = False):
     """The adapters of a LoRA model as the candidates: each adapter tensor's t_dw and t_dy and the base chain's
     backward it forces, profiled on a weightless copy; ``t_full`` stays full fine-tuning's of the base model, so
-    ρ keeps its meaning (a fraction of full fine-tuning)."""
+    ρ keeps its meaning (a fraction of full fine-tuning). With activation checkpointing, each block's recompute
+    (adapters included) is charged where the backward first reaches it."""
     from peft import get_peft_model
-    from ..flops import meta_model_from_config, profile_model
+    from ..flops import layer_forward_flops, meta_model_from_config, profile_model, with_recompute
     meta = get_peft_model(meta_model_from_config(config), copy.deepcopy(lora_config))
     adapters = [n for n, _ in meta.named_parameters() if ".lora_" in n]
-    return dataclasses.replace(profile_model(meta, *shape, candidates=adapters), t_full=t_full)
+    prof = profile_model(meta, *shape, candidates=adapters)
+    if gradient_checkpointing:
+        prof = with_recompute(prof, meta, layer_forward_flops(meta, *shape))
+    return dataclasses.replace(prof, t_full=t_full)
 
 
 def probe_cost(profile, probe_upto: int) -> int:
@@ -339,6 +343,7 @@ class GreenTrainerMethod(Method):
         # FLOPs allowed so far: Σ over past selections of the ρ in force × the full fine-tuning FLOPs it governed
         self._allowance, self._ref_mark, self._rho_in_force = 0.0, 0.0, cfg.rho
         self.rho_range = (cfg.rho, cfg.rho)  # carbon-aware: (ρ at the dirtiest grid, ρ at the cleanest)
+        self.gradient_checkpointing = False  # set by prepare() from the run's options
 
     @classmethod
     def from_config(cls, train_config):
@@ -362,7 +367,8 @@ class GreenTrainerMethod(Method):
         if key not in self._profiles:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             if self.over == "lora":
-                self._profiles[key] = lora_profile(base.config, self.cfg.lora_config(base), key, profile.t_full)
+                self._profiles[key] = lora_profile(base.config, self.cfg.lora_config(base), key, profile.t_full,
+                                                   self.gradient_checkpointing)
             else:
                 from .greentrainer_blocks import block_candidates
                 self._profiles[key] = block_candidates(base, profile, self.cfg.target_kinds(), self.cfg.block_size)
@@ -402,6 +408,7 @@ class GreenTrainerMethod(Method):
         return warm
 
     def prepare(self, model, ctx):
+        self.gradient_checkpointing = ctx.cfg.gradient_checkpointing  # the profile charges the recompute
         if self.over == "lora":
             from peft import get_peft_model
             model = get_peft_model(model, self.cfg.lora_config(model))

@@ -203,22 +203,26 @@ def measured_rho(a, opts: dict) -> dict | None:
 
 
 def final(a, log) -> None:
+    """Every variant's runs, seed 0 of all of them first (a table of every method exists early; later seeds
+    narrow its intervals)."""
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
-    for label, (method, opts) in VARIANTS.items():
-        if a.methods is not None and label not in a.methods:
-            continue
-        opts = measured_rho(a, opts)
-        if opts is None:
-            log(f"{label}: the method whose FLOPs it matches has no final run yet; skipped")
-            continue
-        source = SETTING_FROM.get(label, method)
-        if source not in winners:
-            log(f"{label}: no sweep winner yet; skipped")
-            continue
-        w = winners[source]
-        if source != method:  # the knobs that the other method shares (LoRA's rank; SMT's block size)
-            w = {"lr": w["lr"], "options": {k: v for k, v in w["options"].items() if k in ("lora_r", "lora_alpha")}}
-        for seed in range(FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds):
+    seeds = {label: FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds for label in VARIANTS}
+    for seed in range(max(seeds.values())):
+        for label, (method, opts) in VARIANTS.items():
+            if (a.methods is not None and label not in a.methods) or seed >= seeds[label]:
+                continue
+            opts = measured_rho(a, opts)
+            if opts is None:
+                log(f"{label}: the method whose FLOPs it matches has no final run yet; skipped")
+                continue
+            source = SETTING_FROM.get(label, method)
+            if source not in winners:
+                log(f"{label}: no sweep winner yet; skipped")
+                continue
+            w = winners[source]
+            if source != method:  # the knobs that the other method shares (LoRA's rank; SMT's block size)
+                w = {"lr": w["lr"], "options": {k: v for k, v in w["options"].items()
+                                                if k in ("lora_r", "lora_alpha")}}
             one_run(a, "final", method, {**opts, **w["options"]}, w["lr"], seed, log)
 
 

@@ -106,6 +106,8 @@ def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -
            "val_loss": [h["val_loss"] for h in m["history"]], "train_loss": [h["train_loss"] for h in m["history"]],
            "flops_fraction_of_full": t["flops_fraction_of_full"], "flops_total": t["flops_total"],
            "train_time_s": t["time_s"], "wall_s": wall, "prompt_format": m.get("prompt_format"),
+           "selector_time_s": [s["selector_time_s"] for h in m["history"] for s in h.get("selections", [])
+                               if "selector_time_s" in s],  # GreenTrainer: each selection's solve
            "config": m["config"], "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if final:
         res["eval"] = m["eval"]
@@ -255,10 +257,12 @@ def report(a) -> list[dict]:
                      "flops_fraction": sum(fr) / len(fr), "flops_min": min(fr), "flops_max": max(fr),
                      "val_loss": sum(r["val_loss"][-1] for r in mine) / len(mine),
                      "train_time_s": sum(r["train_time_s"] for r in mine) / len(mine),
+                     "selector_ms": 1000 * max((x for r in mine for x in r.get("selector_time_s", [])), default=0.0),
                      "test_items": len(mine[0]["per_item_rougeL"]), "steps": mine[0]["steps"]})
     if not rows:
         return rows
-    cols = ["method", "seeds", "lr", "ROUGE-L (95% CI)", "ROUGE-1", "FLOPs % of full", "val loss", "train time s"]
+    cols = ["method", "seeds", "lr", "ROUGE-L (95% CI)", "ROUGE-1", "FLOPs % of full", "val loss", "train time s",
+            "selector ms (max)"]
     lines = [f"# Accuracy: {a.dataset}", "", f"`python bench/accuracy.py --dataset {a.dataset} --stage final` — "
              f"{machine()}", "",
              f"Default model, chat prompt format, {rows[0]['steps']} optimizer steps of batch {a.batch_size}, each "
@@ -269,9 +273,10 @@ def report(a) -> list[dict]:
     for r in rows:
         fl = f"{100 * r['flops_fraction']:.1f}" + (f" ({100 * r['flops_min']:.1f}–{100 * r['flops_max']:.1f})"
                                                       if r["seeds"] > 1 else "")
+        sel = f"{r['selector_ms']:.1f}" if r["selector_ms"] else ""
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
                      f"{r['ci_high']:.1f}) | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
-                     f"{r['train_time_s']:.0f} |")
+                     f"{r['train_time_s']:.0f} | {sel} |")
     (RESULTS / f"accuracy_{a.dataset}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"accuracy_{a.dataset}.json").write_text(json.dumps({"rows": rows}, indent=1))
     plot(rows, RESULTS / f"accuracy_{a.dataset}.png", a.dataset)

@@ -117,3 +117,31 @@ def test_accuracy_sweep_table_keeps_the_methods_an_earlier_sweep_decided(tmp_pat
     assert "| **lora** | 0.003 |" in (tmp_path / "accuracy_sweep_scitldr.md").read_text()
     accuracy.write_sweep(SimpleNamespace(**{**vars(a), "steps": 8}), {"full": won(1e-4, 2.6)})
     assert list(json.loads((tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]) == ["full"]
+
+
+def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
+    """The report reads the final runs on disk: a row per variant with seeds pooled, its interval around the
+    mean, the FLOPs range over seeds and the selector's slowest solve (GreenTrainer rows only)."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    folder = tmp_path / "accuracy" / "scitldr" / "final"
+    folder.mkdir(parents=True)
+    for method, opts, seed, rouge, frac, sel in (("full", {}, 0, [30, 40, 50], 1.0, []),
+                                                ("greentrainer", {"rho": 0.5}, 0, [20, 30, 40], 0.49, [0.002]),
+                                                ("greentrainer", {"rho": 0.5}, 1, [30, 40, 50], 0.5, [0.004, 0.003])):
+        (folder / f"{method}-{seed}.json").write_text(json.dumps({
+            "method": method, "options": opts, "seed": seed, "lr": 1e-4, "steps": 256, "per_item_rougeL": rouge,
+            "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.5],
+            "train_time_s": 10.0, "selector_time_s": sel}))
+    a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr")
+    rows = {r["label"]: r for r in accuracy.report(a)}
+    assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5"}
+    gt = rows["GreenTrainer ρ=0.5"]
+    assert gt["seeds"] == 2 and gt["rougeL"] == pytest.approx(35.0) and gt["ci_low"] <= 35 <= gt["ci_high"]
+    assert (gt["flops_min"], gt["flops_max"]) == (0.49, 0.5) and gt["selector_ms"] == pytest.approx(4.0)
+    table = (tmp_path / "accuracy_scitldr.md").read_text()
+    assert "| GreenTrainer ρ=0.5 | 2 |" in table and "| 4.0 |" in table and (tmp_path / "accuracy_scitldr.png").exists()

@@ -30,6 +30,8 @@ def test_bad_input_each_gets_one_line_and_exit_2(capsys, tmp_path, tiny_model_di
     assert "too small" in err(capsys, train_args(tiny_model_dir, data, out, "--max-input-length", "10"))
     assert "--rho" in err(capsys, train_args(tiny_model_dir, data, out, "--method", "greentrainer", "--rho", "1.5"))
     assert "invalid choice" in err(capsys, train_args(tiny_model_dir, data, out, "--method", "magic"))
+    assert "--probe-batches" in err(capsys, train_args(tiny_model_dir, data, out, "--method", "greentrainer",
+                                                       "--probe-batches", "0"))
     assert not out.exists()  # nothing half-written
     out.mkdir()
     (out / "something").write_text("x")

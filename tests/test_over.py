@@ -256,3 +256,17 @@ def test_over_lora_and_blocks_stay_within_rho_with_activation_checkpointing(over
     assert len(sels) >= 3
     now = dict(out["model"].named_parameters())
     assert any(not torch.equal(now[n], before[n]) for n in now if n in before)  # it trained
+
+
+def test_a_probe_over_several_batches_is_paid_within_rho():
+    """--probe-batches K: the probe averages K training batches' gradients (less noisy importance); its K-fold
+    FLOPs are paid within ρ like a single batch's."""
+    overheads = {}
+    for k in (1, 3):
+        out, method, _ = run_gt(probe_batches=k, select_every=8)
+        t = out["totals"]
+        assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
+        sels = [s for s in method.selections if s["kind"] == "probe"]
+        assert sels and all(s["probe_batches"] == k for s in sels)
+        overheads[k] = t["flops_overhead"]
+    assert overheads[3] > 1.5 * overheads[1]

@@ -158,10 +158,11 @@ class TrainContext:
         return {k: v.to(self.device) for k, v in
                 collate(items, self.tokenizer.pad_token_id, self.seq2seq).items()}
 
-    def sample_batches(self) -> tuple[list[dict], list[float]]:
-        """A random global batch for a probe, split like a training step: this process's micro-batches and
-        each one's share of the global batch's target tokens (the same items whatever the process count)."""
-        world, accum = self.world_size, self.micro_batches_per_step
+    def sample_batches(self, steps: int = 1) -> tuple[list[dict], list[float]]:
+        """A random global batch for a probe (``steps`` training steps' worth), split like a training step:
+        this process's micro-batches and each one's share of the global batch's target tokens (the same items
+        whatever the process count)."""
+        world, accum = self.world_size, self.micro_batches_per_step * steps
         n = min(self.cfg.batch_size * world * accum, len(self.train_data))
         items = self._probe_rng.sample(self.train_data, n)
         rank = self.accelerator.process_index if self.accelerator is not None else 0

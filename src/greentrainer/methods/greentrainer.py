@@ -44,6 +44,9 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
     select_once: bool = option(False, "select once at the start and keep that selection")
     importance: str = option("dw_grad", "paper Table 4: dw_grad (-Σ Δw·g), dw (Σ|Δw|), grad (Σ g²)",
                              choices=("dw_grad", "dw", "grad"))
+    probe_batches: int = option(1, "the probe's batch, in training batches: its gradient averages that many (a "
+                                   "larger probe scores importance with less noise and costs that many probe "
+                                   "steps of FLOPs, paid within ρ)")
     resolution: int | None = option(None, "coarse DP resolution (paper Table 7); default: the exact selector",
                                     flag="selector_resolution")
     full_warmup_steps: int | None = option(None, "optimizer steps of full fine-tuning before the first selection; "
@@ -74,6 +77,8 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
             raise UsageError(f"--select-every must be a positive number of steps, got {self.select_every}")
         if self.full_warmup_steps is not None and self.full_warmup_steps < 0:
             raise UsageError(f"--full-warmup-steps must be ≥ 0, got {self.full_warmup_steps}")
+        if self.probe_batches < 1:
+            raise UsageError(f"--probe-batches must be at least 1, got {self.probe_batches}")
         if self.resolution is not None and self.resolution < 2:
             raise UsageError(f"--selector-resolution must be at least 2, got {self.resolution}")
         if self.rho_schedule is not None:
@@ -179,10 +184,10 @@ def steps_governed(step: int, total_steps: int, window: int) -> int:
     return max(min(window - step % window, total_steps - step), 1)
 
 
-def can_pay_probe(profile, rho: float, steps: int, micro_batches: int = 1) -> bool:
-    """Whether ``steps`` steps (of ``micro_batches`` each) at ρ can pay for a probe and still train something;
-    when not, a selection keeps the current one instead of probing."""
-    return budget_for(profile, rho, steps * micro_batches, probe_batches=micro_batches)[1] >= 0
+def can_pay_probe(profile, rho: float, steps: int, micro_batches: int = 1, probe_steps: int = 1) -> bool:
+    """Whether ``steps`` steps (of ``micro_batches`` each) at ρ can pay for a probe over ``probe_steps`` steps'
+    batches and still train something; when not, a selection keeps the current one instead of probing."""
+    return budget_for(profile, rho, steps * micro_batches, probe_batches=micro_batches * probe_steps)[1] >= 0
 
 
 def smallest_feasible_rho(profile, steps_per_selection: int, probe_batches: int = 1) -> float | None:
@@ -205,9 +210,10 @@ def check_budget(profile, rho: float, steps_per_selection: int, probe_batches: i
     if upto < 0:
         lowest = smallest_feasible_rho(profile, steps_per_selection, probe_batches)
         if lowest is None:
-            raise UsageError(f"the importance probe (about one training step) cannot be paid for when it is "
-                             f"spread over only {steps_per_selection} step(s) per selection; select less often "
-                             f"(--select-every K, --select-once) or train on more data")
+            raise UsageError(f"the importance probe ({probe_batches} batch(es) forward and backward) cannot be "
+                             f"paid for when it is spread over only {steps_per_selection} batch(es) per selection; "
+                             f"select less often (--select-every K, --select-once), probe fewer batches "
+                             f"(--probe-batches) or train on more data")
         raise UsageError(f"{flag} {rho} is below what the forward pass plus the cheapest useful selection "
                          f"(and the probe, spread over {steps_per_selection} steps) costs for this model and "
                          f"batch shape; the smallest feasible rho is {lowest:.4f}")
@@ -378,15 +384,16 @@ class GreenTrainerMethod(Method):
     def check(self, model, profile, steps_per_epoch, total_steps, micro_batches=1):
         profile = self.candidates(model, profile)
         steps = self._steps(steps_per_epoch, total_steps) * micro_batches
+        probe = micro_batches * self.cfg.probe_batches  # micro-batches one probe runs
         for rho in {self.cfg.rho, *self.schedule.values()}:
-            check_budget(profile, rho, steps, micro_batches)
+            check_budget(profile, rho, steps, probe)
         if self.cfg.carbon_aware:
             lo, hi = self.cfg.rho_min, self.cfg.rho_max
             if lo is None:
-                lo = max(self.cfg.rho - 0.2, smallest_feasible_rho(profile, steps, micro_batches) or 1.0)
+                lo = max(self.cfg.rho - 0.2, smallest_feasible_rho(profile, steps, probe) or 1.0)
             hi = min(self.cfg.rho + 0.2, 1.0) if hi is None else hi
             self.rho_range = (min(lo, hi), hi)
-            check_budget(profile, self.rho_range[0], steps, micro_batches, "--rho-min")
+            check_budget(profile, self.rho_range[0], steps, probe, "--rho-min")
         self.warmup = self._warmup_steps(profile, total_steps)
 
     def _warmup_steps(self, profile, total_steps: int) -> int:
@@ -524,13 +531,14 @@ class GreenTrainerMethod(Method):
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
         warm_up_ended = bool(self.selections) and self.selections[-1].get("kind") == "warm-up"
         governs = self._steps_per_selection(ctx)
-        if self.current and not warm_up_ended and not can_pay_probe(self.profile, rho, governs, micro):
+        if self.current and not warm_up_ended and not can_pay_probe(self.profile, rho, governs, micro,
+                                                                           self.cfg.probe_batches):
             ctx.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
             return self.current
         if self.over == "blocks":
             chosen, rec = self._select_blocks(ctx, rho, debt, governs * micro, scale, repay)
         else:
-            chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(), self.profile,
+            chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler, ctx.sample_batches(self.cfg.probe_batches), self.profile,
                                       rho, governs * micro, self.cfg.importance,
                                       self.cfg.resolution, None if warm_up_ended else self.current, ctx.count,
                                       ctx.autocast, ctx.log, debt, scale, ctx.reduce_gradients if world > 1 else None,
@@ -542,6 +550,7 @@ class GreenTrainerMethod(Method):
             rec["grid_g_per_kwh"] = ctx.grid.intensity_at(ctx.train_seconds)
             rec["trace_time"] = ctx.grid.time_at(ctx.train_seconds)
         rec["step_scale"] = scale
+        rec["probe_batches"] = self.cfg.probe_batches
         rec.update(step=ctx.global_step, epoch=ctx.epoch + 1)
         self.current, self._selected_at = chosen, ctx.global_step
         self.selections.append(rec)
@@ -557,7 +566,7 @@ class GreenTrainerMethod(Method):
         c, prof = self.cands, self.profile
         self.block_training.remove(ctx.model)
         ctx.rebuild_optimizer([self.params[n] for n in c.tensors])  # the probe steps the dense candidates
-        batch = ctx.sample_batches()
+        batch = ctx.sample_batches(self.cfg.probe_batches)
         t0 = time.perf_counter()
         budget, upto, probe = probe_within_budget(
             prof, rho, steps, debt, batch, scale, repay,

@@ -1,16 +1,19 @@
 """Accuracy you can compare: every method on the default model, tuned on the validation split, reported on the
 test split with 95% bootstrap confidence intervals and a Pareto plot of ROUGE-L against measured FLOPs.
 
-Two stages, each one JSON per run in bench/results/accuracy/<dataset>/ (a run whose file exists is skipped, so
+Stages, each one JSON per run in bench/results/accuracy/<dataset>/ (a run whose file exists is skipped, so
 the script can be stopped and started again, across sessions):
 
   sweep   each method's learning rate (then LoRA/DoRA rank, prefix length, SMT budget) on the VALIDATION split:
           a short run per setting, the lowest final validation loss wins (a winner at the edge of the lr grid
           is tried one step further, ×3 or ÷3, up to twice); writes accuracy_sweep_<dataset>.md
+  ablate  GreenTrainer ρ 0.5 at its swept lr with one change each (importance metric, probe batches,
+          re-selection, warm-up, ρ schedule), on the validation split as the sweep; accuracy_ablations_<dataset>.md
   final   each method at its winning setting for --steps optimizer steps and --seeds seeds, evaluated on
           --test-items test items (greedy decoding); writes accuracy_<dataset>.{md,json,png}
 
 python bench/accuracy.py --dataset scitldr --stage sweep
+python bench/accuracy.py --dataset scitldr --stage ablate
 python bench/accuracy.py --dataset scitldr --stage final
 python bench/accuracy.py --dataset scitldr --stage report     # tables and plot from the runs done so far
 """
@@ -62,12 +65,24 @@ SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "to
 SWEEP_KNOB = {"lora": [{"lora_r": 16, "lora_alpha": 32}], "dora": [{"lora_r": 16, "lora_alpha": 32}],
               "prefix": [{"prefix_tokens": 40}], "smt": [{"smt_params": 5.0}]}
 SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer"]
+# Ablations of GreenTrainer ρ 0.5 at its swept lr on the validation split (the sweep's protocol), one change each
+SCHEDULES = Path(__file__).parent / "schedules"
+ABLATIONS = {
+    "importance dw (Σ|Δw|)": {"importance": "dw"},
+    "importance grad (Σ g²)": {"importance": "grad"},
+    "probe over 4 batches": {"probe_batches": 4},
+    "re-select every 8 steps": {"select_every": 8},
+    "select once": {"select_once": True},
+    "no full FT warm-up (the paper)": {"full_warmup_steps": 0},
+    "ρ 0.6 then 0.4 (no warm-up)": {"rho_schedule": str(SCHEDULES / "rho_0.6_then_0.4.json")},
+}
 FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
                "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3}
 # the rest: 1 seed
 
 
 def run_id(method: str, opts: dict, lr: float, seed: int, steps: int) -> str:
+    opts = {k: Path(v).stem if isinstance(v, str) and v.endswith(".json") else v for k, v in opts.items()}
     knobs = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(opts.items()))
     return f"{method}{knobs}-lr{lr:g}-s{seed}-{steps}steps"
 
@@ -187,6 +202,51 @@ def write_sweep(a, winners: dict) -> None:
     path.write_text(json.dumps(
         {"command": f"python bench/accuracy.py --dataset {a.dataset} --stage sweep", "steps": a.steps,
          "val_items": a.val_items, "winners": winners}, indent=1))
+    print("\n".join(lines))
+
+
+# ---------------------------------------------------------------- ablations
+
+def ablate(a, log) -> None:
+    """GreenTrainer ρ 0.5 at its swept lr with one change each (importance metric, probe size, re-selection,
+    warm-up, ρ schedule), against its defaults and full FT, on the validation split (issue 14, item 6)."""
+    winners = json.loads((RESULTS / f"accuracy_sweep_{a.dataset}.json").read_text())["winners"]
+    if "greentrainer" not in winners:
+        log("ablations: GreenTrainer's sweep is not finished; nothing to compare against")
+        return
+    lr, base_opts = winners["greentrainer"]["lr"], {"rho": a.sweep_rho}
+    rows = [("defaults", "", one_run(a, "sweep", "greentrainer", base_opts, lr, 0, log))]
+    for label, change in ABLATIONS.items():
+        if a.methods is None or label in a.methods:
+            shown = ", ".join(f"{k}={Path(v).name if isinstance(v, str) and v.endswith('.json') else v}"
+                              for k, v in change.items())
+            rows.append((label, shown, one_run(a, "ablate", "greentrainer", {**base_opts, **change}, lr, 0, log)))
+    full = winners.get("full")
+    ref = one_run(a, "sweep", "full", full["options"], full["lr"], 0, log) if full else None
+    base = rows[0][2]["val_loss"][-1]
+    lines = [f"# GreenTrainer ablations: {a.dataset}", "",
+             f"`python bench/accuracy.py --dataset {a.dataset} --stage ablate` — {machine()}", "",
+             f"GreenTrainer ρ {a.sweep_rho} at its validation-tuned lr {lr:g}, one change at a time; the sweep's "
+             f"protocol ({a.steps} optimizer steps of batch {a.batch_size}, {a.epochs} epochs, validation loss on "
+             f"{a.val_items} validation items, seed 0; the test split is not used). A lower loss than the defaults' "
+             f"is a candidate for a new default. One seed: differences of a few thousandths are within noise.", "",
+             "| variant | change | validation loss | vs defaults | FLOPs % of full | train time s |",
+             "|---|---|---|---|---|---|"]
+    if ref is not None:
+        lines.append(f"| full FT (lr {full['lr']:g}) | reference | {ref['val_loss'][-1]:.4f} | "
+                     f"{ref['val_loss'][-1] - base:+.4f} | 100.0 | {ref['train_time_s']:.0f} |")
+    for label, shown, r in rows:
+        if "val_loss" not in r:
+            lines.append(f"| {label} | {shown} | {r.get('error', 'failed')} | | | |")
+            continue
+        lines.append(f"| {label} | {shown} | {r['val_loss'][-1]:.4f} | {r['val_loss'][-1] - base:+.4f} | "
+                     f"{100 * r['flops_fraction_of_full']:.1f} | {r['train_time_s']:.0f} |")
+    (RESULTS / f"accuracy_ablations_{a.dataset}.md").write_text("\n".join(lines) + "\n")
+    write_json_atomic(RESULTS / f"accuracy_ablations_{a.dataset}.json",
+                      {"lr": lr, "rho": a.sweep_rho, "defaults_val_loss": base,
+                       "full_ft_val_loss": ref["val_loss"][-1] if ref else None,
+                       "rows": [{"label": l, "change": c, "val_loss": r.get("val_loss", [None])[-1],
+                                 "flops_fraction_of_full": r.get("flops_fraction_of_full")} for l, c, r in rows]})
     print("\n".join(lines))
 
 
@@ -312,7 +372,7 @@ def plot(rows, path, dataset) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="scitldr")
-    ap.add_argument("--stage", choices=("sweep", "final", "report"), required=True)
+    ap.add_argument("--stage", choices=("sweep", "ablate", "final", "report"), required=True)
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (sweep 64, final 256)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -332,12 +392,14 @@ def main() -> int:
         a.sweep_rho = 0.7
         a.methods = a.methods or ("full,greentrainer" if a.stage == "sweep" else "full,gt0.7")
     a.methods = a.methods.split(",") if a.methods else None
-    a.steps = a.steps or (64 if a.stage == "sweep" else 256)
+    a.steps = a.steps or (64 if a.stage in ("sweep", "ablate") else 256)
 
     def log(msg):
         print(msg, flush=True)
     if a.stage == "sweep":
         write_sweep(a, sweep(a, log))
+    elif a.stage == "ablate":
+        ablate(a, log)
     elif a.stage == "final":
         final(a, log)
         report(a)

@@ -145,3 +145,33 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     assert (gt["flops_min"], gt["flops_max"]) == (0.49, 0.5) and gt["selector_ms"] == pytest.approx(4.0)
     table = (tmp_path / "accuracy_scitldr.md").read_text()
     assert "| GreenTrainer ρ=0.5 | 2 |" in table and "| 4.0 |" in table and (tmp_path / "accuracy_scitldr.png").exists()
+
+
+def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path, monkeypatch):
+    """--stage ablate: GreenTrainer at its swept lr with each ablation's one change (its schedule file exists
+    and loads), a table against the defaults' and full FT's validation loss."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    from greentrainer.config import config_from_options
+    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
+        "full": {"lr": 3e-5, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
+    calls = []
+
+    def fake_run(a, stage, method, opts, lr, seed, log):
+        config_from_options(dict(method=method, lr=lr, **opts))  # every variant is a valid configuration
+        calls.append((stage, method, opts, lr))
+        return {"val_loss": [2.5 + 0.01 * len(calls)], "flops_fraction_of_full": 0.5, "train_time_s": 1.0}
+    monkeypatch.setattr(accuracy, "one_run", fake_run)
+    a = SimpleNamespace(dataset="scitldr", steps=64, val_items=64, batch_size=4, epochs=2, sweep_rho=0.5,
+                        methods=None)
+    accuracy.ablate(a, log=lambda *x: None)
+    assert calls[0] == ("sweep", "greentrainer", {"rho": 0.5}, 1e-4) and calls[-1][:2] == ("sweep", "full")
+    changed = [c[2] for c in calls[1:-1]]
+    assert len(changed) == len(accuracy.ABLATIONS) and all(c["rho"] == 0.5 and len(c) == 2 for c in changed)
+    table = (tmp_path / "accuracy_ablations_scitldr.md").read_text()
+    assert all(label in table for label in accuracy.ABLATIONS) and "| full FT (lr 3e-05) | reference |" in table
+    assert "rho_0.6_then_0.4.json" in table

@@ -328,7 +328,7 @@ class GreenTrainerMethod(Method):
     ``deselected_state`` (also read from ``cfg.deselected_state`` when the constructor is not given one).
     """
 
-    default_lr = 1e-4  # with the warm-up (learning_speed.md); until the validation sweep of bench/accuracy.py
+    default_lr = 1e-4  # the validation sweep's winner at rho 0.5 (bench/results/accuracy_sweep_scitldr.md)
     DESELECTED_STATE = ("drop", "cpu", "keep")
 
     def __init__(self, cfg, deselected_state: str | None = None, base_model: str | None = None):

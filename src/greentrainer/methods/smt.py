@@ -54,7 +54,8 @@ class SMTConfig(BlockOptions):
 
     warmup_steps: int = option(100, "warm-up steps of full fine-tuning whose gradients choose the blocks",
                                flag="smt_warmup")
-    params_percent: float = option(1.0, "trainable %% of all model parameters", flag="smt_params")
+    params_percent: float = option(5.0, "trainable %% of all model parameters (default: the validation sweep's "
+                                        "winner, bench/results/accuracy_sweep_scitldr.md)", flag="smt_params")
 
     def validate(self) -> None:
         self.check_options()
@@ -166,7 +167,7 @@ def block_means(abs_grad: torch.Tensor, l: int) -> torch.Tensor:
 class SMTMethod(Method):
     """Sparse Matrix Tuning: warm-up gradients choose l×l blocks; only those train."""
 
-    default_lr = 1e-4
+    default_lr = 1e-4  # the validation sweep's winner (bench/results/accuracy_sweep_scitldr.md)
 
     def __init__(self, cfg, share_inputs: bool = True):
         self.cfg = cfg

@@ -101,7 +101,7 @@ class LoraMethodConfig(LoraOptions):
 class PrefixMethodConfig(Options):
     """Prefix tuning knobs (passed to peft's PrefixTuningConfig)."""
 
-    prefix_tokens: int = option(20, "virtual tokens of the prefix")
+    prefix_tokens: int = option(40, "virtual tokens of the prefix (default: the validation sweep's winner)")
     prefix_init: str = option("data", "data: the base model's keys/values on the first training prompts "
                                       "(decoder-only); random: peft's default", choices=("data", "random"))
 
@@ -174,7 +174,7 @@ class PrefixMethod(PeftMethod):
     """Prefix tuning (peft), started from the model's own keys/values on training prompts."""
 
     supports_gradient_checkpointing = False  # peft's prefix caches do not survive the recompute
-    default_lr = 3e-3
+    default_lr = 3e-2  # the validation sweep's winner (bench/results/accuracy_sweep_scitldr.md)
 
     def peft_config(self, model, task):
         from peft import PrefixTuningConfig

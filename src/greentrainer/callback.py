@@ -143,15 +143,14 @@ class GreenTrainerCallback(TrainerCallback):
 
     def _totals(self, final: bool = False) -> dict:
         """FLOPs (and energy, CO2 and full fine-tuning's) so far, summed over the processes."""
-        dev = self._device
-        spent = _sum_over_processes(self.flops["steps"] + self.flops["probes"], dev)
-        full = _sum_over_processes(self.flops["full_ft_reference"], dev)
+        if self._meter is not None:
+            self._kwh = add_readings(self._kwh, self._meter.stop() if final else self._meter.lap())
+        spent, full, kwh = _sum_over_processes([self.flops["steps"] + self.flops["probes"],
+                                                self.flops["full_ft_reference"],
+                                                sum(self._kwh[k] for k in COMPONENTS)], self._device)
         out = {"flops": spent, "flops_full_ft_reference": full, "flops_fraction_of_full": spent / full if full else None,
                "trainable_tensors": len(self.current or ())}
         if self._meter is not None:
-            reading = self._meter.stop() if final else self._meter.lap()
-            self._kwh = add_readings(self._kwh, reading)
-            kwh = _sum_over_processes(sum(self._kwh[k] for k in COMPONENTS), dev)
             ref = kwh * full / spent if spent else 0.0
             out.update(energy_kwh=kwh, co2_g=kwh * self.intensity, energy_full_ft_reference_kwh=ref,
                        co2_full_ft_reference_g=ref * self.intensity, carbon_intensity_g_per_kwh=self.intensity,
@@ -295,14 +294,15 @@ def _average_grads(params) -> None:
     sync_gradients(params, _mean_over_processes)
 
 
-def _sum_over_processes(x: float, device=None) -> float:
-    """``x`` summed over the processes (itself on one); ``device``: where the backend reduces (NCCL: the GPU)."""
+def _sum_over_processes(xs: list[float], device=None) -> list[float]:
+    """``xs`` summed over the processes in one all-reduce (themselves on one); ``device``: where the backend
+    reduces (NCCL: the GPU)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(x)
-    t = torch.tensor([float(x)], dtype=torch.float64, device=device)
+        return [float(x) for x in xs]
+    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item())
+    return t.tolist()
 
 
 def _mean_over_processes(t):

@@ -563,7 +563,7 @@ def with_recompute(profile: TensorFlopsProfile, meta_model, layer_flops: dict) -
         if own:
             prof.tensors[min(own)].t_dy += pending
             pending = 0
-    below = [i for i in range(len(prof.names)) if i not in owned and owned and i > max(owned)]
+    below = range(max(owned) + 1, len(prof.names)) if owned else ()  # tensors under every block
     if pending and below:  # blocks with nothing profiled at the bottom, and a tensor below them (an embedding)
         prof.tensors[min(below)].t_dy += pending
     prof.t_full += sum(layer_flops.values())

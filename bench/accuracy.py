@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS, machine
-from greentrainer.files import write_json_atomic
+from greentrainer.files import write_json_atomic, write_text_atomic
 
 # Methods of the comparison: label -> (method, options). GreenTrainer's lr is swept at ρ 0.5 and shared.
 VARIANTS = {
@@ -81,8 +81,13 @@ FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0
 # the rest: 1 seed
 
 
+def shown(v):
+    """An option as run names and tables show it: a schedule file by its stem."""
+    return Path(v).stem if isinstance(v, str) and v.endswith(".json") else v
+
+
 def run_id(method: str, opts: dict, lr: float, seed: int, steps: int) -> str:
-    opts = {k: Path(v).stem if isinstance(v, str) and v.endswith(".json") else v for k, v in opts.items()}
+    opts = {k: shown(v) for k, v in opts.items()}
     knobs = "".join(f"-{k}{v:g}" if isinstance(v, float) else f"-{k}{v}" for k, v in sorted(opts.items()))
     return f"{method}{knobs}-lr{lr:g}-s{seed}-{steps}steps"
 
@@ -186,7 +191,8 @@ def write_sweep(a, winners: dict) -> None:
         winners = {**old["winners"], **winners}
     winners = {m: winners[m] for m in sorted(winners, key=lambda m: SWEEP_ORDER.index(m))}
     lines = [f"# Validation sweep: {a.dataset}", "",
-             f"`python bench/accuracy.py --dataset {a.dataset} --stage sweep` — {machine()}", "",
+             f"`python bench/accuracy.py --dataset {a.dataset} --stage sweep` — table written on {machine()}; "
+             f"each run's own machine line is in its JSON (accuracy/{a.dataset}/sweep/)", "",
              f"Default model, prompt format auto (chat), {a.steps} optimizer steps of batch {a.batch_size} "
              f"({a.epochs} epochs), final validation loss on {a.val_items} items of the validation split "
              f"(the test split is not used). GreenTrainer at ρ 0.5. Bold: the winner, which is the method's "
@@ -198,10 +204,9 @@ def write_sweep(a, winners: dict) -> None:
             b = "**" if win else ""
             lines.append(f"| {b}{method}{b} | {t['lr']:g} | {json.dumps(t['options']) if t['options'] else ''} | "
                          f"{b}{t['val_loss']:.4f}{b} |")
-    (RESULTS / f"accuracy_sweep_{a.dataset}.md").write_text("\n".join(lines) + "\n")
-    path.write_text(json.dumps(
-        {"command": f"python bench/accuracy.py --dataset {a.dataset} --stage sweep", "steps": a.steps,
-         "val_items": a.val_items, "winners": winners}, indent=1))
+    write_text_atomic(RESULTS / f"accuracy_sweep_{a.dataset}.md", "\n".join(lines) + "\n")
+    write_json_atomic(path, {"command": f"python bench/accuracy.py --dataset {a.dataset} --stage sweep",
+                             "steps": a.steps, "val_items": a.val_items, "winners": winners})
     print("\n".join(lines))
 
 
@@ -218,9 +223,8 @@ def ablate(a, log) -> None:
     rows = [("defaults", "", one_run(a, "sweep", "greentrainer", base_opts, lr, 0, log))]
     for label, change in ABLATIONS.items():
         if a.methods is None or label in a.methods:
-            shown = ", ".join(f"{k}={Path(v).name if isinstance(v, str) and v.endswith('.json') else v}"
-                              for k, v in change.items())
-            rows.append((label, shown, one_run(a, "ablate", "greentrainer", {**base_opts, **change}, lr, 0, log)))
+            change_shown = ", ".join(f"{k}={shown(v)}" for k, v in change.items())
+            rows.append((label, change_shown, one_run(a, "ablate", "greentrainer", {**base_opts, **change}, lr, 0, log)))
     full = winners.get("full")
     ref = one_run(a, "sweep", "full", full["options"], full["lr"], 0, log) if full else None
     base = rows[0][2]["val_loss"][-1]
@@ -235,13 +239,13 @@ def ablate(a, log) -> None:
     if ref is not None:
         lines.append(f"| full FT (lr {full['lr']:g}) | reference | {ref['val_loss'][-1]:.4f} | "
                      f"{ref['val_loss'][-1] - base:+.4f} | 100.0 | {ref['train_time_s']:.0f} |")
-    for label, shown, r in rows:
+    for label, change_shown, r in rows:
         if "val_loss" not in r:
-            lines.append(f"| {label} | {shown} | {r.get('error', 'failed')} | | | |")
+            lines.append(f"| {label} | {change_shown} | {r.get('error', 'failed')} | | | |")
             continue
-        lines.append(f"| {label} | {shown} | {r['val_loss'][-1]:.4f} | {r['val_loss'][-1] - base:+.4f} | "
+        lines.append(f"| {label} | {change_shown} | {r['val_loss'][-1]:.4f} | {r['val_loss'][-1] - base:+.4f} | "
                      f"{100 * r['flops_fraction_of_full']:.1f} | {r['train_time_s']:.0f} |")
-    (RESULTS / f"accuracy_ablations_{a.dataset}.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(RESULTS / f"accuracy_ablations_{a.dataset}.md", "\n".join(lines) + "\n")
     write_json_atomic(RESULTS / f"accuracy_ablations_{a.dataset}.json",
                       {"lr": lr, "rho": a.sweep_rho, "defaults_val_loss": base,
                        "full_ft_val_loss": ref["val_loss"][-1] if ref else None,
@@ -254,7 +258,8 @@ def ablate(a, log) -> None:
 
 def measured_rho(a, opts: dict) -> dict | None:
     """``opts`` with ``rho`` naming a method resolved to the FLOPs fraction that method's first final run (seed
-    0) measured (None while it has none)."""
+    0) measured (None while it has none). Read for every variant: the method it names may have finished earlier
+    in the same pass."""
     if not isinstance(opts.get("rho"), str):
         return opts
     folder = RESULTS / "accuracy" / a.dataset / "final"
@@ -337,8 +342,8 @@ def report(a) -> list[dict]:
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
                      f"{r['ci_high']:.1f}) | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
-    (RESULTS / f"accuracy_{a.dataset}.md").write_text("\n".join(lines) + "\n")
-    (RESULTS / f"accuracy_{a.dataset}.json").write_text(json.dumps({"rows": rows}, indent=1))
+    write_text_atomic(RESULTS / f"accuracy_{a.dataset}.md", "\n".join(lines) + "\n")
+    write_json_atomic(RESULTS / f"accuracy_{a.dataset}.json", {"rows": rows})
     plot(rows, RESULTS / f"accuracy_{a.dataset}.png", a.dataset)
     print("\n".join(lines))
     return rows

@@ -174,4 +174,4 @@ def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path
     assert len(changed) == len(accuracy.ABLATIONS) and all(c["rho"] == 0.5 and len(c) == 2 for c in changed)
     table = (tmp_path / "accuracy_ablations_scitldr.md").read_text()
     assert all(label in table for label in accuracy.ABLATIONS) and "| full FT (lr 3e-05) | reference |" in table
-    assert "rho_0.6_then_0.4.json" in table
+    assert "rho_schedule=rho_0.6_then_0.4 |" in table  # a schedule file by its stem, as in run names

@@ -355,6 +355,23 @@ def test_a_warm_up_that_cannot_be_repaid_is_refused():
         run("greentrainer", make_tiny("llama"), epochs=2, rho=0.6, full_warmup_steps=7)
 
 
+def test_trainer_callback_probe_over_several_batches_is_paid_within_rho(tmp_path):
+    """probe_batches=K: each probe averages K steps' batches, costs about K times the FLOPs, and the run
+    still stays within ρ of full fine-tuning's FLOPs on the same batches; K < 1 is refused."""
+    from greentrainer.callback import GreenTrainerCallback
+    from greentrainer.errors import UsageError
+    probes = {}
+    for k in (1, 2):
+        cb = GreenTrainerCallback(rho=0.7, probe_batches=k, log=lambda *a: None)
+        tiny_trainer(make_tiny("llama"), tmp_path, 64, [cb]).train()
+        assert [s["probe_batches"] for s in cb.selections] == [k, k]
+        assert cb.flops["steps"] + cb.flops["probes"] <= 0.7 * cb.flops["full_ft_reference"]
+        probes[k] = cb.flops["probes"]
+    assert probes[2] > 1.5 * probes[1]
+    with pytest.raises(UsageError, match="probe-batches"):
+        GreenTrainerCallback(probe_batches=0)
+
+
 def test_trainer_callback_under_fp16_with_a_gradient_scaler(tmp_path):
     """fp16: the Trainer's optimizer is wrapped with a GradScaler, whose step() would refuse the probe's step (no
     inf checks recorded for it). On CPU Accelerate makes no scaler, so a real one is put in before training."""

@@ -5,7 +5,7 @@
 
 The Trainer builds its optimizer before ``on_train_begin``, while every tensor still requires grad, so
 tensors selected later have optimizer state and really train. Selection runs at every epoch start (or
-every ``select_every`` steps).
+every ``select_every`` steps); its probe averages ``probe_batches`` optimizer steps' batches, paid within ρ.
 
 What it reports (in the Trainer's logs, under ``greentrainer/``, and in :attr:`GreenTrainerCallback.report`
 with one summary line at the end): the measured FLOPs against full fine-tuning's on the same batches and,
@@ -30,11 +30,13 @@ from .methods.greentrainer import GreenTrainerConfig, can_pay_probe, check_budge
 class GreenTrainerCallback(TrainerCallback):
     def __init__(self, rho: float = 0.6, importance: str = "dw_grad", select_every: int | None = None,
                  seq_len: int | None = None, energy: bool = True, carbon_intensity: str | float | None = None,
-                 log=print):
-        GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every).validate()  # UsageError
+                 probe_batches: int = 1, log=print):
+        GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every,
+                           probe_batches=probe_batches).validate()  # UsageError
         if seq_len is not None and seq_len <= 0:
             raise UsageError(f"seq_len must be positive, got {seq_len}")
         self.rho, self.importance, self.select_every, self.seq_len, self.log = rho, importance, select_every, seq_len, log
+        self.probe_batches = probe_batches  # training batches (steps) whose gradients the probe averages
         self.selections: list[dict] = []
         self.current = None
         self.energy = energy
@@ -73,7 +75,8 @@ class GreenTrainerCallback(TrainerCallback):
             self.profile = self._adapter_profile(model, shape)
         self.accum = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
-        check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum, self.accum)
+        check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
+                     self.accum * self.probe_batches, "rho")
         for _, p in unique_named_parameters(model):
             p.requires_grad_(False)
         if self.current:  # resumed from a Trainer checkpoint: the selection it was training
@@ -231,18 +234,18 @@ class GreenTrainerCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)
         lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
         governs = steps_governed(state.global_step, state.max_steps, self.select_every or self.steps_per_epoch)
-        if self.current and not can_pay_probe(self.profile, self.rho, governs, self.accum):
+        if self.current and not can_pay_probe(self.profile, self.rho, governs, self.accum, self.probe_batches):
             self.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
             return
         done = state.global_step  # real batches are shorter than the profiled one: a probe weighs more
         scale = self.flops["full_ft_reference"] / (done * self.accum) / self.profile.t_full if done else 1.0
-        batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum)]
+        batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum * self.probe_batches)]
         chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
                                   self.profile, self.rho, governs * self.accum,
                                   self.importance, previous=self.current, log=self.log, agree=_first_process,
                                   count=self._count_probe, debt=self._debt, step_scale=scale,
                                   reduce_grads=_average_grads if self._world > 1 else None)
-        rec["step"] = state.global_step
+        rec.update(step=state.global_step, probe_batches=self.probe_batches)
         self.current = chosen
         self.selections.append(rec)
 

@@ -96,21 +96,23 @@ def test_torchrun_cli_writes_one_complete_run_folder(tmp_path, tiny_model_dir, j
 
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_trainer_callback_on_two_processes_trains_one_model(tmp_path, accum):
+@pytest.mark.parametrize("accum,warmup", [(1, "default"), (2, "0")])
+def test_trainer_callback_on_two_processes_trains_one_model(tmp_path, accum, warmup):
     """A user's own Trainer script with GreenTrainerCallback under torchrun: DDP's reducer cannot follow a
     changing trainable set, so the callback averages exactly the trainable gradients itself. The two processes
     see different batches and must still end with the same weights, the same selections, and nothing trained
-    outside them (without that sync the processes' weights differ)."""
+    outside them (without that sync the processes' weights differ); with the full fine-tuning warm-up (every
+    tensor's gradient averaged) too."""
     import json
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent / "src"))
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
            str(28500 + os.getpid() % 1000 + accum), str(Path(__file__).parent / "trainer_ddp_driver.py"), str(tmp_path),
-           str(accum)]
+           str(accum), warmup]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert a["steps"] == 16 // accum and len(a["selections"]) == 2
+    assert a["steps"] == 16 // accum
+    assert a["kinds"] == (["warm-up", "probe", "probe"] if warmup == "default" else ["probe", "probe"])
     assert a["digest"] == b["digest"] and a["selections"] == b["selections"]
     assert a["changed"] == sorted(set().union(*map(set, a["selections"])))
     assert 0 < a["flops"]["steps"] + a["flops"]["probes"] <= 0.7 * a["flops"]["full_ft_reference"]

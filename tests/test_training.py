@@ -153,7 +153,7 @@ def test_transformers_trainer_callback(tmp_path):
     from greentrainer.callback import GreenTrainerCallback
     model = make_tiny("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    cb = GreenTrainerCallback(rho=0.7, full_warmup_steps=0, log=lambda *a: None)  # the paper's selections only
     tiny_trainer(model, tmp_path, 16, [cb], num_train_epochs=3).train()
     assert len(cb.selections) == 3
     later = set(cb.selections[1]["selected"]) | set(cb.selections[2]["selected"])
@@ -257,8 +257,10 @@ def test_trainer_callback_with_checkpointing_or_accumulation(tmp_path, setting):
         {"gradient_accumulation_steps": 2}
     cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
     tiny_trainer(model, tmp_path, 64, [cb], **extra).train()
-    assert len(cb.selections) == 2 and all(s["n_selected"] > 0 for s in cb.selections)
-    assert all(any(x != 0 for x in s["importance"]) for s in cb.selections)
+    probes = [s for s in cb.selections if s["kind"] == "probe"]  # after the full fine-tuning warm-up
+    assert cb.selections[0]["kind"] == "warm-up" and len(probes) == 2 and all(s["n_selected"] > 0 for s in probes)
+    assert all(any(x != 0 for x in s["importance"]) for s in probes)
+    assert cb.flops["steps"] + cb.flops["probes"] <= 0.7 * cb.flops["full_ft_reference"]
     if setting == "gradient_checkpointing":
         assert not hasattr(model, "_require_grads_hook")
         from greentrainer.flops import profile_config
@@ -275,7 +277,9 @@ def test_trainer_callback_state_travels_with_trainer_checkpoints(tmp_path):
     ckpt = sorted(tmp_path.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
     restored = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
     restored.load_state(str(ckpt))
-    assert restored.current == cb.selections[0]["selected"] and len(restored.selections) == 1
+    n = len(restored.selections)  # the warm-up and the selection after it, at the end of epoch 1
+    assert n == 2 and [s["selected"] for s in restored.selections] == [s["selected"] for s in cb.selections[:n]]
+    assert restored.current == cb.selections[n - 1]["selected"]
 
 
 def test_trainer_callback_logs_measured_flops_for_the_loggers(tmp_path):
@@ -364,7 +368,7 @@ def test_trainer_callback_probe_over_several_batches_is_paid_within_rho(tmp_path
     for k in (1, 2):
         cb = GreenTrainerCallback(rho=0.7, probe_batches=k, log=lambda *a: None)
         tiny_trainer(make_tiny("llama"), tmp_path, 64, [cb]).train()
-        assert [s["probe_batches"] for s in cb.selections] == [k, k]
+        assert [s.get("probe_batches") for s in cb.selections if s["kind"] == "probe"] == [k, k]
         assert cb.flops["steps"] + cb.flops["probes"] <= 0.7 * cb.flops["full_ft_reference"]
         probes[k] = cb.flops["probes"]
     assert probes[2] > 1.5 * probes[1]
@@ -381,7 +385,30 @@ def test_trainer_callback_under_fp16_with_a_gradient_scaler(tmp_path):
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu")
     trainer.train()
     assert trainer.optimizer.scaler is not None  # the Trainer really stepped through the scaler
-    assert len(cb.selections) == 2 and all(any(x != 0 for x in s["importance"]) for s in cb.selections)
+    probes = [s for s in cb.selections if s["kind"] == "probe"]
+    assert len(probes) == 2 and all(any(x != 0 for x in s["importance"]) for s in probes)
+
+
+def test_trainer_callback_starts_with_full_fine_tuning_repaid_within_rho(tmp_path):
+    """As the CLI: the first 1/8 of the run trains every tensor without a probe, the selections after it repay
+    the extra FLOPs (the run stays within ρ, measured), every tensor changes in the warm-up; 0 gives the
+    paper's method; a warm-up the rest cannot repay is refused."""
+    from greentrainer.callback import GreenTrainerCallback
+    from greentrainer.errors import UsageError
+    model = make_tiny("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cb = GreenTrainerCallback(rho=0.6, log=lambda *a: None)
+    tiny_trainer(model, tmp_path, 64, [cb], num_train_epochs=2).train()  # 32 steps: 4 of warm-up
+    assert cb.warmup == 4 and [(s["kind"], s["step"]) for s in cb.selections] == [("warm-up", 0), ("probe", 4),
+                                                                                   ("probe", 16)]
+    assert cb.selections[0]["n_selected"] == len(cb.profile.names)
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())  # all trained, in the warm-up
+    assert cb.flops["steps"] + cb.flops["probes"] <= 0.6 * cb.flops["full_ft_reference"]
+    paper = GreenTrainerCallback(rho=0.6, full_warmup_steps=0, log=lambda *a: None)
+    tiny_trainer(make_tiny("llama"), tmp_path, 64, [paper]).train()
+    assert paper.warmup == 0 and all(s["kind"] == "probe" for s in paper.selections)
+    with pytest.raises(UsageError, match="full_warmup_steps 30"):
+        tiny_trainer(make_tiny("llama"), tmp_path, 64, [GreenTrainerCallback(rho=0.6, full_warmup_steps=30)]).train()
 
 
 def test_full_warm_up_from_the_command_line_writes_its_selection_records(tmp_path, tiny_model_dir, data):

@@ -13,10 +13,10 @@ from test_training import make_tiny, tiny_trainer  # noqa: E402
 from greentrainer.callback import GreenTrainerCallback  # noqa: E402
 
 
-def main(out: str, accum: int) -> None:
+def main(out: str, accum: int, warmup: int | None) -> None:
     model = make_tiny("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cb = GreenTrainerCallback(rho=0.7, log=lambda *a: None)
+    cb = GreenTrainerCallback(rho=0.7, full_warmup_steps=warmup, log=lambda *a: None)
     trainer = tiny_trainer(model, out, 32, [], per_device_train_batch_size=2, gradient_accumulation_steps=accum,
                            ddp_backend="gloo")
     cb.attach(trainer)
@@ -29,6 +29,7 @@ def main(out: str, accum: int) -> None:
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump({"digest": digest.hexdigest(), "changed": changed, "flops": cb.flops,
                    "selections": [s["selected"] for s in cb.selections], "steps": trainer.state.global_step,
+                   "kinds": [s["kind"] for s in cb.selections],
                    "report": {k: v for k, v in cb.report.items() if k != "energy"}}, f)
     import torch.distributed as dist
     if dist.is_initialized():  # leave together, then exit at once: torch's teardown of a gloo run can abort
@@ -40,4 +41,4 @@ def main(out: str, accum: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), None if sys.argv[3] == "default" else int(sys.argv[3]))

@@ -6,6 +6,8 @@
 The Trainer builds its optimizer before ``on_train_begin``, while every tensor still requires grad, so
 tensors selected later have optimizer state and really train. Selection runs at every epoch start (or
 every ``select_every`` steps); its probe averages ``probe_batches`` optimizer steps' batches, paid within ρ.
+As the CLI, the first 1/8 of the run is full fine-tuning (``full_warmup_steps``; 0: the paper's method), repaid
+by the selections after it, so the run as a whole stays within ρ.
 
 What it reports (in the Trainer's logs, under ``greentrainer/``, and in :attr:`GreenTrainerCallback.report`
 with one summary line at the end): the measured FLOPs against full fine-tuning's on the same batches and,
@@ -24,19 +26,22 @@ from transformers import TrainerCallback
 from .energy import COMPONENTS, EnergyMeter, add_readings, fmt_co2, fmt_energy, parse_intensity
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
-from .methods.greentrainer import GreenTrainerConfig, can_pay_probe, check_budget, select_step, steps_governed
+from .methods.greentrainer import (GreenTrainerConfig, can_pay_probe, check_budget, select_step, steps_governed,
+                                   warmup_steps)
 
 
 class GreenTrainerCallback(TrainerCallback):
     def __init__(self, rho: float = 0.6, importance: str = "dw_grad", select_every: int | None = None,
                  seq_len: int | None = None, energy: bool = True, carbon_intensity: str | float | None = None,
-                 probe_batches: int = 1, log=print):
-        GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every,
-                           probe_batches=probe_batches).validate()  # UsageError
+                 probe_batches: int = 1, full_warmup_steps: int | None = None, log=print):
+        GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every, probe_batches=probe_batches,
+                           full_warmup_steps=full_warmup_steps).validate()  # UsageError
         if seq_len is not None and seq_len <= 0:
             raise UsageError(f"seq_len must be positive, got {seq_len}")
         self.rho, self.importance, self.select_every, self.seq_len, self.log = rho, importance, select_every, seq_len, log
         self.probe_batches = probe_batches  # training batches (steps) whose gradients the probe averages
+        self.full_warmup_steps = full_warmup_steps  # None: 1/8 of the run, as the CLI; 0: the paper's method
+        self.warmup = 0  # steps of full fine-tuning first, set from the run's length at its start
         self.selections: list[dict] = []
         self.current = None
         self.energy = energy
@@ -77,6 +82,11 @@ class GreenTrainerCallback(TrainerCallback):
         self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
         check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
                      self.accum * self.probe_batches, "rho")
+        self.warmup = warmup_steps(self.profile, self.rho, state.max_steps, self.full_warmup_steps, self.select_every,
+                                   flag="full_warmup_steps")
+        if self.warmup and not self.current:
+            self.log(f"GreenTrainer: full fine-tuning for the first {self.warmup} of {state.max_steps} steps, repaid "
+                     f"by the selections after them (the run stays within ρ {self.rho})")
         for _, p in unique_named_parameters(model):
             p.requires_grad_(False)
         if self.current:  # resumed from a Trainer checkpoint: the selection it was training
@@ -234,7 +244,9 @@ class GreenTrainerCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)
         lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
         governs = steps_governed(state.global_step, state.max_steps, self.select_every or self.steps_per_epoch)
-        if self.current and not can_pay_probe(self.profile, self.rho, governs, self.accum, self.probe_batches):
+        warm_up_ended = self._in_warmup()
+        if self.current and not warm_up_ended and not can_pay_probe(self.profile, self.rho, governs, self.accum,
+                                                                    self.probe_batches):
             self.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
             return
         done = state.global_step  # real batches are shorter than the profiled one: a probe weighs more
@@ -242,24 +254,42 @@ class GreenTrainerCallback(TrainerCallback):
         batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum * self.probe_batches)]
         chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
                                   self.profile, self.rho, governs * self.accum,
-                                  self.importance, previous=self.current, log=self.log, agree=_first_process,
-                                  count=self._count_probe, debt=self._debt, step_scale=scale,
-                                  reduce_grads=_average_grads if self._world > 1 else None)
-        rec.update(step=state.global_step, probe_batches=self.probe_batches)
+                                  self.importance, previous=None if warm_up_ended else self.current, log=self.log,
+                                  agree=_first_process, count=self._count_probe, debt=self._debt, step_scale=scale,
+                                  reduce_grads=_average_grads if self._world > 1 else None,
+                                  repay_steps=(state.max_steps - state.global_step) * self.accum if self.warmup else None)
+        rec.update(step=state.global_step, probe_batches=self.probe_batches, kind="probe")
         self.current = chosen
         self.selections.append(rec)
+
+    def _in_warmup(self) -> bool:
+        return bool(self.selections) and self.selections[-1].get("kind") == "warm-up"
+
+    def _select_or_warm_up(self, state, model, optimizer, lr_scheduler, train_dataloader):
+        if state.global_step >= self.warmup:
+            self._select(state, model, optimizer, lr_scheduler, train_dataloader)
+        elif not self._in_warmup():  # the full fine-tuning warm-up: every candidate trains, no probe
+            names = list(self.profile.names)
+            keep = set(names)
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in keep)
+            self.current = names
+            self.selections.append({"rho": 1.0, "n_selected": len(names), "selected": names,
+                                    "step": state.global_step, "kind": "warm-up", "note": "full fine-tuning warm-up"})
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kw):
         self._stop_counting()
         if self.select_every is None:
-            self._select(state, model, optimizer, lr_scheduler, train_dataloader)
+            self._select_or_warm_up(state, model, optimizer, lr_scheduler, train_dataloader)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                       train_dataloader=None, **kw):
         self._stop_counting()
-        if self.select_every is not None and state.global_step % self.select_every == 0:
-            self._select(state, model, optimizer, lr_scheduler, train_dataloader)
+        if self.warmup and state.global_step == self.warmup and self._in_warmup():
+            self._select(state, model, optimizer, lr_scheduler, train_dataloader)  # the first, after the warm-up
+        elif self.select_every is not None and state.global_step % self.select_every == 0:
+            self._select_or_warm_up(state, model, optimizer, lr_scheduler, train_dataloader)
         self._counter, self._in_step = FlopCounter(), True  # counts this step's micro-batches, until on_step_end
         self._counter.__enter__()
 

@@ -297,6 +297,24 @@ def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_sele
 WARMUP_SHARE = 8  # default warm-up: 1/8 of the run's steps (bench/results/learning_speed.md)
 
 
+def warmup_steps(profile, rho: float, total_steps: int, requested: int | None = None,
+                 select_every: int | None = None, scheduled: bool = False, flag: str = "--full-warmup-steps") -> int:
+    """Steps of full fine-tuning before the first selection: ``requested``, or 1/8 of the run (none with a ρ
+    schedule), at most what the steps after it can repay within ρ (each at least the cheapest useful step,
+    probes aside), ending on a selection point (a probe is not worth a window of one step)."""
+    if requested == 0 or (requested is None and scheduled):
+        return 0
+    lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full, branches=profile.branch_tuples)
+    most = max(int(total_steps * (rho - lo) / (1 - lo)), 0)
+    if requested is None:
+        warm = min(total_steps // WARMUP_SHARE, most)
+        return warm - warm % select_every if select_every else warm
+    if requested > most:
+        raise UsageError(f"{flag} {requested}: the other {max(total_steps - requested, 0)} steps of the run cannot "
+                         f"repay it within ρ {rho}; at most {most} of its {total_steps} steps")
+    return requested
+
+
 @register_method("greentrainer", config_cls=GreenTrainerConfig)
 class GreenTrainerMethod(Method):
     """GreenTrainer: the most important tensors whose backward fits ρ of full FT's FLOPs train.
@@ -397,22 +415,8 @@ class GreenTrainerMethod(Method):
         self.warmup = self._warmup_steps(profile, total_steps)
 
     def _warmup_steps(self, profile, total_steps: int) -> int:
-        """Steps of full fine-tuning first: the option's, or 1/8 of the run (none with a ρ schedule), at most
-        what the steps after it can repay (each at least the cheapest useful step, probes aside), ending on a
-        selection point (a probe is not worth a window of one step)."""
-        warm = self.cfg.full_warmup_steps
-        if warm == 0 or (warm is None and self.schedule):
-            return 0
-        lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full,
-                              branches=profile.branch_tuples)
-        most = max(int(total_steps * (self.cfg.rho - lo) / (1 - lo)), 0)
-        if warm is None:
-            warm = min(total_steps // WARMUP_SHARE, most)
-            return warm - warm % self.cfg.select_every if self.cfg.select_every else warm
-        if warm > most:
-            raise UsageError(f"--full-warmup-steps {warm}: the other {max(total_steps - warm, 0)} steps of the run "
-                             f"cannot repay it within ρ {self.cfg.rho}; at most {most} of its {total_steps} steps")
-        return warm
+        return warmup_steps(profile, self.cfg.rho, total_steps, self.cfg.full_warmup_steps, self.cfg.select_every,
+                            bool(self.schedule))
 
     def prepare(self, model, ctx):
         self.gradient_checkpointing = ctx.cfg.gradient_checkpointing  # the profile charges the recompute

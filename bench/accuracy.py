@@ -128,6 +128,8 @@ def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -
            "train_time_s": t["time_s"], "wall_s": wall, "prompt_format": m.get("prompt_format"),
            "selector_time_s": [s["selector_time_s"] for h in m["history"] for s in h.get("selections", [])
                                if "selector_time_s" in s],  # GreenTrainer: each selection's solve
+           "selections": [{k: s[k] for k in ("step", "kind", "n_selected", "predicted_fraction_of_full", "selected")
+                           if k in s} for h in m["history"] for s in h.get("selections", [])],  # what trained
            "config": m["config"], "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if final:
         res["eval"] = m["eval"]

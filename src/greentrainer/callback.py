@@ -244,8 +244,8 @@ class GreenTrainerCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)
         lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
         governs = steps_governed(state.global_step, state.max_steps, self.select_every or self.steps_per_epoch)
-        warm_up_ended = self._in_warmup()
-        if self.current and not warm_up_ended and not can_pay_probe(self.profile, self.rho, governs, self.accum,
+        ends_warmup = self._in_warmup()
+        if self.current and not ends_warmup and not can_pay_probe(self.profile, self.rho, governs, self.accum,
                                                                     self.probe_batches):
             self.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
             return
@@ -254,10 +254,10 @@ class GreenTrainerCallback(TrainerCallback):
         batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum * self.probe_batches)]
         chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
                                   self.profile, self.rho, governs * self.accum,
-                                  self.importance, previous=None if warm_up_ended else self.current, log=self.log,
+                                  self.importance, previous=None if ends_warmup else self.current, log=self.log,
                                   agree=_first_process, count=self._count_probe, debt=self._debt, step_scale=scale,
                                   reduce_grads=_average_grads if self._world > 1 else None,
-                                  repay_steps=(state.max_steps - state.global_step) * self.accum if self.warmup else None)
+                                  repay_steps=(state.max_steps - done) * self.accum if self.warmup else None)
         rec.update(step=state.global_step, probe_batches=self.probe_batches, kind="probe")
         self.current = chosen
         self.selections.append(rec)

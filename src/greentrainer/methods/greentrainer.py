@@ -543,7 +543,8 @@ class GreenTrainerMethod(Method):
             chosen, rec = self._select_blocks(ctx, rho, debt, governs * micro, scale, repay)
         else:
             chosen, rec = select_step(ctx.model, ctx.optimizer, ctx.scheduler,
-                                      ctx.sample_batches(self.cfg.probe_batches), self.profile, rho, governs * micro, self.cfg.importance,
+                                      ctx.sample_batches(self.cfg.probe_batches), self.profile, rho, governs * micro,
+                                      self.cfg.importance,
                                       self.cfg.resolution, None if warm_up_ended else self.current, ctx.count,
                                       ctx.autocast, ctx.log, debt, scale, ctx.reduce_gradients if world > 1 else None,
                                       ctx.broadcast, repay)

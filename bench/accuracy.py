@@ -20,8 +20,10 @@ python bench/accuracy.py --dataset scitldr --stage report     # tables and plot 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -98,6 +100,46 @@ def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -
     path = folder / f"{run_id(method, opts, lr, seed, a.steps)}.json"
     if path.is_file():
         return json.loads(path.read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    with claim(path.with_suffix(".lock")) as mine:
+        if not mine:  # another process of this script trains it now
+            log(f"  {path.name}: running in another process; skipped")
+            return {"error": "running in another process"}
+        if path.is_file():  # finished by another process just now
+            return json.loads(path.read_text())
+        return _train_one(a, stage, method, opts, lr, seed, log, path)
+
+
+@contextlib.contextmanager
+def claim(lock: Path):
+    """Whether this process may train the run: the lock file is created atomically and holds our pid; a lock
+    whose process is gone is taken over. Two processes of this script (one per core) can then walk the same
+    list of runs without training any twice."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                os.kill(int(lock.read_text() or 0), 0)
+                yield False  # alive (or not ours to signal: treat as alive)
+                return
+            except (ProcessLookupError, ValueError):
+                lock.unlink(missing_ok=True)  # its process died: take the run over
+                continue
+            except PermissionError:
+                yield False
+                return
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        try:
+            yield True
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield False
+
+
+def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
     from greentrainer.config import config_from_options
     from greentrainer.errors import UsageError
     from greentrainer.run import run_training
@@ -135,7 +177,6 @@ def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -
         res["eval"] = m["eval"]
         res["per_item_rougeL"] = per_item_rouge(preds)
         res["predictions"] = preds[:3]
-    folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, res)
     log(f"  {path.name}: val loss {res['val_loss'][-1]:.4f}"
         + (f", ROUGE-L {res['eval']['rougeL_first_ref']:.1f}" if final else "") + f" ({wall:.0f} s)")

@@ -175,3 +175,26 @@ def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path
     table = (tmp_path / "accuracy_ablations_scitldr.md").read_text()
     assert all(label in table for label in accuracy.ABLATIONS) and "| full FT (lr 3e-05) | reference |" in table
     assert "rho_schedule=rho_0.6_then_0.4 |" in table  # a schedule file by its stem, as in run names
+
+
+def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_path, monkeypatch):
+    """A run's lock holds the pid training it: a second process skips the run while that process lives, takes it
+    over once it is gone, and the lock goes when the run ends."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    trained = []
+    monkeypatch.setattr(accuracy, "_train_one", lambda *args: trained.append(args[-1].name) or {"val_loss": [1.0]})
+    a = SimpleNamespace(dataset="scitldr", steps=8)
+    lock = tmp_path / "accuracy" / "scitldr" / "final" / f"{accuracy.run_id('full', {}, 1e-4, 0, 8)}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(str(os.getpid()))  # a live process trains it
+    skipped = accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None)
+    assert skipped == {"error": "running in another process"} and not trained and lock.exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(gone.stdout.strip())  # its process died: the run is taken over
+    assert accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None) == {"val_loss": [1.0]}
+    assert trained == [lock.with_suffix(".json").name] and not lock.exists()

@@ -2,7 +2,8 @@
 test split with 95% bootstrap confidence intervals and a Pareto plot of ROUGE-L against measured FLOPs.
 
 Stages, each one JSON per run in bench/results/accuracy/<dataset>/ (a run whose file exists is skipped, so
-the script can be stopped and started again, across sessions):
+the script can be stopped and started again, across sessions; several processes, e.g. one per core with
+`OMP_NUM_THREADS=1 taskset -c N`, can run a stage together: each run is claimed by a lock file holding its pid):
 
   sweep   each method's learning rate (then LoRA/DoRA rank, prefix length, SMT budget) on the VALIDATION split:
           a short run per setting, the lowest final validation loss wins (a winner at the edge of the lr grid

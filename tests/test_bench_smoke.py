@@ -164,17 +164,24 @@ def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path
     def fake_run(a, stage, method, opts, lr, seed, log):
         config_from_options(dict(method=method, lr=lr, **opts))  # every variant is a valid configuration
         calls.append((stage, method, opts, lr))
-        return {"val_loss": [2.5 + 0.01 * len(calls)], "flops_fraction_of_full": 0.5, "train_time_s": 1.0}
+        loss = 2.5 if len(calls) == 1 else 2.505 if seed == 1 else 2.45 if "probe_batches" in opts else 2.51
+        return {"val_loss": [loss], "flops_fraction_of_full": 0.5, "train_time_s": 1.0,
+                "selections": [{"kind": "probe", "n_selected": 40, "step": 8}]}
     monkeypatch.setattr(accuracy, "one_run", fake_run)
     a = SimpleNamespace(dataset="scitldr", steps=64, val_items=64, batch_size=4, epochs=2, sweep_rho=0.5,
                         methods=None)
     accuracy.ablate(a, log=lambda *x: None)
     assert calls[0] == ("sweep", "greentrainer", {"rho": 0.5}, 1e-4) and calls[-1][:2] == ("sweep", "full")
-    changed = [c[2] for c in calls[1:-1]]
+    assert calls[-2] == ("ablate", "greentrainer", {"rho": 0.5}, 1e-4)  # the defaults' second seed: the noise
+    changed = [c[2] for c in calls[1:-2]]
     assert len(changed) == len(accuracy.ABLATIONS) and all(c["rho"] == 0.5 and len(c) == 2 for c in changed)
     table = (tmp_path / "accuracy_ablations_scitldr.md").read_text()
     assert all(label in table for label in accuracy.ABLATIONS) and "| full FT (lr 3e-05) | reference |" in table
     assert "rho_schedule=rho_0.6_then_0.4 |" in table  # a schedule file by its stem, as in run names
+    # a variant wins when it beats the defaults by more than the defaults' own seed-to-seed change (0.005 here)
+    result = json.loads((tmp_path / "accuracy_ablations_scitldr.json").read_text())
+    assert result["wins"] == ["probe over 4 batches"] and result["seed_noise"] == pytest.approx(0.005)
+    assert "| 40@8 |" in table
 
 
 def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_path, monkeypatch):

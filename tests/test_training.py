@@ -437,6 +437,31 @@ def test_the_default_warm_up_and_short_last_windows_stay_within_rho(select_every
         assert method.warmup == 2 and method.selections[0]["kind"] == "warm-up"
 
 
+@pytest.mark.parametrize("extra", [{"probe_batches": 2}, {"select_every": 2}])
+def test_the_warm_up_leaves_room_for_the_probes_after_it(extra):
+    """The warm-up is capped so that the steps after it can repay it *and* pay their probes (many, or large):
+    the run stays within ρ (the default model at ρ 0.5 measured 55.9 % with a 4-batch probe when the cap left
+    the probes out; here a 2-batch probe after the warm-up found no budget at all and the probe crashed)."""
+    out, method = run("greentrainer", make_tiny("llama"), epochs=4, rho=0.75, full_warmup_steps=None, **extra)
+    t = out["totals"]
+    assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
+    # bigger probes, or more of them, leave less room for the warm-up
+    prof = method.profile
+    most = {(w, k): _most_warmup(prof, 0.75, 64, w, k) for w, k in ((64, 1), (64, 4), (4, 1))}
+    assert most[(64, 1)] > most[(64, 4)] and most[(64, 1)] > most[(4, 1)]
+
+
+def _most_warmup(profile, rho, total, window, probe_batches):
+    """The largest warm-up warmup_steps accepts (it refuses one step more)."""
+    from greentrainer.errors import UsageError
+    from greentrainer.methods.greentrainer import warmup_steps
+    for w in range(total, -1, -1):
+        try:
+            return warmup_steps(profile, rho, total, w, window=window, probe_batches=probe_batches)
+        except UsageError:
+            continue
+
+
 def test_callback_reports_energy_and_co2_against_full_fine_tuning(tmp_path):
     """The Trainer's logs and the callback's report carry the training's energy, its CO2 at the given intensity
     and full fine-tuning's on the same batches (energy per FLOP × its FLOPs); one summary line at the end."""

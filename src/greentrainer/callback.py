@@ -83,7 +83,8 @@ class GreenTrainerCallback(TrainerCallback):
         check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
                      self.accum * self.probe_batches, "rho")
         self.warmup = warmup_steps(self.profile, self.rho, state.max_steps, self.full_warmup_steps, self.select_every,
-                                   flag="full_warmup_steps")
+                                   flag="full_warmup_steps", window=self.select_every or self.steps_per_epoch,
+                                   probe_batches=self.probe_batches)
         if self.warmup and not self.current:
             self.log(f"GreenTrainer: full fine-tuning for the first {self.warmup} of {state.max_steps} steps, repaid "
                      f"by the selections after them (the run stays within ρ {self.rho})")

@@ -229,15 +229,15 @@ def probe_within_budget(profile, rho, steps_per_selection, debt, batch, step_sca
     k = len(batch[0]) if isinstance(batch, tuple) else 1  # micro-batches the probe runs
     budget, upto = budget_for(profile, rho, steps_per_selection, before, step_scale=step_scale, probe_batches=k,
                               repay_steps=repay_steps)
-    if upto < 0:  # cannot repay the overspend now: train the cheapest useful selection
-        budget, upto = budget_for(profile, rho, steps_per_selection, probe_batches=k)
+    cheapest = min(profile.single_costs)  # the backward of the cheapest useful selection
+    if upto < 0:  # cannot repay the overspend yet: train the cheapest useful selection, which repays the most
+        budget, upto = cheapest, deepest_reachable(profile, cheapest)
     probe = run_probe(upto)
     if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
         paid = max(before, 0.0) + (debt() - before)
         after, _ = budget_for(profile, rho, steps_per_selection, paid, probe_paid=True, step_scale=step_scale,
                               repay_steps=repay_steps)
-        if deepest_reachable(profile, after) >= 0:
-            budget = after
+        budget = after if deepest_reachable(profile, after) >= 0 else cheapest
     return budget, upto, probe
 
 
@@ -298,20 +298,31 @@ WARMUP_SHARE = 8  # default warm-up: 1/8 of the run's steps (bench/results/learn
 
 
 def warmup_steps(profile, rho: float, total_steps: int, requested: int | None = None,
-                 select_every: int | None = None, scheduled: bool = False, flag: str = "--full-warmup-steps") -> int:
+                 select_every: int | None = None, scheduled: bool = False, flag: str = "--full-warmup-steps",
+                 window: int | None = None, probe_batches: int = 1) -> int:
     """Steps of full fine-tuning before the first selection: ``requested``, or 1/8 of the run (none with a ρ
-    schedule), at most what the steps after it can repay within ρ (each at least the cheapest useful step,
-    probes aside), ending on a selection point (a probe is not worth a window of one step)."""
+    schedule), at most what the rest of the run can repay within ρ: each later step at least the cheapest useful
+    step, and each later selection's probe (one every ``window`` steps, default ``select_every`` or the whole
+    run, of ``probe_batches`` batches each) at least its cost at that cheapest depth. The warm-up ends on a
+    selection point (a probe is not worth a window of one step)."""
     if requested == 0 or (requested is None and scheduled):
         return 0
     lo = min_feasible_rho(profile.t_dws, profile.t_dys, profile.t_fp, profile.t_full, branches=profile.branch_tuples)
-    most = max(int(total_steps * (rho - lo) / (1 - lo)), 0)
+    depth = max(deepest_reachable(profile, rho_to_backward_budget(lo, profile.t_fp, profile.t_full)), 0)
+    probe = probe_batches * probe_cost(profile, depth) / profile.t_full  # in full steps
+    window = max(window or select_every or total_steps, 1)
+
+    def cost(warm: int) -> float:  # the run in full steps, at the cheapest selections after the warm-up
+        probes = 1 + len(range((warm // window + 1) * window, total_steps, window))  # right after it, then each window
+        return warm + (total_steps - warm) * lo + (probes if warm else 0) * probe
+
+    most = next((w for w in range(total_steps, 0, -1) if cost(w) <= rho * total_steps), 0)
     if requested is None:
         warm = min(total_steps // WARMUP_SHARE, most)
         return warm - warm % select_every if select_every else warm
     if requested > most:
         raise UsageError(f"{flag} {requested}: the other {max(total_steps - requested, 0)} steps of the run cannot "
-                         f"repay it within ρ {rho}; at most {most} of its {total_steps} steps")
+                         f"repay it and their probes within ρ {rho}; at most {most} of its {total_steps} steps")
     return requested
 
 
@@ -412,11 +423,12 @@ class GreenTrainerMethod(Method):
             hi = min(self.cfg.rho + 0.2, 1.0) if hi is None else hi
             self.rho_range = (min(lo, hi), hi)
             check_budget(profile, self.rho_range[0], steps, probe, "--rho-min")
-        self.warmup = self._warmup_steps(profile, total_steps)
+        self.warmup = self._warmup_steps(profile, steps_per_epoch, total_steps)
 
-    def _warmup_steps(self, profile, total_steps: int) -> int:
+    def _warmup_steps(self, profile, steps_per_epoch: int, total_steps: int) -> int:
         return warmup_steps(profile, self.cfg.rho, total_steps, self.cfg.full_warmup_steps, self.cfg.select_every,
-                            bool(self.schedule))
+                            bool(self.schedule), window=self._steps(steps_per_epoch, total_steps),
+                            probe_batches=self.cfg.probe_batches)
 
     def prepare(self, model, ctx):
         self.gradient_checkpointing = ctx.cfg.gradient_checkpointing  # the profile charges the recompute

@@ -77,7 +77,7 @@ ABLATIONS = {
     "re-select every 8 steps": {"select_every": 8},
     "select once": {"select_once": True},
     "no full FT warm-up (the paper)": {"full_warmup_steps": 0},
-    "ρ 0.6 then 0.4 (no warm-up)": {"rho_schedule": str(SCHEDULES / "rho_0.6_then_0.4.json")},
+    "ρ 0.55 then 0.45 (no warm-up; the mean is 0.5)": {"rho_schedule": str(SCHEDULES / "rho_0.55_then_0.45.json")},
 }
 FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
                "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3}

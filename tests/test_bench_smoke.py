@@ -177,7 +177,7 @@ def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path
     assert len(changed) == len(accuracy.ABLATIONS) and all(c["rho"] == 0.5 and len(c) == 2 for c in changed)
     table = (tmp_path / "accuracy_ablations_scitldr.md").read_text()
     assert all(label in table for label in accuracy.ABLATIONS) and "| full FT (lr 3e-05) | reference |" in table
-    assert "rho_schedule=rho_0.6_then_0.4 |" in table  # a schedule file by its stem, as in run names
+    assert "rho_schedule=rho_0.55_then_0.45 |" in table  # a schedule file by its stem, as in run names
     # a variant wins when it beats the defaults by more than the defaults' own seed-to-seed change (0.005 here)
     result = json.loads((tmp_path / "accuracy_ablations_scitldr.json").read_text())
     assert result["wins"] == ["probe over 4 batches"] and result["seed_noise"] == pytest.approx(0.005)

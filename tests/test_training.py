@@ -302,6 +302,7 @@ def test_trainer_callback_logs_measured_flops_for_the_loggers(tmp_path):
     assert cb.flops["steps"] > 0 and cb.flops["probes"] > 0 and cb.flops["full_ft_reference"] > 0
     # over the run, the measured FLOPs (steps and probes) stay within rho of full fine-tuning's on the same batches
     assert cb.flops["steps"] + cb.flops["probes"] <= 0.7 * cb.flops["full_ft_reference"]
+    assert cb.report["within_budget"] is True  # and the report says so
 
 
 def test_eval_steps_records_a_validation_curve_without_changing_training():
@@ -425,6 +426,22 @@ def test_full_warm_up_from_the_command_line_writes_its_selection_records(tmp_pat
     assert totals["flops_fraction_of_full"] <= 0.8
 
 
+def test_a_run_above_its_flops_budget_says_so(tmp_path, tiny_model_dir, data, monkeypatch, capsys):
+    """metrics.json records the FLOPs the run's ρ allowed and whether it kept to them; a run that did not ends
+    with a warning (here the allowance is cut to a tenth behind the method's back)."""
+    import json
+    from conftest import train_args
+    from greentrainer.cli import main
+    from greentrainer.methods.greentrainer import GreenTrainerMethod
+    monkeypatch.setattr(GreenTrainerMethod, "flops_allowed", lambda self, reference: 0.1 * reference)
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, data, out, "--method", "greentrainer", "--rho", "0.8", "--no-eval",
+                           "--quiet")) == 0
+    totals = json.loads((out / "metrics.json").read_text())["totals"]
+    assert totals["within_budget"] is False and totals["flops_allowed_fraction"] == pytest.approx(0.1)
+    assert "above the 10.0% its ρ allowed" in capsys.readouterr().out  # a warning: --quiet keeps it
+
+
 @pytest.mark.parametrize("select_every", [None, 2, 3])
 def test_the_default_warm_up_and_short_last_windows_stay_within_rho(select_every):
     """The warm-up ends mid-epoch (or on a selection point), and the last selection governs only the steps
@@ -433,6 +450,7 @@ def test_the_default_warm_up_and_short_last_windows_stay_within_rho(select_every
                       full_warmup_steps=None)
     t = out["totals"]
     assert t["flops_total"] <= 0.75 * t["flops_full_ft_reference"]
+    assert t["within_budget"] and t["flops_allowed_fraction"] == pytest.approx(0.75)
     if select_every is None:
         assert method.warmup == 2 and method.selections[0]["kind"] == "warm-up"
 

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from .energy import COMPONENTS, EnergyMeter, add_readings, fmt_co2, fmt_energy, parse_intensity
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
+from .loop import BUDGET_TOLERANCE
 from .methods.greentrainer import (GreenTrainerConfig, can_pay_probe, check_budget, select_step, steps_governed,
                                    warmup_steps)
 
@@ -149,6 +150,8 @@ class GreenTrainerCallback(TrainerCallback):
             self._sync_hook.remove()
             self._sync_hook = None
         self.report = self._totals(final=True)
+        r = self.report  # kept to ρ? (batch shapes vary a little around the profiled one)
+        r["within_budget"] = r["flops"] <= (self.rho + BUDGET_TOLERANCE) * r["flops_full_ft_reference"]
         if self._meter is not None:
             self.report["energy"] = self._meter.describe()
             self._meter = None
@@ -181,6 +184,9 @@ class GreenTrainerCallback(TrainerCallback):
             line += (f"; energy {fmt_energy(r['energy_kwh'])} ({r['energy']['kind']}, CodeCarbon) = "
                      f"{fmt_co2(r['co2_g'])} at {self.intensity:g} gCO2eq/kWh; full fine-tuning: "
                      f"{fmt_energy(r['energy_full_ft_reference_kwh'])} = {fmt_co2(r['co2_full_ft_reference_g'])}")
+        if not r["within_budget"]:
+            line += (f"; warning: above ρ {self.rho}: the steps after an overspend were too few to repay it (select "
+                     f"less often, probe fewer batches or shorten the warm-up)")
         return line
 
     def _stop_counting(self):

@@ -472,6 +472,11 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
                "time_s")}
     totals["flops_fraction_of_full"] = totals["flops_total"] / totals["flops_full_ft_reference"]
     totals["steps"] = ctx.global_step
+    spent, reference = ctx.global_flops()
+    allowed = method.flops_allowed(reference)
+    if allowed is not None:  # a FLOPs budget (ρ): kept if the run spent at most that (batch shapes vary a little)
+        totals["flops_allowed_fraction"] = allowed / reference
+        totals["within_budget"] = spent <= allowed + BUDGET_TOLERANCE * reference
     if energy_meter is not None:
         for k in ENERGY_KEYS:
             totals[k] = sum(h[k] for h in history)
@@ -639,6 +644,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                          history, 0.0))
 
 
+BUDGET_TOLERANCE = 0.005  # of full fine-tuning's FLOPs: a run this close to its ρ counts as within it
 ENERGY_KEYS = ("energy_kwh", "co2_g", "energy_full_ft_reference_kwh", "co2_full_ft_reference_g")
 TIMELINE_POINTS = 200  # per epoch, in metrics.json
 

@@ -263,6 +263,12 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
         f"overhead {fmt_flops(t['flops_overhead'])}) = {100 * t['flops_fraction_of_full']:.1f}% of full "
         f"fine-tuning on the same data; {t['time_s']:.1f} s training; peak memory "
         f"{t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder {out}")
+    if t.get("within_budget") is False:  # a warning (kept by --quiet; on stderr where logging is not set up)
+        import logging
+        logging.getLogger("greentrainer").warning(
+            f"warning: the run measured {100 * t['flops_fraction_of_full']:.1f}% of full fine-tuning's FLOPs, "
+            f"above the {100 * t['flops_allowed_fraction']:.1f}% its ρ allowed: the steps after an overspend were "
+            f"too few to repay it (select less often, probe fewer batches or shorten the warm-up)")
     if "co2_g" in t:
         log(energy_line(t, grid))
     return metrics

@@ -31,6 +31,10 @@ class Method:
         """Every parameter that may ever train (the optimizer is built once over these)."""
         return [p for p in model.parameters() if p.requires_grad]
 
+    def flops_allowed(self, reference: float) -> float | None:
+        """FLOPs this run may spend when full fine-tuning would spend ``reference`` (None: no FLOPs budget)."""
+        return None
+
     def on_epoch_start(self, ctx) -> None: ...
 
     def on_step_start(self, ctx) -> None: ...

@@ -460,6 +460,10 @@ class GreenTrainerMethod(Method):
     def optimizer_parameters(self, model):
         return list(self.params.values())  # frozen tensors have no grad, so AdamW skips them
 
+    def flops_allowed(self, reference: float) -> float:
+        """Σ over the selections of the ρ in force × the full fine-tuning FLOPs it governed."""
+        return self._allowance + self._rho_in_force * (reference - self._ref_mark)
+
     def on_epoch_start(self, ctx):
         self._epoch_selections = []
         if self.cfg.select_every is None and (not self.cfg.select_once or self.current is None):

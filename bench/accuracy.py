@@ -2,7 +2,8 @@
 test split with 95% bootstrap confidence intervals and a Pareto plot of ROUGE-L against measured FLOPs.
 
 Stages, each one JSON per run in bench/results/accuracy/<dataset>/ (a run whose file exists is skipped, so
-the script can be stopped and started again, across sessions; several processes, e.g. one per core with
+the script can be stopped and started again, across sessions, and a run stopped midway continues from its last
+checkpoint, written every 1/8 of the run; several processes, e.g. one per core with
 `OMP_NUM_THREADS=1 taskset -c N`, can run a stage together: each run is claimed by a lock file holding its pid):
 
   sweep   each method's learning rate (then LoRA/DoRA rank, prefix length, SMT budget) on the VALIDATION split:
@@ -25,8 +26,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -143,32 +144,40 @@ def claim(lock: Path):
 def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
     from greentrainer.config import config_from_options
     from greentrainer.errors import UsageError
-    from greentrainer.run import run_training
+    from greentrainer.run import resume_training, run_training
     n_train = a.steps * a.batch_size // a.epochs
     final = stage == "final"
     extra = dict(opts)
     if method == "smt":
         extra.setdefault("smt_warmup", max(1, a.steps // 4))  # a quarter of the run chooses the blocks
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config_from_options(dict(
-            dataset=a.dataset, method=method, lr=lr, seed=seed, epochs=a.epochs, batch_size=a.batch_size,
-            max_train=n_train, max_eval=a.test_items if final else a.val_items, max_input_length=a.max_input_length,
-            num_beams=1, do_eval=final, output_dir=f"{tmp}/run", overwrite=True, **extra))
-        t0 = time.perf_counter()
-        try:
+    # our run folder while it trains, with a checkpoint every 1/8 of the run: a run stopped with its session
+    # continues from there next time; the folder goes once the run's JSON is written
+    work = path.parent / ".work" / path.stem
+    t0 = time.perf_counter()
+    resumed = (work / "checkpoint" / "state.pt").is_file() or (work / "checkpoint.old" / "state.pt").is_file()
+    try:
+        if resumed:
+            log(f"  {path.name}: continuing from its checkpoint")
+            m = resume_training(str(work), log=lambda *x: None, progress=False)
+        else:
+            cfg = config_from_options(dict(
+                dataset=a.dataset, method=method, lr=lr, seed=seed, epochs=a.epochs, batch_size=a.batch_size,
+                max_train=n_train, max_eval=a.test_items if final else a.val_items,
+                max_input_length=a.max_input_length, num_beams=1, do_eval=final, output_dir=str(work),
+                overwrite=True, save_every=a.steps // 8 if a.steps >= 64 else None, **extra))  # not in --quick
             m = run_training(cfg, log=lambda *x: None, progress=False)
-        except UsageError as e:
-            log(f"  {path.name}: {e}")
-            return {"error": str(e)}
-        wall = time.perf_counter() - t0
-        preds = [json.loads(ln) for ln in (Path(tmp) / "run" / "predictions.jsonl").read_text().splitlines()] \
-            if final else []
+    except UsageError as e:
+        log(f"  {path.name}: {e}")
+        return {"error": str(e)}
+    wall = time.perf_counter() - t0
+    preds = [json.loads(ln) for ln in (work / "predictions.jsonl").read_text().splitlines()] if final else []
     t = m["totals"]
     res = {"stage": stage, "dataset": a.dataset, "method": method, "options": opts, "lr": lr, "seed": seed,
            "steps": a.steps, "n_train": m["n_train"], "n_validation": m["n_validation"],
            "val_loss": [h["val_loss"] for h in m["history"]], "train_loss": [h["train_loss"] for h in m["history"]],
            "flops_fraction_of_full": t["flops_fraction_of_full"], "flops_total": t["flops_total"],
-           "train_time_s": t["time_s"], "wall_s": wall, "prompt_format": m.get("prompt_format"),
+           "train_time_s": t["time_s"], "wall_s": wall, "resumed": resumed,
+           "prompt_format": m.get("prompt_format"),
            "selector_time_s": [s["selector_time_s"] for h in m["history"] for s in h.get("selections", [])
                                if "selector_time_s" in s],  # GreenTrainer: each selection's solve
            "selections": [{k: s[k] for k in ("step", "kind", "n_selected", "predicted_fraction_of_full", "selected")
@@ -179,6 +188,7 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
         res["per_item_rougeL"] = per_item_rouge(preds)
         res["predictions"] = preds[:3]
     write_json_atomic(path, res)
+    shutil.rmtree(work, ignore_errors=True)
     log(f"  {path.name}: val loss {res['val_loss'][-1]:.4f}"
         + (f", ROUGE-L {res['eval']['rougeL_first_ref']:.1f}" if final else "") + f" ({wall:.0f} s)")
     return res

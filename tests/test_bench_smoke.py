@@ -205,3 +205,37 @@ def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_pa
     lock.write_text(gone.stdout.strip())  # its process died: the run is taken over
     assert accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None) == {"val_loss": [1.0]}
     assert trained == [lock.with_suffix(".json").name] and not lock.exists()
+
+
+def test_accuracy_run_stopped_with_its_session_continues_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run trains in its own run folder with checkpoints; one whose checkpoint is there is resumed (not
+    started again) and the folder goes once the run's JSON is written."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    import greentrainer.run
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    calls = []
+    metrics = {"totals": {"flops_fraction_of_full": 0.5, "flops_total": 1.0, "time_s": 1.0}, "n_train": 8,
+               "n_validation": 4, "history": [{"val_loss": 2.0, "train_loss": 2.1}], "config": {}}
+
+    def fake_resume(run_dir, log=None, progress=True):
+        calls.append(("resume", run_dir))
+        return metrics
+
+    def fake_train(cfg, log=None, progress=True):
+        calls.append(("train", cfg.output_dir, cfg.save_every))
+        return metrics
+    monkeypatch.setattr(greentrainer.run, "resume_training", fake_resume)
+    monkeypatch.setattr(greentrainer.run, "run_training", fake_train)
+    a = SimpleNamespace(dataset="scitldr", steps=64, batch_size=4, epochs=2, val_items=4, test_items=4,
+                        max_input_length=160)
+    work = tmp_path / "accuracy" / "scitldr" / "sweep" / ".work" / accuracy.run_id("full", {}, 1e-4, 0, 64)
+    (work / "checkpoint").mkdir(parents=True)
+    (work / "checkpoint" / "state.pt").write_bytes(b"")
+    r = accuracy.one_run(a, "sweep", "full", {}, 1e-4, 0, lambda *x: None)
+    assert calls == [("resume", str(work))] and r["resumed"] and not work.exists()
+    r = accuracy.one_run(a, "sweep", "full", {}, 3e-4, 0, lambda *x: None)  # a new run: checkpoints every 8 steps
+    assert calls[1][0] == "train" and calls[1][2] == 8 and not r["resumed"]

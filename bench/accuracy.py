@@ -122,7 +122,11 @@ def claim(lock: Path):
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                os.kill(int(lock.read_text() or 0), 0)
+                pid = int(lock.read_text() or 0)
+                os.kill(pid, 0)
+                cmdline = Path(f"/proc/{pid}/cmdline")  # a pid reused by another program after a session ended
+                if cmdline.exists() and b"accuracy" not in cmdline.read_bytes():
+                    raise ProcessLookupError
                 yield False  # alive (or not ours to signal: treat as alive)
                 return
             except (ProcessLookupError, ValueError):

@@ -198,9 +198,22 @@ def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_pa
     a = SimpleNamespace(dataset="scitldr", steps=8)
     lock = tmp_path / "accuracy" / "scitldr" / "final" / f"{accuracy.run_id('full', {}, 1e-4, 0, 8)}.lock"
     lock.parent.mkdir(parents=True)
-    lock.write_text(str(os.getpid()))  # a live process trains it
-    skipped = accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accuracy.py"])
+    import time
+    for _ in range(100):  # until it has exec'd (its command line is the script's)
+        if b"accuracy" in Path(f"/proc/{live.pid}/cmdline").read_bytes():
+            break
+        time.sleep(0.05)
+    try:
+        lock.write_text(str(live.pid))  # a live process of the script trains it
+        skipped = accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None)
+    finally:
+        live.kill()
     assert skipped == {"error": "running in another process"} and not trained and lock.exists()
+    lock.write_text(str(os.getpid()))  # a live process that is not the script (its pid reused): stale
+    assert accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None) == {"val_loss": [1.0]}
+    trained.clear()
+    lock.with_suffix(".json").unlink(missing_ok=True)
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(gone.stdout.strip())  # its process died: the run is taken over
     assert accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None) == {"val_loss": [1.0]}

@@ -72,7 +72,7 @@ SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer"]
 # Ablations of GreenTrainer ρ 0.5 at its swept lr on the validation split (the sweep's protocol), one change each
 SCHEDULES = Path(__file__).parent / "schedules"
 ABLATIONS = {
-    "importance dw (Σ|Δw|)": {"importance": "dw"},
+    "importance dw (Σ\\|Δw\\|)": {"importance": "dw"},  # escaped: the table's columns stay
     "importance grad (Σ g²)": {"importance": "grad"},
     "probe over 4 batches": {"probe_batches": 4},
     "re-select every 8 steps": {"select_every": 8},

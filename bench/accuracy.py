@@ -170,9 +170,13 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
                 max_input_length=a.max_input_length, num_beams=1, do_eval=final, output_dir=str(work),
                 overwrite=True, save_every=a.steps // 8 if a.steps >= 64 else None, **extra))  # not in --quick
             m = run_training(cfg, log=lambda *x: None, progress=False)
-    except UsageError as e:
-        log(f"  {path.name}: {e}")
-        return {"error": str(e)}
+    except UsageError as e:  # a setting this model cannot run (ρ below the smallest feasible): kept, so the
+        log(f"  {path.name}: {e}")  # report can say so and the next session does not try again
+        res = {"stage": stage, "dataset": a.dataset, "method": method, "options": opts, "lr": lr, "seed": seed,
+               "steps": a.steps, "error": str(e), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+        write_json_atomic(path, res)
+        shutil.rmtree(work, ignore_errors=True)
+        return res
     wall = time.perf_counter() - t0
     preds = [json.loads(ln) for ln in (work / "predictions.jsonl").read_text().splitlines()] if final else []
     t = m["totals"]
@@ -380,13 +384,15 @@ def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple
 def report(a) -> list[dict]:
     folder = RESULTS / "accuracy" / a.dataset / "final"
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-    rows = []
+    rows, refused = [], []
     for label, (method, opts) in VARIANTS.items():
         opts = measured_rho(a, opts)
         if opts is None:
             continue
         mine = [r for r in runs if r["method"] == method and all(r["options"].get(k) == v for k, v in opts.items())
                 and r["options"].get("over", "tensors") == opts.get("over", "tensors")]
+        refused += [f"{LABELS[label]}: {r['error']}" for r in mine[:1] if "error" in r]
+        mine = [r for r in mine if "error" not in r]
         if not mine:
             continue
         mean, lo, hi = bootstrap_ci([r["per_item_rougeL"] for r in mine])
@@ -416,6 +422,7 @@ def report(a) -> list[dict]:
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
                      f"{r['ci_high']:.1f}) | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
+    lines += ["", "Not run, refused by the tool as infeasible:", ""] + [f"- {x}" for x in refused] if refused else []
     write_text_atomic(RESULTS / f"accuracy_{a.dataset}.md", "\n".join(lines) + "\n")
     write_json_atomic(RESULTS / f"accuracy_{a.dataset}.json", {"rows": rows})
     plot(rows, RESULTS / f"accuracy_{a.dataset}.png", a.dataset)

@@ -137,6 +137,9 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
             "method": method, "options": opts, "seed": seed, "lr": 1e-4, "steps": 256, "per_item_rougeL": rouge,
             "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.5],
             "train_time_s": 10.0, "selector_time_s": sel}))
+    (folder / "greentrainer-0.4.json").write_text(json.dumps({  # a ρ the tool refused: said under the table
+        "method": "greentrainer", "options": {"rho": 0.4}, "seed": 0, "lr": 1e-4, "steps": 256,
+        "error": "--rho 0.4 is below ...; the smallest feasible rho is 0.4063"}))
     a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr")
     rows = {r["label"]: r for r in accuracy.report(a)}
     assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5"}
@@ -145,6 +148,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     assert (gt["flops_min"], gt["flops_max"]) == (0.49, 0.5) and gt["selector_ms"] == pytest.approx(4.0)
     table = (tmp_path / "accuracy_scitldr.md").read_text()
     assert "| GreenTrainer ρ=0.5 | 2 |" in table and "| 4.0 |" in table and (tmp_path / "accuracy_scitldr.png").exists()
+    assert "- GreenTrainer ρ=0.4: --rho 0.4 is below ...; the smallest feasible rho is 0.4063" in table
 
 
 def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path, monkeypatch):

@@ -126,7 +126,7 @@ def claim(lock: Path):
                 pid = int(lock.read_text() or 0)
                 os.kill(pid, 0)
                 cmdline = Path(f"/proc/{pid}/cmdline")  # a pid reused by another program after a session ended
-                if cmdline.exists() and b"accuracy" not in cmdline.read_bytes():
+                if cmdline.exists() and b"accuracy.py" not in cmdline.read_bytes():
                     raise ProcessLookupError
                 yield False  # alive (or not ours to signal: treat as alive)
                 return

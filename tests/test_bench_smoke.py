@@ -205,7 +205,7 @@ def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_pa
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accuracy.py"])
     import time
     for _ in range(100):  # until it has exec'd (its command line is the script's)
-        if b"accuracy" in Path(f"/proc/{live.pid}/cmdline").read_bytes():
+        if b"accuracy.py" in Path(f"/proc/{live.pid}/cmdline").read_bytes():
             break
         time.sleep(0.05)
     try:

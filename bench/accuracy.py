@@ -58,7 +58,8 @@ VARIANTS = {
 # LoRA's setting; over SMT's blocks, SMT's
 SETTING_FROM = {"gt-lora0.5": "lora", "gt-blocks0.5": "smt", "gt-lora@lora": "lora", "gt-blocks@smt": "smt"}
 LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.45": "GreenTrainer ρ=0.45",
-          "gt0.5": "GreenTrainer ρ=0.5", "gt0.6": "GreenTrainer ρ=0.6", "gt0.7": "GreenTrainer ρ=0.7", "top2": "FT-Top2", "lora": "LoRA",
+          "gt0.5": "GreenTrainer ρ=0.5", "gt0.6": "GreenTrainer ρ=0.6", "gt0.7": "GreenTrainer ρ=0.7",
+          "top2": "FT-Top2", "lora": "LoRA",
           "dora": "DoRA", "prefix": "Prefix", "smt": "SMT",
           "gt-lora0.5": "GT over LoRA ρ=0.5", "gt-blocks0.5": "GT over blocks ρ=0.5",
           "gt@lora": "GreenTrainer at LoRA's FLOPs", "gt-lora@lora": "GT over LoRA at LoRA's FLOPs",

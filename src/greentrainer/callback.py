@@ -26,9 +26,9 @@ from transformers import TrainerCallback
 from .energy import COMPONENTS, EnergyMeter, add_readings, fmt_co2, fmt_energy, parse_intensity
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
-from .loop import BUDGET_TOLERANCE
-from .methods.greentrainer import (GreenTrainerConfig, can_pay_probe, check_budget, select_step, steps_governed,
-                                   warmup_steps)
+from .loop import within_budget
+from .methods.greentrainer import (GreenTrainerConfig, can_pay_probe, check_budget, in_warmup, select_step,
+                                   steps_governed, warmup_record, warmup_steps)
 
 
 class GreenTrainerCallback(TrainerCallback):
@@ -151,7 +151,8 @@ class GreenTrainerCallback(TrainerCallback):
             self._sync_hook = None
         self.report = self._totals(final=True)
         r = self.report  # kept to ρ? (batch shapes vary a little around the profiled one)
-        r["within_budget"] = r["flops"] <= (self.rho + BUDGET_TOLERANCE) * r["flops_full_ft_reference"]
+        r["within_budget"] = within_budget(r["flops"], self.rho * r["flops_full_ft_reference"],
+                                           r["flops_full_ft_reference"])
         if self._meter is not None:
             self.report["energy"] = self._meter.describe()
             self._meter = None
@@ -251,7 +252,7 @@ class GreenTrainerCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)
         lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
         governs = steps_governed(state.global_step, state.max_steps, self.select_every or self.steps_per_epoch)
-        ends_warmup = self._in_warmup()
+        ends_warmup = in_warmup(self.selections)
         if self.current and not ends_warmup and not can_pay_probe(self.profile, self.rho, governs, self.accum,
                                                                     self.probe_batches):
             self.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
@@ -269,20 +270,16 @@ class GreenTrainerCallback(TrainerCallback):
         self.current = chosen
         self.selections.append(rec)
 
-    def _in_warmup(self) -> bool:
-        return bool(self.selections) and self.selections[-1].get("kind") == "warm-up"
-
     def _select_or_warm_up(self, state, model, optimizer, lr_scheduler, train_dataloader):
         if state.global_step >= self.warmup:
             self._select(state, model, optimizer, lr_scheduler, train_dataloader)
-        elif not self._in_warmup():  # the full fine-tuning warm-up: every candidate trains, no probe
+        elif not in_warmup(self.selections):  # the full fine-tuning warm-up: every candidate trains, no probe
             names = list(self.profile.names)
             keep = set(names)
             for n, p in model.named_parameters():
                 p.requires_grad_(n in keep)
             self.current = names
-            self.selections.append({"rho": 1.0, "n_selected": len(names), "selected": names,
-                                    "step": state.global_step, "kind": "warm-up", "note": "full fine-tuning warm-up"})
+            self.selections.append(warmup_record(names, state.global_step))
 
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kw):
@@ -293,7 +290,7 @@ class GreenTrainerCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                       train_dataloader=None, **kw):
         self._stop_counting()
-        if self.warmup and state.global_step == self.warmup and self._in_warmup():
+        if self.warmup and state.global_step == self.warmup and in_warmup(self.selections):
             self._select(state, model, optimizer, lr_scheduler, train_dataloader)  # the first, after the warm-up
         elif self.select_every is not None and state.global_step % self.select_every == 0:
             self._select_or_warm_up(state, model, optimizer, lr_scheduler, train_dataloader)

@@ -476,7 +476,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     allowed = method.flops_allowed(reference)
     if allowed is not None:  # a FLOPs budget (ρ): kept if the run spent at most that (batch shapes vary a little)
         totals["flops_allowed_fraction"] = allowed / reference
-        totals["within_budget"] = spent <= allowed + BUDGET_TOLERANCE * reference
+        totals["within_budget"] = within_budget(spent, allowed, reference)
     if energy_meter is not None:
         for k in ENERGY_KEYS:
             totals[k] = sum(h[k] for h in history)
@@ -645,6 +645,12 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
 
 
 BUDGET_TOLERANCE = 0.005  # of full fine-tuning's FLOPs: a run this close to its ρ counts as within it
+
+
+def within_budget(spent: float, allowed: float, reference: float) -> bool:
+    """Whether a run that spent ``spent`` FLOPs kept to its allowance (batch shapes vary a little around the
+    profiled one, so up to BUDGET_TOLERANCE of full fine-tuning's ``reference`` above it still counts)."""
+    return spent <= allowed + BUDGET_TOLERANCE * reference
 ENERGY_KEYS = ("energy_kwh", "co2_g", "energy_full_ft_reference_kwh", "co2_full_ft_reference_g")
 TIMELINE_POINTS = 200  # per epoch, in metrics.json
 

@@ -326,6 +326,17 @@ def warmup_steps(profile, rho: float, total_steps: int, requested: int | None = 
     return requested
 
 
+def warmup_record(names, step: int, **extra) -> dict:
+    """The selection record of the full fine-tuning warm-up: every candidate trains, no probe."""
+    return {"rho": 1.0, "n_selected": len(names), "selected": list(names), "step": step, **extra,
+            "kind": "warm-up", "note": "full fine-tuning warm-up"}
+
+
+def in_warmup(selections: list[dict]) -> bool:
+    """Whether the last selection record is the warm-up's (the next selection ends it, whatever ρ allows)."""
+    return bool(selections) and selections[-1].get("kind") == "warm-up"
+
+
 @register_method("greentrainer", config_cls=GreenTrainerConfig)
 class GreenTrainerMethod(Method):
     """GreenTrainer: the most important tensors whose backward fits ρ of full FT's FLOPs train.
@@ -423,12 +434,10 @@ class GreenTrainerMethod(Method):
             hi = min(self.cfg.rho + 0.2, 1.0) if hi is None else hi
             self.rho_range = (min(lo, hi), hi)
             check_budget(profile, self.rho_range[0], steps, probe, "--rho-min")
-        self.warmup = self._warmup_steps(profile, steps_per_epoch, total_steps)
-
-    def _warmup_steps(self, profile, steps_per_epoch: int, total_steps: int) -> int:
-        return warmup_steps(profile, self.cfg.rho, total_steps, self.cfg.full_warmup_steps, self.cfg.select_every,
-                            bool(self.schedule), window=self._steps(steps_per_epoch, total_steps),
-                            probe_batches=self.cfg.probe_batches)
+        self.warmup = warmup_steps(profile, self.cfg.rho, total_steps, self.cfg.full_warmup_steps,
+                                   self.cfg.select_every, bool(self.schedule),
+                                   window=self._steps(steps_per_epoch, total_steps),
+                                   probe_batches=self.cfg.probe_batches)
 
     def prepare(self, model, ctx):
         self.gradient_checkpointing = ctx.cfg.gradient_checkpointing  # the profile charges the recompute
@@ -486,8 +495,7 @@ class GreenTrainerMethod(Method):
         """The full fine-tuning warm-up: every tensor trains, no probe (its extra FLOPs are repaid later)."""
         for p in self.params.values():
             p.requires_grad_(True)
-        rec = {"rho": 1.0, "n_selected": len(self.names), "selected": list(self.names), "step": ctx.global_step,
-               "epoch": ctx.epoch + 1, "kind": "warm-up", "note": "full fine-tuning warm-up"}
+        rec = warmup_record(self.names, ctx.global_step, epoch=ctx.epoch + 1)
         rec.update(self._follow_selection(ctx.model, ctx.optimizer, self.names))
         self.current, self._selected_at = list(self.names), ctx.global_step
         self.selections.append(rec)
@@ -549,7 +557,7 @@ class GreenTrainerMethod(Method):
             reach = deepest_reachable(p, rho_to_backward_budget(rho, p.t_fp, p.t_full))  # the deepest probe
             self._restore_state(ctx.optimizer, self.names[: reach + 1])
         repay = (ctx.total_steps - ctx.global_step) * micro if self.warmup else None
-        warm_up_ended = bool(self.selections) and self.selections[-1].get("kind") == "warm-up"
+        warm_up_ended = in_warmup(self.selections)
         governs = self._steps_per_selection(ctx)
         if self.current and not warm_up_ended and not can_pay_probe(self.profile, rho, governs, micro,
                                                                            self.cfg.probe_batches):

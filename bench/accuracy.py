@@ -174,6 +174,8 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
             m = run_training(cfg, log=lambda *x: None, progress=False)
     except UsageError as e:  # a setting this model cannot run (ρ below the smallest feasible): kept, so the
         log(f"  {path.name}: {e}")  # report can say so and the next session does not try again
+        if resumed:  # a refused resume says nothing of the setting: its checkpoint stays, nothing is kept
+            return {"error": f"cannot continue from its checkpoint: {e}"}
         res = {"stage": stage, "dataset": a.dataset, "method": method, "options": opts, "lr": lr, "seed": seed,
                "steps": a.steps, "error": str(e), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
         write_json_atomic(path, res)
@@ -345,7 +347,7 @@ def measured_rho(a, opts: dict) -> dict | None:
     folder = RESULTS / "accuracy" / a.dataset / "final"
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{opts['rho']}-*-s0-*.json"))] \
         if folder.is_dir() else []
-    runs = [r for r in runs if r["method"] == opts["rho"] and r["seed"] == 0]
+    runs = [r for r in runs if r["method"] == opts["rho"] and r["seed"] == 0 and "error" not in r]
     return {**opts, "rho": round(runs[0]["flops_fraction_of_full"], 3)} if runs else None
 
 

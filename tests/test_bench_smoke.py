@@ -256,3 +256,34 @@ def test_accuracy_run_stopped_with_its_session_continues_from_its_checkpoint(tmp
     assert calls == [("resume", str(work))] and r["resumed"] and not work.exists()
     r = accuracy.one_run(a, "sweep", "full", {}, 3e-4, 0, lambda *x: None)  # a new run: checkpoints every 8 steps
     assert calls[1][0] == "train" and calls[1][2] == 8 and not r["resumed"]
+
+
+def test_accuracy_keeps_a_refused_setting_but_not_a_refused_resume(tmp_path, monkeypatch):
+    """A setting the tool refuses (ρ below the smallest feasible) is kept as an error JSON, so the report says so
+    and it is not tried again; a refusal while continuing from a checkpoint says nothing of the setting: the
+    checkpoint stays and no JSON is written, so the run is tried again."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    import greentrainer.run
+    from greentrainer.errors import UsageError
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+
+    def refuse(*args, **kw):
+        raise UsageError("refused")
+    monkeypatch.setattr(greentrainer.run, "resume_training", refuse)
+    monkeypatch.setattr(greentrainer.run, "run_training", refuse)
+    a = SimpleNamespace(dataset="scitldr", steps=64, batch_size=4, epochs=2, val_items=4, test_items=4,
+                        max_input_length=160)
+    folder = tmp_path / "accuracy" / "scitldr" / "sweep"
+    stopped = accuracy.run_id("full", {}, 1e-4, 0, 64)
+    (folder / ".work" / stopped / "checkpoint").mkdir(parents=True)
+    (folder / ".work" / stopped / "checkpoint" / "state.pt").write_bytes(b"")
+    r = accuracy.one_run(a, "sweep", "full", {}, 1e-4, 0, lambda *x: None)
+    assert "error" in r and not (folder / f"{stopped}.json").exists()
+    assert (folder / ".work" / stopped / "checkpoint" / "state.pt").is_file()
+    r = accuracy.one_run(a, "sweep", "full", {}, 3e-4, 0, lambda *x: None)  # a new run refused: kept
+    kept = json.loads((folder / f"{accuracy.run_id('full', {}, 3e-4, 0, 64)}.json").read_text())
+    assert kept["error"] == "refused" == r["error"]

@@ -85,6 +85,19 @@ ABLATIONS = {
 FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
                "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3}
 # the rest: 1 seed
+# Paired comparisons on the same test items (variant, against, target ROUGE-L difference or None, why): the
+# paper's two claims (issue 14), then budgeted selection over adapters and blocks against its peers (issue 16)
+COMPARISONS = [("gt0.5", "full", -1.0, "the paper: ρ 0.5 within 1.0 ROUGE-L of full FT"),
+               ("gt@lora", "lora", 2.0, "the paper: at LoRA's FLOPs, at least LoRA + 2"),
+               ("gt-lora@lora", "lora", None, "adapters chosen under ρ against all adapters, equal FLOPs"),
+               ("gt-lora@lora", "gt@lora", None, "over adapters against over tensors, equal FLOPs"),
+               ("gt-lora0.5", "gt0.5", None, "over adapters against over tensors, ρ 0.5"),
+               ("gt-blocks@smt", "smt", None, "blocks under ρ against SMT's blocks, equal FLOPs"),
+               ("gt-blocks0.5", "gt0.5", None, "over blocks against over tensors, ρ 0.5")]
+# the plot of issue 16's comparison: these variants, each family joined by a line
+FAMILIES = {"GreenTrainer (tensors)": ["gt0.45", "gt0.5", "gt@lora", "gt0.6", "gt0.7"],
+            "GT over LoRA": ["gt-lora0.5", "gt-lora@lora"], "LoRA": ["lora"],
+            "GT over blocks": ["gt-blocks0.5", "gt-blocks@smt"], "SMT": ["smt"], "Full FT": ["full"]}
 
 
 def shown(v):
@@ -385,10 +398,18 @@ def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple
     return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def compare(x: list[float], y: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of x − y over paired test items, and a 95% interval from resampling the items."""
+    import numpy as np
+    d = np.asarray(x) - np.asarray(y)
+    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(axis=1)
+    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
 def report(a) -> list[dict]:
     folder = RESULTS / "accuracy" / a.dataset / "final"
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
-    rows, refused = [], []
+    rows, refused, items = [], [], {}
     for label, (method, opts) in VARIANTS.items():
         opts = measured_rho(a, opts)
         if opts is None:
@@ -401,7 +422,8 @@ def report(a) -> list[dict]:
             continue
         mean, lo, hi = bootstrap_ci([r["per_item_rougeL"] for r in mine])
         fr = [r["flops_fraction_of_full"] for r in mine]
-        rows.append({"label": LABELS[label], "seeds": len(mine), "lr": mine[0]["lr"], "rougeL": mean, "ci_low": lo,
+        items[label] = [sum(x) / len(x) for x in zip(*(r["per_item_rougeL"] for r in mine))]  # mean over seeds
+        rows.append({"variant": label, "label": LABELS[label], "seeds": len(mine), "lr": mine[0]["lr"], "rougeL": mean, "ci_low": lo,
                      "ci_high": hi, "rouge1": sum(r["eval"]["rouge1_first_ref"] for r in mine) / len(mine),
                      "flops_fraction": sum(fr) / len(fr), "flops_min": min(fr), "flops_max": max(fr),
                      "val_loss": sum(r["val_loss"][-1] for r in mine) / len(mine),
@@ -427,33 +449,65 @@ def report(a) -> list[dict]:
                      f"{r['ci_high']:.1f}) | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
     lines += ["", "Not run, refused by the tool as infeasible:", ""] + [f"- {x}" for x in refused] if refused else []
+    seeds = {r["variant"]: r["seeds"] for r in rows}
+    pairs = [compare(items[v], items[w]) + (v, w, target, why) for v, w, target, why in COMPARISONS
+             if v in items and w in items]
+    if pairs:
+        lines += ["", "## Paired differences", "",
+                  "ROUGE-L of the first method minus the second's on the same test items (each item's mean over "
+                  "the seeds run), with a 95% interval from resampling the items; a target is met when the whole "
+                  "interval is at or above it, missed when the whole interval is below it. Seeds so far: "
+                  "the interval does not include seed-to-seed spread.", "",
+                  "| comparison | seeds | ROUGE-L difference (95% CI) | target | met | why |", "|---|---|---|---|---|---|"]
+        for d, lo, hi, v, w, target, why in pairs:
+            met = "" if target is None else "yes" if lo >= target else "no" if hi < target else "not resolved"
+            lines.append(f"| {LABELS[v]} − {LABELS[w]} | {seeds[v]}, {seeds[w]} | {d:+.1f} ({lo:+.1f} to {hi:+.1f}) "
+                         f"| {'' if target is None else f'≥ {target:+.1f}'} | {met} | {why} |")
     write_text_atomic(RESULTS / f"accuracy_{a.dataset}.md", "\n".join(lines) + "\n")
-    write_json_atomic(RESULTS / f"accuracy_{a.dataset}.json", {"rows": rows})
+    write_json_atomic(RESULTS / f"accuracy_{a.dataset}.json", {"rows": rows, "paired": [
+        {"variant": v, "against": w, "difference": d, "ci_low": lo, "ci_high": hi, "target": target}
+        for d, lo, hi, v, w, target, _ in pairs]})
     plot(rows, RESULTS / f"accuracy_{a.dataset}.png", a.dataset)
+    if any(r["variant"] in FAMILIES["GT over LoRA"] + FAMILIES["GT over blocks"] for r in rows):
+        plot(rows, RESULTS / f"accuracy_{a.dataset}_over.png", a.dataset, FAMILIES)
     print("\n".join(lines))
     return rows
 
 
-def plot(rows, path, dataset) -> None:
+def plot(rows, path, dataset, families: dict | None = None) -> None:
+    """ROUGE-L against measured FLOPs with both intervals: every row and the Pareto front, or (``families``)
+    those variants only, each family in one colour joined by a line in FLOPs order."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    if families:
+        by = {r["variant"]: r for r in rows}
+        groups = [(name, sorted((by[v] for v in vs if v in by), key=lambda r: r["flops_fraction"]))
+                  for name, vs in families.items()]
+        title = "budgeted selection over tensors, LoRA adapters and SMT blocks"
+    else:
+        groups, title = [(None, [r]) for r in rows], "accuracy against compute"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        x, y = 100 * r["flops_fraction"], r["rougeL"]
-        ax.errorbar(x, y, yerr=[[y - r["ci_low"]], [r["ci_high"] - y]],
-                    xerr=[[x - 100 * r["flops_min"]], [100 * r["flops_max"] - x]], fmt="o", capsize=3)
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    pts = sorted((100 * r["flops_fraction"], r["rougeL"]) for r in rows)
-    front, best = [], -math.inf
-    for x, y in pts:
-        if y > best:
-            front.append((x, y))
-            best = y
-    ax.plot(*zip(*front), "--", color="grey", lw=1, label="Pareto front")
+    for name, g in (x for x in groups if x[1]):
+        xs, ys = [100 * r["flops_fraction"] for r in g], [r["rougeL"] for r in g]
+        line = ax.errorbar(xs, ys, yerr=[[y - r["ci_low"] for y, r in zip(ys, g)],
+                                         [r["ci_high"] - y for y, r in zip(ys, g)]],
+                           xerr=[[x - 100 * r["flops_min"] for x, r in zip(xs, g)],
+                                 [100 * r["flops_max"] - x for x, r in zip(xs, g)]],
+                           fmt="o-" if name else "o", capsize=3, label=name)
+        for x, y, r in zip(xs, ys, g):
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                        color=line[0].get_color() if name else "black")
+    if not families:
+        front, best = [], -math.inf
+        for x, y in sorted((100 * r["flops_fraction"], r["rougeL"]) for r in rows):
+            if y > best:
+                front.append((x, y))
+                best = y
+        ax.plot(*zip(*front), "--", color="grey", lw=1, label="Pareto front")
     ax.set_xlabel("measured training FLOPs, % of full fine-tuning")
     ax.set_ylabel("ROUGE-L (test, 95% CI)")
-    ax.set_title(f"{dataset}: accuracy against compute")
+    ax.set_title(f"{dataset}: {title}")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

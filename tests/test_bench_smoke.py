@@ -132,8 +132,10 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     folder.mkdir(parents=True)
     for method, opts, seed, rouge, frac, sel in (("full", {}, 0, [30, 40, 50], 1.0, []),
                                                 ("greentrainer", {"rho": 0.5}, 0, [20, 30, 40], 0.49, [0.002]),
-                                                ("greentrainer", {"rho": 0.5}, 1, [30, 40, 50], 0.5, [0.004, 0.003])):
-        (folder / f"{method}-{seed}.json").write_text(json.dumps({
+                                                ("greentrainer", {"rho": 0.5}, 1, [30, 40, 50], 0.5, [0.004, 0.003]),
+                                                ("greentrainer", {"over": "lora", "rho": 0.5}, 0, [25, 45, 45], 0.5,
+                                                 [0.001])):
+        (folder / f"{method}-{opts.get('over', '')}-{seed}.json").write_text(json.dumps({
             "method": method, "options": opts, "seed": seed, "lr": 1e-4, "steps": 256, "per_item_rougeL": rouge,
             "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.5],
             "train_time_s": 10.0, "selector_time_s": sel}))
@@ -142,13 +144,17 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
         "error": "--rho 0.4 is below ...; the smallest feasible rho is 0.4063"}))
     a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr")
     rows = {r["label"]: r for r in accuracy.report(a)}
-    assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5"}
+    assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5", "GT over LoRA ρ=0.5"}
     gt = rows["GreenTrainer ρ=0.5"]
     assert gt["seeds"] == 2 and gt["rougeL"] == pytest.approx(35.0) and gt["ci_low"] <= 35 <= gt["ci_high"]
     assert (gt["flops_min"], gt["flops_max"]) == (0.49, 0.5) and gt["selector_ms"] == pytest.approx(4.0)
     table = (tmp_path / "accuracy_scitldr.md").read_text()
     assert "| GreenTrainer ρ=0.5 | 2 |" in table and "| 4.0 |" in table and (tmp_path / "accuracy_scitldr.png").exists()
     assert "- GreenTrainer ρ=0.4: --rho 0.4 is below ...; the smallest feasible rho is 0.4063" in table
+    # paired on the items (each item's mean over seeds): GreenTrainer 25, 35, 45 against full FT's 30, 40, 50
+    assert "| GreenTrainer ρ=0.5 − Full FT | 2, 1 | -5.0 (-5.0 to -5.0) | ≥ -1.0 | no |" in table
+    assert "| GT over LoRA ρ=0.5 − GreenTrainer ρ=0.5 | 1, 2 | +3.3 (" in table
+    assert (tmp_path / "accuracy_scitldr_over.png").exists()  # issue 16's plot, once an --over run is in
 
 
 def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path, monkeypatch):

@@ -432,21 +432,26 @@ def report(a) -> list[dict]:
                      "test_items": len(mine[0]["per_item_rougeL"]), "steps": mine[0]["steps"]})
     if not rows:
         return rows
-    cols = ["method", "seeds", "lr", "ROUGE-L (95% CI)", "ROUGE-1", "FLOPs % of full", "val loss", "train time s",
-            "selector ms (max)"]
+    cols = ["method", "seeds", "lr", "ROUGE-L (95% CI)", "vs full FT, paired (95% CI)", "ROUGE-1", "FLOPs % of full",
+            "val loss", "train time s", "selector ms (max)"]
     lines = [f"# Accuracy: {a.dataset}", "", f"`python bench/accuracy.py --dataset {a.dataset} --stage final` — "
              f"{machine()}", "",
              f"Default model, chat prompt format, {rows[0]['steps']} optimizer steps of batch {a.batch_size}, each "
              f"method at its validation-tuned setting (accuracy_sweep_{a.sweep_from}.md); {rows[0]['test_items']} test "
              "items, greedy decoding, ROUGE against the first reference. The interval resamples the test items "
-             "(2000 bootstrap draws, seeds paired); FLOPs are measured, not modelled.", "",
+             "(2000 bootstrap draws, seeds paired); \"vs full FT\" is the ROUGE-L difference to full FT on the same "
+             "items (below). FLOPs are measured, not modelled. Train time is not a timing comparison: each run had one "
+             "core while another run used the other, and some continued from a checkpoint in a later session "
+             "(time_vs_flops.md compares step times).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         fl = f"{100 * r['flops_fraction']:.1f}" + (f" ({100 * r['flops_min']:.1f}–{100 * r['flops_max']:.1f})"
                                                       if r["seeds"] > 1 else "")
         sel = f"{r['selector_ms']:.1f}" if r["selector_ms"] else ""
+        vs = "" if r["variant"] == "full" or "full" not in items else "{:+.1f} ({:+.1f} to {:+.1f})".format(
+            *compare(items[r["variant"]], items["full"]))
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
-                     f"{r['ci_high']:.1f}) | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
+                     f"{r['ci_high']:.1f}) | {vs} | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
     lines += ["", "Not run, refused by the tool as infeasible:", ""] + [f"- {x}" for x in refused] if refused else []
     seeds = {r["variant"]: r["seeds"] for r in rows}

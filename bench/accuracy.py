@@ -398,12 +398,9 @@ def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple
     return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def compare(x: list[float], y: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def compare(x: list[float], y: list[float]) -> tuple[float, float, float]:
     """Mean of x − y over paired test items, and a 95% interval from resampling the items."""
-    import numpy as np
-    d = np.asarray(x) - np.asarray(y)
-    means = d[np.random.default_rng(seed).integers(0, len(d), size=(n, len(d)))].mean(axis=1)
-    return float(d.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+    return bootstrap_ci([[a - b for a, b in zip(x, y)]])
 
 
 def report(a) -> list[dict]:
@@ -423,8 +420,8 @@ def report(a) -> list[dict]:
         mean, lo, hi = bootstrap_ci([r["per_item_rougeL"] for r in mine])
         fr = [r["flops_fraction_of_full"] for r in mine]
         items[label] = [sum(x) / len(x) for x in zip(*(r["per_item_rougeL"] for r in mine))]  # mean over seeds
-        rows.append({"variant": label, "label": LABELS[label], "seeds": len(mine), "lr": mine[0]["lr"], "rougeL": mean, "ci_low": lo,
-                     "ci_high": hi, "rouge1": sum(r["eval"]["rouge1_first_ref"] for r in mine) / len(mine),
+        rows.append({"variant": label, "label": LABELS[label], "seeds": len(mine), "lr": mine[0]["lr"],
+                     "rougeL": mean, "ci_low": lo, "ci_high": hi, "rouge1": sum(r["eval"]["rouge1_first_ref"] for r in mine) / len(mine),
                      "flops_fraction": sum(fr) / len(fr), "flops_min": min(fr), "flops_max": max(fr),
                      "val_loss": sum(r["val_loss"][-1] for r in mine) / len(mine),
                      "train_time_s": sum(r["train_time_s"] for r in mine) / len(mine),

@@ -183,6 +183,7 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
                 dataset=a.dataset, method=method, lr=lr, seed=seed, epochs=a.epochs, batch_size=a.batch_size,
                 max_train=n_train, max_eval=a.test_items if final else a.val_items,
                 max_input_length=a.max_input_length, num_beams=1, do_eval=final, output_dir=str(work),
+                eval_seed=0,  # every seed validated and tested on the same items (seed 0's), so they pair
                 overwrite=True, save_every=a.steps // 8 if a.steps >= 64 else None, **extra))  # not in --quick
             m = run_training(cfg, log=lambda *x: None, progress=False)
     except UsageError as e:  # a setting this model cannot run (ρ below the smallest feasible): kept, so the
@@ -211,6 +212,7 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
     if final:
         res["eval"] = m["eval"]
         res["per_item_rougeL"] = per_item_rouge(preds)
+        res["test_ids"] = [p["id"] for p in preds]
         res["predictions"] = preds[:3]
     write_json_atomic(path, res)
     shutil.rmtree(work, ignore_errors=True)
@@ -403,10 +405,23 @@ def compare(x: list[float], y: list[float]) -> tuple[float, float, float]:
     return bootstrap_ci([[a - b for a, b in zip(x, y)]])
 
 
+def check_same_items(runs: list[dict]) -> None:
+    """Seeds are pooled and methods paired item by item: every run must be scored on the same test items.
+    Runs keep their items' ids; those written before they did are seed 0's, whose items the later runs share
+    (``eval_seed=0``)."""
+    done = [r for r in runs if "error" not in r]
+    known = {tuple(r["test_ids"]) for r in done if "test_ids" in r}
+    odd = [f"{r['method']} seed {r['seed']}" for r in done if "test_ids" not in r and r["seed"] != 0]
+    if len(known) > 1 or odd:
+        raise SystemExit("accuracy report: the final runs were not all scored on the same test items ("
+                         + (", ".join(odd) or "their test_ids differ") + "), so they cannot be pooled or paired")
+
+
 def report(a) -> list[dict]:
     folder = RESULTS / "accuracy" / a.dataset / "final"
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     rows, refused, items = [], [], {}
+    check_same_items(runs)
     for label, (method, opts) in VARIANTS.items():
         opts = measured_rho(a, opts)
         if opts is None:

@@ -137,7 +137,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
                                                  [0.001])):
         (folder / f"{method}-{opts.get('over', '')}-{seed}.json").write_text(json.dumps({
             "method": method, "options": opts, "seed": seed, "lr": 1e-4, "steps": 256, "per_item_rougeL": rouge,
-            "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.5],
+            "test_ids": ["a", "b", "c"], "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.5],
             "train_time_s": 10.0, "selector_time_s": sel}))
     (folder / "greentrainer-0.4.json").write_text(json.dumps({  # a ρ the tool refused: said under the table
         "method": "greentrainer", "options": {"rho": 0.4}, "seed": 0, "lr": 1e-4, "steps": 256,
@@ -229,6 +229,23 @@ def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_pa
     lock.write_text(gone.stdout.strip())  # its process died: the run is taken over
     assert accuracy.one_run(a, "final", "full", {}, 1e-4, 0, lambda *x: None) == {"val_loss": [1.0]}
     assert trained == [lock.with_suffix(".json").name] and not lock.exists()
+
+
+def test_accuracy_report_refuses_runs_scored_on_other_items(tmp_path, monkeypatch):
+    """Pooling seeds and pairing methods compare item by item: runs on other test items stop the report."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    same = [{"method": "full", "seed": 0}, {"method": "full", "seed": 1, "test_ids": ["a", "b"]},
+            {"method": "lora", "seed": 2, "test_ids": ["a", "b"]}]
+    accuracy.check_same_items(same)  # ids kept from seed 1 on; the runs before them are seed 0's items
+    with pytest.raises(SystemExit, match="not all scored on the same test items"):
+        accuracy.check_same_items(same + [{"method": "smt", "seed": 1, "test_ids": ["a", "c"]}])
+    with pytest.raises(SystemExit, match="full seed 1"):
+        accuracy.check_same_items([{"method": "full", "seed": 1}])  # a seed's own items, before eval_seed
 
 
 def test_accuracy_run_stopped_with_its_session_continues_from_its_checkpoint(tmp_path, monkeypatch):

@@ -96,3 +96,18 @@ def test_datasets_lists_bundled_sets(capsys):
     out = capsys.readouterr().out
     for name in ("scitldr", "dialogsum", "webquestions", "piqa", "samsum"):
         assert name in out
+
+
+def test_eval_seed_scores_every_seed_on_the_same_items(capsys, tmp_path, tiny_model_dir, jsonl):
+    """--max-eval samples the validation and test items with --eval-seed (default: --seed): runs of several
+    seeds that share one --eval-seed are scored on the same items, so they can be pooled and paired."""
+    rows = [{"source": f"item {i} says the cat sat on mat {i}", "target": f"cat {i}"} for i in range(80)]
+    data = jsonl(rows)
+    ids = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"s{seed}"
+        assert main(train_args(tiny_model_dir, data, out, "--seed", seed, "--eval-seed", "0", "--max-eval", "3",
+                               "--max-train", "4")) == 0
+        ids.append([json.loads(ln)["id"] for ln in (out / "predictions.jsonl").read_text().splitlines()])
+    assert len(ids[0]) == 3 and ids[0] == ids[1] == ids[2]
+    assert "--eval-seed" in err(capsys, train_args(tiny_model_dir, data, tmp_path / "bad", "--eval-seed", "-1"))

@@ -120,8 +120,10 @@ class TrainConfig(Options):
     instruction: str | None = option(None, "what the chat format asks before the source (default: the dataset's)")
     max_input_length: int = option(512, "tokens per example (prompt + target); longer ones are truncated")
     max_train: int | None = option(None, "use only the first N training examples")
-    max_eval: int | None = option(None, "evaluate on the first N test examples")
+    max_eval: int | None = option(None, "validate and test on N examples of each split, sampled with --eval-seed")
     seed: int = option(42, "random seed (data order, probes, initialisation)")
+    eval_seed: int | None = option(None, "seed that samples the --max-eval items (default: --seed); give every "
+                                         "seed of a comparison the same one to score them on the same items")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
     bf16: bool = option(False, "the same as --precision bf16-mixed")
     precision: str = option("32-true", "32-true; bf16-mixed (autocast); bf16-true (bf16 weights, half the memory); "
@@ -183,6 +185,8 @@ class TrainConfig(Options):
             raise UsageError("--eval-before and --no-eval contradict each other; give one of them")
         if self.seed < 0:
             raise UsageError(f"--seed must be ≥ 0, got {self.seed}")
+        if self.eval_seed is not None and self.eval_seed < 0:
+            raise UsageError(f"--eval-seed must be ≥ 0, got {self.eval_seed}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0")
         if self.max_input_length < 8:

@@ -107,8 +107,9 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     if resume_dir is None:
         check_output_dir(out_dir, cfg.overwrite)
     train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed, cfg.eval_dataset)
-    val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, cfg.seed, cfg.eval_dataset)
-    test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, cfg.seed, cfg.eval_dataset)
+    eval_seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
+    val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, eval_seed, cfg.eval_dataset)
+    test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, eval_seed, cfg.eval_dataset)
     check_input_length(load_config(cfg.model), cfg.max_input_length)  # fails fast, before the weights load
     from .energy import EnergyMeter
     meter = EnergyMeter(pick_device(cfg.device)) if cfg.track_energy else None  # detects hardware meanwhile

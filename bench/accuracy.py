@@ -465,6 +465,12 @@ def report(a) -> list[dict]:
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
                      f"{r['ci_high']:.1f}) | {vs} | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
+    full = [r["val_loss"] for r in runs if r["method"] == "full" and "error" not in r and len(r["val_loss"]) > 1]
+    if full:  # the rule: more steps while full FT's validation loss still falls
+        curve = [sum(v) / len(v) for v in zip(*full)]
+        lines += ["", f"Full FT's validation loss at the end of each of its {len(curve)} epochs (mean over seeds): "
+                  + " → ".join(f"{v:.4f}" for v in curve) + f"; the last epoch changed it by "
+                  f"{100 * (curve[-1] - curve[-2]) / curve[-2]:+.2f} %."]
     lines += ["", "Not run, refused by the tool as infeasible:", ""] + [f"- {x}" for x in refused] if refused else []
     seeds = {r["variant"]: r["seeds"] for r in rows}
     pairs = [compare(items[v], items[w]) + (v, w, target, why) for v, w, target, why in COMPARISONS

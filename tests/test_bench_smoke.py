@@ -137,7 +137,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
                                                  [0.001])):
         (folder / f"{method}-{opts.get('over', '')}-{seed}.json").write_text(json.dumps({
             "method": method, "options": opts, "seed": seed, "lr": 1e-4, "steps": 256, "per_item_rougeL": rouge,
-            "test_ids": ["a", "b", "c"], "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.5],
+            "test_ids": ["a", "b", "c"], "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.6, 2.5],
             "train_time_s": 10.0, "selector_time_s": sel}))
     (folder / "greentrainer-0.4.json").write_text(json.dumps({  # a ρ the tool refused: said under the table
         "method": "greentrainer", "options": {"rho": 0.4}, "seed": 0, "lr": 1e-4, "steps": 256,
@@ -156,6 +156,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     assert "| GreenTrainer ρ=0.5 | 2 | 0.0001 | 35.0 (" in table and ") | -5.0 (-5.0 to -5.0) | 40.0 |" in table
     assert "| GT over LoRA ρ=0.5 − GreenTrainer ρ=0.5 | 1, 2 | +3.3 (" in table
     assert (tmp_path / "accuracy_scitldr_over.png").exists()  # issue 16's plot, once an --over run is in
+    assert "each of its 2 epochs (mean over seeds): 2.6000 → 2.5000; the last epoch changed it by -3.85 %" in table
 
 
 def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path, monkeypatch):

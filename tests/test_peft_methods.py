@@ -75,3 +75,35 @@ def test_prefix_starts_from_the_models_own_keys_and_values_on_training_prompts()
         with peft_model.disable_adapter():
             want = peft_model(input_ids=torch.cat([context, x], 1)).logits[:, n:]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_prefix_tuned_decoder_generates_with_its_prefix(num_beams):
+    """Generation runs the prefix (peft's own generate let transformers drop it): each generated token is the
+    prefixed model's choice, and a left-padded row of a batch gets what it gets alone."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    from greentrainer.evaluate import _generate
+    torch.manual_seed(0)
+    model = get_peft_model(make_tiny("llama").eval(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.normal_(0, 2.0)  # a prefix far from the base model's, so dropping it shows
+    model.eval()
+    pad = 0
+    kw = dict(num_beams=num_beams, do_sample=False, max_new_tokens=4, pad_token_id=pad, eos_token_id=None)
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    ids = torch.tensor([prompts[0], [pad] * 3 + prompts[1]])
+    with torch.no_grad():
+        batch = _generate(model, False, input_ids=ids, attention_mask=(ids != pad).long(), **kw)[:, ids.shape[1]:]
+        for row, p in zip(batch, prompts):
+            x = torch.tensor([p])
+            alone = _generate(model, False, input_ids=x, attention_mask=torch.ones_like(x), **kw)[0, len(p):]
+            assert row.tolist() == alone.tolist()
+            if num_beams == 1:  # greedy: every token is the argmax of the prefixed model's forward
+                seq = torch.cat([x, alone[None, :-1]], 1)
+                want = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, len(p) - 1:].argmax(-1)
+                assert alone.tolist() == want.tolist()
+                with model.disable_adapter():
+                    base = model(input_ids=seq).logits[0, len(p) - 1:].argmax(-1)
+                assert base.tolist() != want.tolist()  # the prefix changes the choice (else the test shows nothing)

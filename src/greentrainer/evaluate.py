@@ -70,13 +70,32 @@ def generate(model, tok, examples, task: str, seq2seq: bool, max_input_length: i
             mask = [[0] * (n - len(p)) + [1] * len(p) for p in chunk]
         ids = torch.tensor(ids, device=device)
         mask = torch.tensor(mask, device=device)
-        gen = model.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=False,
-                             max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
-                             early_stopping=True if num_beams > 1 else False)
+        gen = _generate(model, seq2seq, input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                        max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad,
+                        early_stopping=True if num_beams > 1 else False)
         new = gen if seq2seq else gen[:, ids.shape[1]:]
         outs += [tok.decode(g, skip_special_tokens=True).strip() for g in new]
     model.train(was_training)
     return outs
+
+
+def _generate(model, seq2seq: bool, input_ids, attention_mask, **kw):
+    """``model.generate``; for a PEFT prefix-tuned decoder, its base model's generate with the prefix as a
+    prefilled cache. peft's own route hands the prefix over as ``past_key_values`` beside the ``cache`` that
+    transformers' generate now passes, and the model reads ``cache``: the prefix was silently ignored
+    (peft 0.21.2 with transformers 5.24). Placeholder tokens stand for the prefix's positions, so the prompt's
+    positions start after it as in training, and generate feeds only the tokens the cache lacks."""
+    import copy
+    import inspect
+    cfg = getattr(model, "active_peft_config", None)
+    if seq2seq or cfg is None or cfg.peft_type != "PREFIX_TUNING":
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    base, n, b = model.get_base_model(), cfg.num_virtual_tokens, input_ids.shape[0]
+    cache = copy.deepcopy(model.get_prompt(batch_size=b * kw.get("num_beams", 1)))  # generate grows it in place
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    ids = torch.cat([input_ids.new_full((b, n), kw["pad_token_id"]), input_ids], 1)
+    mask = torch.cat([attention_mask.new_ones((b, n)), attention_mask], 1)
+    return base.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kw)[:, n:]
 
 
 @torch.no_grad()

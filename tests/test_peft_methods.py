@@ -78,32 +78,46 @@ def test_prefix_starts_from_the_models_own_keys_and_values_on_training_prompts()
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_prefix_tuned_decoder_generates_with_its_prefix(num_beams):
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_prefix_tuned_model_generates_with_its_prefix(arch, num_beams):
     """Generation runs the prefix (peft's own generate let transformers drop it): each generated token is the
-    prefixed model's choice, and a left-padded row of a batch gets what it gets alone."""
+    prefixed model's choice, and a padded row of a batch gets what it gets alone."""
     import torch
     from peft import PrefixTuningConfig, get_peft_model
     from greentrainer.evaluate import _generate
+    seq2seq = arch == "t5"
     torch.manual_seed(0)
-    model = get_peft_model(make_tiny("llama").eval(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    model = get_peft_model(make_tiny(arch).eval(), PrefixTuningConfig(
+        task_type="SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM", num_virtual_tokens=5))
     with torch.no_grad():
         for p in model.prompt_encoder.parameters():
-            p.normal_(0, 2.0)  # a prefix far from the base model's, so dropping it shows
+            p.normal_(0, 10.0)  # a prefix far from the base model's, so dropping it shows
     model.eval()
-    pad = 0
+    pad = model.config.pad_token_id or 0
     kw = dict(num_beams=num_beams, do_sample=False, max_new_tokens=4, pad_token_id=pad, eos_token_id=None)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
-    ids = torch.tensor([prompts[0], [pad] * 3 + prompts[1]])
+    rows = [prompts[0], prompts[1] + [pad] * 3] if seq2seq else [prompts[0], [pad] * 3 + prompts[1]]
+    ids = torch.tensor(rows)
     with torch.no_grad():
-        batch = _generate(model, False, input_ids=ids, attention_mask=(ids != pad).long(), **kw)[:, ids.shape[1]:]
+        out = _generate(model, seq2seq, input_ids=ids, attention_mask=(ids != pad).long(), **kw)
+        batch = out if seq2seq else out[:, ids.shape[1]:]
         for row, p in zip(batch, prompts):
             x = torch.tensor([p])
-            alone = _generate(model, False, input_ids=x, attention_mask=torch.ones_like(x), **kw)[0, len(p):]
+            alone = _generate(model, seq2seq, input_ids=x, attention_mask=torch.ones_like(x), **kw)[0]
+            alone = alone if seq2seq else alone[len(p):]
             assert row.tolist() == alone.tolist()
-            if num_beams == 1:  # greedy: every token is the argmax of the prefixed model's forward
+            if num_beams > 1:
+                continue
+            # greedy: every token is the argmax of the prefixed model's forward on what came before it
+            if seq2seq:
+                fwd = dict(input_ids=x, decoder_input_ids=alone[None, :-1])
+                new, at = alone[1:], slice(None)
+            else:
                 seq = torch.cat([x, alone[None, :-1]], 1)
-                want = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[0, len(p) - 1:].argmax(-1)
-                assert alone.tolist() == want.tolist()
-                with model.disable_adapter():
-                    base = model(input_ids=seq).logits[0, len(p) - 1:].argmax(-1)
-                assert base.tolist() != want.tolist()  # the prefix changes the choice (else the test shows nothing)
+                fwd = dict(input_ids=seq, attention_mask=torch.ones_like(seq))
+                new, at = alone, slice(len(p) - 1, None)
+            want = model(**fwd).logits[0, at].argmax(-1)
+            assert new.tolist() == want.tolist()
+            with model.disable_adapter():
+                base = model(**fwd).logits[0, at].argmax(-1)
+            assert base.tolist() != want.tolist()  # the prefix changes the choice (else the test shows nothing)

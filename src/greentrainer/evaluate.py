@@ -80,22 +80,26 @@ def generate(model, tok, examples, task: str, seq2seq: bool, max_input_length: i
 
 
 def _generate(model, seq2seq: bool, input_ids, attention_mask, **kw):
-    """``model.generate``; for a PEFT prefix-tuned decoder, its base model's generate with the prefix as a
+    """``model.generate``; for a PEFT prefix-tuned model, its base model's generate with the prefix as a
     prefilled cache. peft's own route hands the prefix over as ``past_key_values`` beside the ``cache`` that
     transformers' generate now passes, and the model reads ``cache``: the prefix was silently ignored
-    (peft 0.21.2 with transformers 5.24). Placeholder tokens stand for the prefix's positions, so the prompt's
-    positions start after it as in training, and generate feeds only the tokens the cache lacks."""
+    (peft 0.21.2 with transformers 5.24). In a decoder-only model, placeholder tokens stand for the prefix's
+    positions (the prompt's positions start after it, as in training; generate feeds only the tokens the cache
+    lacks); in an encoder-decoder, the prefix is the decoder's and its first input the start token."""
     import copy
     import inspect
     cfg = getattr(model, "active_peft_config", None)
-    if seq2seq or cfg is None or cfg.peft_type != "PREFIX_TUNING":
+    if cfg is None or cfg.peft_type != "PREFIX_TUNING":
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
     base, n, b = model.get_base_model(), cfg.num_virtual_tokens, input_ids.shape[0]
     cache = copy.deepcopy(model.get_prompt(batch_size=b * kw.get("num_beams", 1)))  # generate grows it in place
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    kw["cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"] = cache
+    if seq2seq:
+        start = input_ids.new_full((b, 1), base.config.decoder_start_token_id)
+        return base.generate(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=start, **kw)
     ids = torch.cat([input_ids.new_full((b, n), kw["pad_token_id"]), input_ids], 1)
     mask = torch.cat([attention_mask.new_ones((b, n)), attention_mask], 1)
-    return base.generate(input_ids=ids, attention_mask=mask, **{name: cache}, **kw)[:, n:]
+    return base.generate(input_ids=ids, attention_mask=mask, **kw)[:, n:]
 
 
 @torch.no_grad()

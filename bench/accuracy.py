@@ -464,8 +464,10 @@ def report(a) -> list[dict]:
         fl = f"{100 * r['flops_fraction']:.1f}" + (f" ({100 * r['flops_min']:.1f}–{100 * r['flops_max']:.1f})"
                                                       if r["seeds"] > 1 else "")
         sel = f"{r['selector_ms']:.1f}" if r["selector_ms"] else ""
-        vs = "" if r["variant"] == "full" or "full" not in items else "{:+.1f} ({:+.1f} to {:+.1f})".format(
-            *compare(items[r["variant"]], items["full"]))
+        vs = ""
+        if r["variant"] != "full" and "full" in items:
+            r["vs_full"], r["vs_full_low"], r["vs_full_high"] = compare(items[r["variant"]], items["full"])
+            vs = f"{r['vs_full']:+.1f} ({r['vs_full_low']:+.1f} to {r['vs_full_high']:+.1f})"
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
                      f"{r['ci_high']:.1f}) | {vs} | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
@@ -502,8 +504,9 @@ def report(a) -> list[dict]:
 
 
 def plot(rows, path, dataset, families: dict | None = None) -> None:
-    """ROUGE-L against measured FLOPs with both intervals: every row and the Pareto front, or (``families``)
-    those variants only, each family in one colour joined by a line in FLOPs order."""
+    """ROUGE-L against measured FLOPs with both intervals: every row, the Pareto front and (below) each row's
+    paired difference to full FT, or (``families``) those variants only, each family in one colour joined by a
+    line in FLOPs order."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -514,17 +517,25 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         title = "budgeted selection over tensors, LoRA adapters and SMT blocks"
     else:
         groups, title = [(None, [r]) for r in rows], "accuracy against compute"
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, g in (x for x in groups if x[1]):
+    paired = [r for r in rows if "vs_full" in r] if not families else []
+    if paired:  # the intervals above overlap; the paired differences below are what tells methods apart
+        fig, (ax, dx) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True, height_ratios=(3, 2))
+    else:
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+    markers = "osD^vP*Xh<>p"
+    style = {}
+    for i, (name, g) in enumerate(x for x in groups if x[1]):
         xs, ys = [100 * r["flops_fraction"] for r in g], [r["rougeL"] for r in g]
-        line = ax.errorbar(xs, ys, yerr=[[y - r["ci_low"] for y, r in zip(ys, g)],
-                                         [r["ci_high"] - y for y, r in zip(ys, g)]],
-                           xerr=[[x - 100 * r["flops_min"] for x, r in zip(xs, g)],
-                                 [100 * r["flops_max"] - x for x, r in zip(xs, g)]],
-                           fmt="o-" if name else "o", capsize=3, label=name)
-        for x, y, r in zip(xs, ys, g):
-            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                        color=line[0].get_color() if name else "black")
+        style.update({r["variant"]: (markers[i % len(markers)], plt.cm.tab10(i % 10)) for r in g})
+        ax.errorbar(xs, ys, yerr=[[y - r["ci_low"] for y, r in zip(ys, g)], [r["ci_high"] - y for y, r in zip(ys, g)]],
+                    xerr=[[x - 100 * r["flops_min"] for x, r in zip(xs, g)],
+                          [100 * r["flops_max"] - x for x, r in zip(xs, g)]],
+                    fmt=markers[i % len(markers)] + ("-" if name else ""), capsize=3, alpha=0.85,
+                    color=plt.cm.tab10(i % 10), label=name or g[0]["label"])
+    for r in paired:
+        marker, colour = style[r["variant"]]
+        dx.errorbar([100 * r["flops_fraction"]], [r["vs_full"]], fmt=marker, capsize=3, alpha=0.85, color=colour,
+                    yerr=[[r["vs_full"] - r["vs_full_low"]], [r["vs_full_high"] - r["vs_full"]]])
     if not families:
         front, best = [], -math.inf
         for x, y in sorted((100 * r["flops_fraction"], r["rougeL"]) for r in rows):
@@ -532,11 +543,18 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
                 front.append((x, y))
                 best = y
         ax.plot(*zip(*front), "--", color="grey", lw=1, label="Pareto front")
-    ax.set_xlabel("measured training FLOPs, % of full fine-tuning")
+    if paired:
+        dx.axhline(0, color="grey", lw=1)
+        dx.axhline(-1, color="grey", lw=1, ls=":")
+        dx.text(dx.get_xlim()[0], -1, " −1: the paper's bound for ρ 0.5", va="bottom", fontsize=7, color="grey")
+        dx.set_ylabel("ROUGE-L minus full FT's\n(same items, 95% CI)")
+        dx.set_xlabel("measured training FLOPs, % of full fine-tuning")
+    if not paired:
+        ax.set_xlabel("measured training FLOPs, % of full fine-tuning")
     ax.set_ylabel("ROUGE-L (test, 95% CI)")
     ax.set_title(f"{dataset}: {title}")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the plot: points at equal FLOPs
+    fig.tight_layout()                                                  # would hide labels written next to them
     fig.savefig(path, dpi=120)
 
 

@@ -155,6 +155,8 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     assert "| GreenTrainer ρ=0.5 − Full FT | 2, 1 | -5.0 (-5.0 to -5.0) | ≥ -1.0 | no |" in table
     assert "| GreenTrainer ρ=0.5 | 2 | 0.0001 | 35.0 (" in table and ") | -5.0 (-5.0 to -5.0) | 40.0 |" in table
     assert "| GT over LoRA ρ=0.5 − GreenTrainer ρ=0.5 | 1, 2 | +3.3 (" in table
+    plotted = {r["label"]: r for r in json.loads((tmp_path / "accuracy_scitldr.json").read_text())["rows"]}
+    assert plotted["GreenTrainer ρ=0.5"]["vs_full"] == pytest.approx(-5.0) and "vs_full" not in plotted["Full FT"]
     assert (tmp_path / "accuracy_scitldr_over.png").exists()  # issue 16's plot, once an --over run is in
     assert "each of its 2 epochs (mean over seeds): 2.6000 → 2.5000; the last epoch changed it by -3.85 %" in table
 

@@ -110,4 +110,9 @@ def test_eval_seed_scores_every_seed_on_the_same_items(capsys, tmp_path, tiny_mo
                                "--max-train", "4")) == 0
         ids.append([json.loads(ln)["id"] for ln in (out / "predictions.jsonl").read_text().splitlines()])
     assert len(ids[0]) == 3 and ids[0] == ids[1] == ids[2]
+    # `eval` of a run folder samples with the run's own --eval-seed: the items the run was tested on
+    assert main(["eval", "--model", str(out), "--dataset", data, "--max-eval", "3", "--num-beams", "1",
+                 "--max-new-tokens", "2", "--output", str(tmp_path / "again.json")]) == 0
+    assert [p["id"] for p in json.loads((tmp_path / "again.json").read_text())["predictions"]] == ids[2]
+    capsys.readouterr()
     assert "--eval-seed" in err(capsys, train_args(tiny_model_dir, data, tmp_path / "bad", "--eval-seed", "-1"))

@@ -141,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=INT, default=None)
     e.add_argument("--max-input-length", type=INT, default=512)
     e.add_argument("--eval-batch-size", type=INT, default=4)
-    e.add_argument("--seed", type=INT, default=42, help="samples the --max-eval items")
+    e.add_argument("--seed", type=INT, default=None,
+                   help="samples the --max-eval items (default: a run folder's own --eval-seed, so with its "
+                        "--max-eval it scores the items the run was tested on; 42 for anything else)")
     e.add_argument("--device", default="auto")
     e.add_argument("--output", default=None, help="write metrics and predictions to this JSON file")
     e.add_argument("--prompt-format", default="auto", choices=("auto", "chat", "plain"),

@@ -315,12 +315,12 @@ def check_eval_output(path: str | None) -> None:
 
 
 def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int, max_new_tokens: int | None,
-             max_input_length: int, seed: int, batch_size: int, device: str, log=print, progress=True,
+             max_input_length: int, seed: int | None, batch_size: int, device: str, log=print, progress=True,
              eval_dataset: str | None = None, prompt_format: str = "auto", instruction: str | None = None) -> dict:
     """Evaluate a saved model (full model folder or PEFT adapter folder) or a model name on the test split
     (a user file's held-out part, or every row of ``eval_dataset``)."""
     spec, _ = resolve_dataset(dataset)
-    exs = load_examples(dataset, "test", max_eval, seed, eval_dataset)
+    exs = load_examples(dataset, "test", max_eval, run_eval_seed(model_dir) if seed is None else seed, eval_dataset)
     status = run_status(model_dir)
     if status is not None:
         _check_unseen(model_dir, exs, eval_dataset or dataset)
@@ -344,6 +344,16 @@ def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int,
     if status is not None:
         res["run_status"] = status
     return res
+
+
+def run_eval_seed(path: str, default: int = 42) -> int:
+    """The seed a run folder sampled its test items with (its --eval-seed, else its --seed), so that ``eval``
+    scores the same items; ``default`` for anything that is not a run folder."""
+    try:
+        cfg = json.loads((Path(path) / "train_config.json").read_text())
+        return int(cfg["seed"] if cfg.get("eval_seed") is None else cfg["eval_seed"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return default
 
 
 def run_status(path: str) -> str | None:

@@ -53,7 +53,12 @@ VARIANTS = {
     "gt@lora": ("greentrainer", {"rho": "lora"}),
     "gt-lora@lora": ("greentrainer", {"over": "lora", "rho": "lora"}),
     "gt-blocks@smt": ("greentrainer", {"over": "blocks", "rho": "smt"}),
+    # the paper's second claim at the paper's single lr for every method ("lr" sets it instead of the sweep's):
+    # whether "LoRA + 2" comes from LoRA's lr rather than from the selection (issue 14, item 6)
+    "lora@paper-lr": ("lora", {"lr": 2e-5}),
+    "gt@lora@paper-lr": ("greentrainer", {"rho": "lora", "lr": 2e-5}),
 }
+PAPER_LR = 2e-5  # in no sweep grid, so a run at it is never taken for a method's own setting
 # whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
 # LoRA's setting; over SMT's blocks, SMT's
 SETTING_FROM = {"gt-lora0.5": "lora", "gt-blocks0.5": "smt", "gt-lora@lora": "lora", "gt-blocks@smt": "smt"}
@@ -63,7 +68,8 @@ LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.45": "GreenTra
           "dora": "DoRA", "prefix": "Prefix", "smt": "SMT",
           "gt-lora0.5": "GT over LoRA ρ=0.5", "gt-blocks0.5": "GT over blocks ρ=0.5",
           "gt@lora": "GreenTrainer at LoRA's FLOPs", "gt-lora@lora": "GT over LoRA at LoRA's FLOPs",
-          "gt-blocks@smt": "GT over blocks at SMT's FLOPs"}
+          "gt-blocks@smt": "GT over blocks at SMT's FLOPs", "lora@paper-lr": "LoRA at the paper's lr 2e-5",
+          "gt@lora@paper-lr": "GreenTrainer at LoRA's FLOPs, lr 2e-5"}
 # The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
 SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
              "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],
@@ -90,6 +96,7 @@ FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0
 # paper's two claims (issue 14), then budgeted selection over adapters and blocks against its peers (issue 16)
 COMPARISONS = [("gt0.5", "full", -1.0, "the paper: ρ 0.5 within 1.0 ROUGE-L of full FT"),
                ("gt@lora", "lora", 2.0, "the paper: at LoRA's FLOPs, at least LoRA + 2"),
+               ("gt@lora@paper-lr", "lora@paper-lr", 2.0, "the same claim at the paper's lr 2e-5 for both"),
                ("gt-lora@lora", "lora", None, "adapters chosen under ρ against all adapters, equal FLOPs"),
                ("gt-lora@lora", "gt@lora", None, "over adapters against over tensors, equal FLOPs"),
                ("gt-lora0.5", "gt0.5", None, "over adapters against over tensors, ρ 0.5"),
@@ -366,7 +373,8 @@ def measured_rho(a, opts: dict) -> dict | None:
     folder = RESULTS / "accuracy" / a.dataset / "final"
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{opts['rho']}-*-s0-*.json"))] \
         if folder.is_dir() else []
-    runs = [r for r in runs if r["method"] == opts["rho"] and r["seed"] == 0 and "error" not in r]
+    runs = [r for r in runs if r["method"] == opts["rho"] and r["seed"] == 0 and "error" not in r
+            and r["lr"] != PAPER_LR]
     return {**opts, "rho": round(runs[0]["flops_fraction_of_full"], 3)} if runs else None
 
 
@@ -379,7 +387,7 @@ def final(a, log) -> None:
         for label, (method, opts) in VARIANTS.items():
             if (a.methods is not None and label not in a.methods) or seed >= seeds[label]:
                 continue
-            opts = measured_rho(a, opts)
+            opts = measured_rho(a, dict(opts))
             if opts is None:
                 log(f"{label}: the method whose FLOPs it matches has no final run yet; skipped")
                 continue
@@ -391,7 +399,8 @@ def final(a, log) -> None:
             if source != method:  # the knobs that the other method shares (LoRA's rank; SMT's block size)
                 w = {"lr": w["lr"], "options": {k: v for k, v in w["options"].items()
                                                 if k in ("lora_r", "lora_alpha")}}
-            one_run(a, "final", method, {**opts, **w["options"]}, w["lr"], seed, log)
+            lr = opts.pop("lr", w["lr"])
+            one_run(a, "final", method, {**opts, **w["options"]}, lr, seed, log)
 
 
 def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -427,11 +436,13 @@ def report(a) -> list[dict]:
     rows, refused, items = [], [], {}
     check_same_items(runs)
     for label, (method, opts) in VARIANTS.items():
-        opts = measured_rho(a, opts)
+        opts = measured_rho(a, dict(opts))
         if opts is None:
             continue
+        lr = opts.pop("lr", None)
         mine = [r for r in runs if r["method"] == method and all(r["options"].get(k) == v for k, v in opts.items())
-                and r["options"].get("over", "tensors") == opts.get("over", "tensors")]
+                and r["options"].get("over", "tensors") == opts.get("over", "tensors")
+                and (r["lr"] == lr if lr is not None else r["lr"] != PAPER_LR)]
         refused += [f"{LABELS[label]}: {r['error']}" for r in mine[:1] if "error" in r]
         mine = [r for r in mine if "error" not in r]
         if not mine:

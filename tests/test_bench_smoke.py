@@ -134,9 +134,12 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
                                                 ("greentrainer", {"rho": 0.5}, 0, [20, 30, 40], 0.49, [0.002]),
                                                 ("greentrainer", {"rho": 0.5}, 1, [30, 40, 50], 0.5, [0.004, 0.003]),
                                                 ("greentrainer", {"over": "lora", "rho": 0.5}, 0, [25, 45, 45], 0.5,
-                                                 [0.001])):
-        (folder / f"{method}-{opts.get('over', '')}-{seed}.json").write_text(json.dumps({
-            "method": method, "options": opts, "seed": seed, "lr": 1e-4, "steps": 256, "per_item_rougeL": rouge,
+                                                 [0.001]),
+                                                ("lora", {}, 0, [30, 30, 30], 0.69, []),
+                                                ("lora", {"lr": 2e-5}, 0, [10, 10, 10], 0.69, [])):
+        lr = opts.pop("lr", 1e-4)  # LoRA at the paper's lr is a row of its own, not a seed of LoRA's
+        (folder / f"{method}-{opts.get('over', '')}-{lr}-{seed}.json").write_text(json.dumps({
+            "method": method, "options": opts, "seed": seed, "lr": lr, "steps": 256, "per_item_rougeL": rouge,
             "test_ids": ["a", "b", "c"], "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.6, 2.5],
             "train_time_s": 10.0, "selector_time_s": sel}))
     (folder / "greentrainer-0.4.json").write_text(json.dumps({  # a ρ the tool refused: said under the table
@@ -144,7 +147,8 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
         "error": "--rho 0.4 is below ...; the smallest feasible rho is 0.4063"}))
     a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr")
     rows = {r["label"]: r for r in accuracy.report(a)}
-    assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5", "GT over LoRA ρ=0.5"}
+    assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5", "GT over LoRA ρ=0.5", "LoRA", "LoRA at the paper's lr 2e-5"}
+    assert rows["LoRA"]["rougeL"] == 30 and rows["LoRA at the paper's lr 2e-5"]["rougeL"] == 10
     gt = rows["GreenTrainer ρ=0.5"]
     assert gt["seeds"] == 2 and gt["rougeL"] == pytest.approx(35.0) and gt["ci_low"] <= 35 <= gt["ci_high"]
     assert (gt["flops_min"], gt["flops_max"]) == (0.49, 0.5) and gt["selector_ms"] == pytest.approx(4.0)
@@ -197,6 +201,33 @@ def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path
     result = json.loads((tmp_path / "accuracy_ablations_scitldr.json").read_text())
     assert result["wins"] == ["probe over 4 batches"] and result["seed_noise"] == pytest.approx(0.005)
     assert "| 40@8 |" in table
+
+
+def test_accuracy_final_plan_runs_each_variant_at_its_setting(tmp_path, monkeypatch):
+    """--stage final: each variant at its sweep winner's lr and knobs; "at LoRA's FLOPs" at the ρ LoRA's seed-0
+    run measured; the paper-lr rows at 2e-5 whatever the sweep chose."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
+        "lora": {"lr": 3e-3, "options": {"lora_r": 16}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
+    folder = tmp_path / "accuracy" / "scitldr" / "final"
+    folder.mkdir(parents=True)
+    (folder / "lora-lora_r16-lr0.003-s0-256steps.json").write_text(json.dumps(
+        {"method": "lora", "seed": 0, "lr": 3e-3, "flops_fraction_of_full": 0.6931}))
+    calls = []
+    monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
+                        calls.append((method, opts, lr, seed)))
+    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=1, steps=256,
+                        methods=["lora", "gt0.5", "gt@lora", "lora@paper-lr", "gt@lora@paper-lr"])
+    accuracy.final(a, log=lambda *x: None)
+    assert calls == [("greentrainer", {"rho": 0.5}, 1e-4, 0), ("lora", {"lora_r": 16}, 3e-3, 0),
+                     ("greentrainer", {"rho": 0.693}, 1e-4, 0), ("lora", {"lora_r": 16}, 2e-5, 0),
+                     ("greentrainer", {"rho": 0.693}, 2e-5, 0)]
+    assert accuracy.VARIANTS["lora@paper-lr"][1] == {"lr": 2e-5}  # the plan did not change the table
 
 
 def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_path, monkeypatch):

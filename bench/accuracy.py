@@ -100,8 +100,10 @@ COMPARISONS = [("gt0.5", "full", -1.0, "the paper: ρ 0.5 within 1.0 ROUGE-L of 
                ("gt-lora@lora", "lora", None, "adapters chosen under ρ against all adapters, equal FLOPs"),
                ("gt-lora@lora", "gt@lora", None, "over adapters against over tensors, equal FLOPs"),
                ("gt-lora0.5", "gt0.5", None, "over adapters against over tensors, ρ 0.5"),
+               ("gt-lora0.5", "lora", None, "adapters chosen under ρ 0.5 against all adapters at their own FLOPs"),
                ("gt-blocks@smt", "smt", None, "blocks under ρ against SMT's blocks, equal FLOPs"),
-               ("gt-blocks0.5", "gt0.5", None, "over blocks against over tensors, ρ 0.5")]
+               ("gt-blocks0.5", "gt0.5", None, "over blocks against over tensors, ρ 0.5"),
+               ("gt-blocks0.5", "smt", None, "blocks under ρ 0.5 against SMT's blocks at their own FLOPs")]
 # the plot of issue 16's comparison: these variants, each family joined by a line
 FAMILIES = {"GreenTrainer (tensors)": ["gt0.45", "gt0.5", "gt@lora", "gt0.6", "gt0.7"],
             "GT over LoRA": ["gt-lora0.5", "gt-lora@lora"], "LoRA": ["lora"],

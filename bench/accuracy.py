@@ -34,6 +34,7 @@ from pathlib import Path
 from common import RESULTS, machine
 from greentrainer.files import write_json_atomic, write_text_atomic
 
+PAPER_LR = 2e-5  # the paper's one lr for every method; in no sweep grid, so never a method's own setting
 # Methods of the comparison: label -> (method, options). GreenTrainer's lr is swept at ρ 0.5 and shared.
 VARIANTS = {
     "full": ("full", {}),
@@ -55,10 +56,9 @@ VARIANTS = {
     "gt-blocks@smt": ("greentrainer", {"over": "blocks", "rho": "smt"}),
     # the paper's second claim at the paper's single lr for every method ("lr" sets it instead of the sweep's):
     # whether "LoRA + 2" comes from LoRA's lr rather than from the selection (issue 14, item 6)
-    "lora@paper-lr": ("lora", {"lr": 2e-5}),
-    "gt@lora@paper-lr": ("greentrainer", {"rho": "lora", "lr": 2e-5}),
+    "lora@paper-lr": ("lora", {"lr": PAPER_LR}),
+    "gt@lora@paper-lr": ("greentrainer", {"rho": "lora", "lr": PAPER_LR}),
 }
-PAPER_LR = 2e-5  # in no sweep grid, so a run at it is never taken for a method's own setting
 # whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
 # LoRA's setting; over SMT's blocks, SMT's
 SETTING_FROM = {"gt-lora0.5": "lora", "gt-blocks0.5": "smt", "gt-lora@lora": "lora", "gt-blocks@smt": "smt"}

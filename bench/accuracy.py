@@ -539,12 +539,13 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
     style = {}
     for i, (name, g) in enumerate(x for x in groups if x[1]):
         xs, ys = [100 * r["flops_fraction"] for r in g], [r["rougeL"] for r in g]
-        style.update({r["variant"]: (markers[i % len(markers)], plt.cm.tab10(i % 10)) for r in g})
+        marker, colour = markers[i % len(markers)], plt.cm.tab10(i % 10)
+        style.update({r["variant"]: (marker, colour) for r in g})  # the lower panel draws each row alike
         ax.errorbar(xs, ys, yerr=[[y - r["ci_low"] for y, r in zip(ys, g)], [r["ci_high"] - y for y, r in zip(ys, g)]],
                     xerr=[[x - 100 * r["flops_min"] for x, r in zip(xs, g)],
                           [100 * r["flops_max"] - x for x, r in zip(xs, g)]],
-                    fmt=markers[i % len(markers)] + ("-" if name else ""), capsize=3, alpha=0.85,
-                    color=plt.cm.tab10(i % 10), label=name or g[0]["label"])
+                    fmt=marker + ("-" if name else ""), capsize=3, alpha=0.85, color=colour,
+                    label=name or g[0]["label"])
     for r in paired:
         marker, colour = style[r["variant"]]
         dx.errorbar([100 * r["flops_fraction"]], [r["vs_full"]], fmt=marker, capsize=3, alpha=0.85, color=colour,
@@ -562,7 +563,7 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         dx.text(dx.get_xlim()[0], -1, " −1: the paper's bound for ρ 0.5", va="bottom", fontsize=7, color="grey")
         dx.set_ylabel("ROUGE-L minus full FT's\n(same items, 95% CI)")
         dx.set_xlabel("measured training FLOPs, % of full fine-tuning")
-    if not paired:
+    else:
         ax.set_xlabel("measured training FLOPs, % of full fine-tuning")
     ax.set_ylabel("ROUGE-L (test, 95% CI)")
     ax.set_title(f"{dataset}: {title}")

@@ -34,7 +34,7 @@ from pathlib import Path
 from common import RESULTS, machine
 from greentrainer.files import write_json_atomic, write_text_atomic
 
-PAPER_LR = 2e-5  # the paper's one lr for every method; in no sweep grid, so never a method's own setting
+PAPER_LR = 2e-5  # the paper's one lr for every method
 # Methods of the comparison: label -> (method, options). GreenTrainer's lr is swept at ρ 0.5 and shared.
 VARIANTS = {
     "full": ("full", {}),
@@ -366,18 +366,32 @@ def selections_shown(r: dict) -> str:
 
 # ---------------------------------------------------------------- final runs and report
 
-def measured_rho(a, opts: dict) -> dict | None:
-    """``opts`` with ``rho`` naming a method resolved to the FLOPs fraction that method's first final run (seed
-    0) measured (None while it has none). Read for every variant: the method it names may have finished earlier
-    in the same pass."""
-    if not isinstance(opts.get("rho"), str):
-        return opts
-    folder = RESULTS / "accuracy" / a.dataset / "final"
-    runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{opts['rho']}-*-s0-*.json"))] \
-        if folder.is_dir() else []
-    runs = [r for r in runs if r["method"] == opts["rho"] and r["seed"] == 0 and "error" not in r
-            and r["lr"] != PAPER_LR]
-    return {**opts, "rho": round(runs[0]["flops_fraction_of_full"], 3)} if runs else None
+def setting(a, label: str, winners: dict) -> tuple[str, dict, float] | None:
+    """A variant's whole setting: its method, the options its runs record and its lr, or None while it cannot be
+    set (no sweep winner; ``rho`` naming a method whose seed-0 final run is not done). The final stage runs
+    exactly this and the report pools exactly the runs recorded with it, so a variant at another lr or another
+    method's FLOPs is never pooled with the method's own runs.
+
+    Options: the variant's own, then its sweep winner's knobs (a variant over another method's tensors takes that
+    method's lr and the knobs both share: LoRA's rank); ``"lr"`` in the variant overrides the winner's lr; ``rho``
+    naming a method becomes the FLOPs fraction that method's seed-0 final run measured."""
+    method, opts = VARIANTS[label]
+    opts = dict(opts)
+    source = SETTING_FROM.get(label, method)
+    if source not in winners:
+        return None
+    w = winners[source]
+    knobs = w["options"] if source == method else {k: v for k, v in w["options"].items()
+                                                    if k in ("lora_r", "lora_alpha")}
+    lr = opts.pop("lr", w["lr"])
+    if isinstance(opts.get("rho"), str):
+        other = setting(a, opts["rho"], winners)
+        path = None if other is None else (RESULTS / "accuracy" / a.dataset / "final"
+                                           / f"{run_id(*other, seed=0, steps=a.steps)}.json")
+        if path is None or not path.is_file() or "error" in (run := json.loads(path.read_text())):
+            return None
+        opts["rho"] = round(run["flops_fraction_of_full"], 3)
+    return method, {**opts, **knobs}, lr
 
 
 def final(a, log) -> None:
@@ -386,23 +400,15 @@ def final(a, log) -> None:
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
     seeds = {label: FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds for label in VARIANTS}
     for seed in range(max(seeds.values())):
-        for label, (method, opts) in VARIANTS.items():
+        for label in VARIANTS:
             if (a.methods is not None and label not in a.methods) or seed >= seeds[label]:
                 continue
-            opts = measured_rho(a, dict(opts))
-            if opts is None:
-                log(f"{label}: the method whose FLOPs it matches has no final run yet; skipped")
+            s = setting(a, label, winners)  # read for every variant: the method whose FLOPs it matches may have
+            if s is None:                   # finished earlier in this pass
+                log(f"{label}: no sweep winner, or the method whose FLOPs it matches has no seed-0 run yet; skipped")
                 continue
-            source = SETTING_FROM.get(label, method)
-            if source not in winners:
-                log(f"{label}: no sweep winner yet; skipped")
-                continue
-            w = winners[source]
-            if source != method:  # the knobs that the other method shares (LoRA's rank; SMT's block size)
-                w = {"lr": w["lr"], "options": {k: v for k, v in w["options"].items()
-                                                if k in ("lora_r", "lora_alpha")}}
-            lr = opts.pop("lr", w["lr"])
-            one_run(a, "final", method, {**opts, **w["options"]}, lr, seed, log)
+            method, opts, lr = s
+            one_run(a, "final", method, opts, lr, seed, log)
 
 
 def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -437,14 +443,13 @@ def report(a) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     rows, refused, items = [], [], {}
     check_same_items(runs)
-    for label, (method, opts) in VARIANTS.items():
-        opts = measured_rho(a, dict(opts))
-        if opts is None:
+    winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
+    for label in VARIANTS:
+        s = setting(a, label, winners)
+        if s is None:
             continue
-        lr = opts.pop("lr", None)
-        mine = [r for r in runs if r["method"] == method and all(r["options"].get(k) == v for k, v in opts.items())
-                and r["options"].get("over", "tensors") == opts.get("over", "tensors")
-                and (r["lr"] == lr if lr is not None else r["lr"] != PAPER_LR)]
+        method, opts, lr = s
+        mine = [r for r in runs if (r["method"], r["options"], r["lr"], r["steps"]) == (method, opts, lr, a.steps)]
         refused += [f"{LABELS[label]}: {r['error']}" for r in mine[:1] if "error" in r]
         mine = [r for r in mine if "error" not in r]
         if not mine:

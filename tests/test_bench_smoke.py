@@ -128,6 +128,8 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     import common
     importlib.reload(common)
     accuracy = importlib.reload(importlib.import_module("accuracy"))
+    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
+        m: {"lr": 1e-4, "options": {}} for m in ("full", "greentrainer", "lora")}}))
     folder = tmp_path / "accuracy" / "scitldr" / "final"
     folder.mkdir(parents=True)
     for method, opts, seed, rouge, frac, sel in (("full", {}, 0, [30, 40, 50], 1.0, []),
@@ -136,16 +138,19 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
                                                 ("greentrainer", {"over": "lora", "rho": 0.5}, 0, [25, 45, 45], 0.5,
                                                  [0.001]),
                                                 ("lora", {}, 0, [30, 30, 30], 0.69, []),
-                                                ("lora", {"lr": 2e-5}, 0, [10, 10, 10], 0.69, [])):
+                                                ("lora", {"lr": 2e-5}, 0, [10, 10, 10], 0.69, []),
+                                                # not the sweep's setting: no variant's run, pooled with none
+                                                ("greentrainer", {"rho": 0.5, "lr": 3e-4}, 2, [0, 0, 0], 0.5, []),
+                                                ("lora", {"lora_r": 16}, 1, [0, 0, 0], 0.69, [])):
         lr = opts.pop("lr", 1e-4)  # LoRA at the paper's lr is a row of its own, not a seed of LoRA's
-        (folder / f"{method}-{opts.get('over', '')}-{lr}-{seed}.json").write_text(json.dumps({
+        (folder / f"{method}-{opts.get('over', '')}-{len(opts)}-{lr}-{seed}.json").write_text(json.dumps({
             "method": method, "options": opts, "seed": seed, "lr": lr, "steps": 256, "per_item_rougeL": rouge,
             "test_ids": ["a", "b", "c"], "eval": {"rouge1_first_ref": 40.0}, "flops_fraction_of_full": frac, "val_loss": [2.6, 2.5],
             "train_time_s": 10.0, "selector_time_s": sel}))
     (folder / "greentrainer-0.4.json").write_text(json.dumps({  # a ρ the tool refused: said under the table
         "method": "greentrainer", "options": {"rho": 0.4}, "seed": 0, "lr": 1e-4, "steps": 256,
         "error": "--rho 0.4 is below ...; the smallest feasible rho is 0.4063"}))
-    a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr")
+    a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr", steps=256)
     rows = {r["label"]: r for r in accuracy.report(a)}
     assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5", "GT over LoRA ρ=0.5", "LoRA", "LoRA at the paper's lr 2e-5"}
     assert rows["LoRA"]["rougeL"] == 30 and rows["LoRA at the paper's lr 2e-5"]["rougeL"] == 10

@@ -242,6 +242,11 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 RUN_MARKER = ".greentrainer-run"
 # Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
+def items_seed(seed: int, eval_seed: int | None) -> int:
+    """The seed that samples a run's validation and test items: its --eval-seed, else its --seed."""
+    return seed if eval_seed is None else eval_seed
+
+
 RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "logs", "metrics.json", "progress.json",
                "predictions.jsonl", "predictions_before.jsonl", "model", "selections.json", "selection_heatmap.png",
                "carbon.png",

@@ -6,7 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from .config import TrainConfig, check_output_dir, config_from_dict, is_run_folder, prepare_output_dir
+from .config import (TrainConfig, check_output_dir, config_from_dict, is_run_folder, items_seed,
+                     prepare_output_dir)
 from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, recorded_prompt_format,
                    resolve_dataset, resolve_prompt_format)
 from .errors import RunFailed, UsageError, one_line, warn
@@ -107,7 +108,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     if resume_dir is None:
         check_output_dir(out_dir, cfg.overwrite)
     train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed, cfg.eval_dataset)
-    eval_seed = cfg.seed if cfg.eval_seed is None else cfg.eval_seed
+    eval_seed = items_seed(cfg.seed, cfg.eval_seed)
     val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, eval_seed, cfg.eval_dataset)
     test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, eval_seed, cfg.eval_dataset)
     check_input_length(load_config(cfg.model), cfg.max_input_length)  # fails fast, before the weights load
@@ -320,10 +321,11 @@ def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int,
     """Evaluate a saved model (full model folder or PEFT adapter folder) or a model name on the test split
     (a user file's held-out part, or every row of ``eval_dataset``)."""
     spec, _ = resolve_dataset(dataset)
-    exs = load_examples(dataset, "test", max_eval, run_eval_seed(model_dir) if seed is None else seed, eval_dataset)
+    trained = recorded_train_config(model_dir)
+    exs = load_examples(dataset, "test", max_eval, run_eval_seed(trained) if seed is None else seed, eval_dataset)
     status = run_status(model_dir)
-    if status is not None:
-        _check_unseen(model_dir, exs, eval_dataset or dataset)
+    if status is not None and trained is not None:
+        _check_unseen(trained, exs, eval_dataset or dataset)
     model, tok = load_any(model_dir)
     model.to(pick_device(device))
     seq2seq = is_seq2seq(model)
@@ -346,13 +348,22 @@ def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int,
     return res
 
 
-def run_eval_seed(path: str, default: int = 42) -> int:
-    """The seed a run folder sampled its test items with (its --eval-seed, else its --seed), so that ``eval``
-    scores the same items; ``default`` for anything that is not a run folder."""
+def recorded_train_config(path: str) -> dict | None:
+    """A run folder's train_config.json as plain data, read leniently (older versions' run folders too, whose
+    fields ``config_from_dict`` would refuse); None for anything that is not a run folder."""
     try:
         cfg = json.loads((Path(path) / "train_config.json").read_text())
-        return int(cfg["seed"] if cfg.get("eval_seed") is None else cfg["eval_seed"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
+def run_eval_seed(trained: dict | None, default: int = 42) -> int:
+    """The seed a run sampled its test items with (``items_seed``), so that ``eval`` scores the same items;
+    ``default`` for anything that is not a run folder."""
+    try:
+        return int(items_seed(trained["seed"], trained.get("eval_seed")))
+    except (KeyError, TypeError, ValueError):
         return default
 
 
@@ -374,10 +385,9 @@ def run_status(path: str) -> str | None:
     return status
 
 
-def _check_unseen(run_dir: str, exs, eval_name: str) -> None:
+def _check_unseen(cfg: dict, exs, eval_name: str) -> None:
     """Refuse to evaluate a run on items it trained on (a user file given to ``eval`` as a whole)."""
     try:
-        cfg = json.loads((Path(run_dir) / "train_config.json").read_text())
         train = load_examples(cfg["dataset"], "train", None, 0, cfg.get("eval_dataset"))
     except (OSError, ValueError, KeyError, UsageError):
         return  # training data not available here: nothing to compare with

@@ -69,7 +69,7 @@ LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.45": "GreenTra
           "gt-lora0.5": "GT over LoRA ρ=0.5", "gt-blocks0.5": "GT over blocks ρ=0.5",
           "gt@lora": "GreenTrainer at LoRA's FLOPs", "gt-lora@lora": "GT over LoRA at LoRA's FLOPs",
           "gt-blocks@smt": "GT over blocks at SMT's FLOPs", "lora@paper-lr": "LoRA at the paper's lr 2e-5",
-          "gt@lora@paper-lr": "GreenTrainer at LoRA's FLOPs, lr 2e-5"}
+          "gt@lora@paper-lr": "GreenTrainer at LoRA's FLOPs, lr 2e-5", "zeroshot": "Zero-shot (untrained)"}
 # The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
 SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
              "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],
@@ -123,18 +123,22 @@ def run_id(method: str, opts: dict, lr: float, seed: int, steps: int) -> str:
 
 def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -> dict:
     """Train (and for the final stage evaluate) one setting; its result file, or the one already there."""
-    folder = RESULTS / "accuracy" / a.dataset / stage
-    path = folder / f"{run_id(method, opts, lr, seed, a.steps)}.json"
+    path = RESULTS / "accuracy" / a.dataset / stage / f"{run_id(method, opts, lr, seed, a.steps)}.json"
+    return claimed(path, log, lambda: _train_one(a, stage, method, opts, lr, seed, log, path))
+
+
+def claimed(path: Path, log, make) -> dict:
+    """The result file at ``path``: the one already there, or ``make()``'s, made by this process alone."""
     if path.is_file():
         return json.loads(path.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with claim(path.with_suffix(".lock")) as mine:
-        if not mine:  # another process of this script trains it now
+        if not mine:  # another process of this script makes it now
             log(f"  {path.name}: running in another process; skipped")
             return {"error": "running in another process"}
         if path.is_file():  # finished by another process just now
             return json.loads(path.read_text())
-        return _train_one(a, stage, method, opts, lr, seed, log, path)
+        return make()
 
 
 @contextlib.contextmanager
@@ -229,6 +233,31 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
     log(f"  {path.name}: val loss {res['val_loss'][-1]:.4f}"
         + (f", ROUGE-L {res['eval']['rougeL_first_ref']:.1f}" if final else "") + f" ({wall:.0f} s)")
     return res
+
+
+def zero_shot(a, log) -> dict:
+    """The default model before any training, on the final runs' test items with their prompt format and
+    decoding: the row every method's gain is measured from. One file, no seeds (greedy decoding is
+    deterministic)."""
+    path = RESULTS / "accuracy" / a.dataset / "final" / "zeroshot.json"
+
+    def make():
+        from greentrainer.config import TrainConfig, items_seed
+        from greentrainer.run import run_eval
+        cfg = TrainConfig()  # the final runs' defaults: model, prompt format, generation batch
+        t0 = time.perf_counter()
+        m = run_eval(cfg.model, a.dataset, a.test_items, 1, None, a.max_input_length, items_seed(0, 0),
+                     cfg.eval_batch_size, cfg.device, log=lambda *x: None, progress=False,
+                     prompt_format=cfg.prompt_format)
+        preds = m["predictions"]
+        res = {"stage": "final", "dataset": a.dataset, "method": "zeroshot", "options": {}, "eval": m["metrics"],
+               "prompt_format": m["prompt_format"], "per_item_rougeL": per_item_rouge(preds),
+               "test_ids": [p["id"] for p in preds], "predictions": preds[:3], "wall_s": time.perf_counter() - t0, "machine": machine(),
+               "date": time.strftime("%Y-%m-%d %H:%M")}
+        write_json_atomic(path, res)
+        log(f"  {path.name}: ROUGE-L {res['eval']['rougeL_first_ref']:.1f} ({res['wall_s']:.0f} s)")
+        return res
+    return claimed(path, log, make)
 
 
 def per_item_rouge(preds: list[dict]) -> list[float]:
@@ -398,6 +427,8 @@ def final(a, log) -> None:
     """Every variant's runs, seed 0 of all of them first (a table of every method exists early; later seeds
     narrow its intervals)."""
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
+    if a.methods is None or "zeroshot" in a.methods:
+        zero_shot(a, log)
     seeds = {label: FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds for label in VARIANTS}
     for seed in range(max(seeds.values())):
         for label in VARIANTS:
@@ -443,6 +474,8 @@ def report(a) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
     rows, refused, items = [], [], {}
     check_same_items(runs)
+    zs = next((r for r in runs if r["method"] == "zeroshot"), None)
+    runs = [r for r in runs if r["method"] != "zeroshot"]
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
     for label in VARIANTS:
         s = setting(a, label, winners)
@@ -466,11 +499,17 @@ def report(a) -> list[dict]:
                      "test_items": len(mine[0]["per_item_rougeL"]), "steps": mine[0]["steps"]})
     if not rows:
         return rows
+    if zs is not None:  # first: what every method's gain is measured from
+        mean, lo, hi = bootstrap_ci([zs["per_item_rougeL"]])
+        items["zeroshot"] = zs["per_item_rougeL"]
+        rows.insert(0, {"variant": "zeroshot", "label": LABELS["zeroshot"], "seeds": 0, "rougeL": mean, "ci_low": lo,
+                        "ci_high": hi, "rouge1": zs["eval"]["rouge1_first_ref"], "flops_fraction": 0.0,
+                        "test_items": len(zs["per_item_rougeL"])})
     cols = ["method", "seeds", "lr", "ROUGE-L (95% CI)", "vs full FT, paired (95% CI)", "ROUGE-1", "FLOPs % of full",
             "val loss", "train time s", "selector ms (max)"]
     lines = [f"# Accuracy: {a.dataset}", "", f"`python bench/accuracy.py --dataset {a.dataset} --stage final` — "
              f"{machine()}", "",
-             f"Default model, chat prompt format, {rows[0]['steps']} optimizer steps of batch {a.batch_size}, each "
+             f"Default model, chat prompt format, {a.steps} optimizer steps of batch {a.batch_size}, each "
              f"method at its validation-tuned setting (accuracy_sweep_{a.sweep_from}.md); {rows[0]['test_items']} test "
              "items, greedy decoding, ROUGE against the first reference. The interval resamples the test items "
              "(2000 bootstrap draws, seeds paired); \"vs full FT\" is the ROUGE-L difference to full FT on the same "
@@ -479,13 +518,17 @@ def report(a) -> list[dict]:
              "(time_vs_flops.md compares step times).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        fl = f"{100 * r['flops_fraction']:.1f}" + (f" ({100 * r['flops_min']:.1f}–{100 * r['flops_max']:.1f})"
-                                                      if r["seeds"] > 1 else "")
-        sel = f"{r['selector_ms']:.1f}" if r["selector_ms"] else ""
         vs = ""
         if r["variant"] != "full" and "full" in items:
             r["vs_full"], r["vs_full_low"], r["vs_full_high"] = compare(items[r["variant"]], items["full"])
             vs = f"{r['vs_full']:+.1f} ({r['vs_full_low']:+.1f} to {r['vs_full_high']:+.1f})"
+        if r["variant"] == "zeroshot":  # no training: no seeds, lr, loss or time
+            lines.append(f"| {r['label']} |  |  | {r['rougeL']:.1f} ({r['ci_low']:.1f}–{r['ci_high']:.1f}) | {vs} | "
+                         f"{r['rouge1']:.1f} | 0 |  |  |  |")
+            continue
+        fl = f"{100 * r['flops_fraction']:.1f}" + (f" ({100 * r['flops_min']:.1f}–{100 * r['flops_max']:.1f})"
+                                                      if r["seeds"] > 1 else "")
+        sel = f"{r['selector_ms']:.1f}" if r["selector_ms"] else ""
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
                      f"{r['ci_high']:.1f}) | {vs} | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
@@ -528,6 +571,8 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    zs = next((r for r in rows if r["variant"] == "zeroshot"), None)  # a line, not a point at 0 FLOPs
+    rows = [r for r in rows if r["variant"] != "zeroshot"]
     if families:
         by = {r["variant"]: r for r in rows}
         groups = [(name, sorted((by[v] for v in vs if v in by), key=lambda r: r["flops_fraction"]))
@@ -555,6 +600,9 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         marker, colour = style[r["variant"]]
         dx.errorbar([100 * r["flops_fraction"]], [r["vs_full"]], fmt=marker, capsize=3, alpha=0.85, color=colour,
                     yerr=[[r["vs_full"] - r["vs_full_low"]], [r["vs_full_high"] - r["vs_full"]]])
+    if zs is not None:
+        ax.axhline(zs["rougeL"], color="grey", lw=1, ls=":", label="zero-shot (untrained)")
+        ax.axhspan(zs["ci_low"], zs["ci_high"], color="grey", alpha=0.1, lw=0)
     if not families:
         front, best = [], -math.inf
         for x, y in sorted((100 * r["flops_fraction"], r["rougeL"]) for r in rows):
@@ -588,8 +636,9 @@ def main() -> int:
     ap.add_argument("--val-items", type=int, default=64)
     ap.add_argument("--test-items", type=int, default=200)
     ap.add_argument("--methods", default=None, help="comma-separated: methods to sweep, or variants (full, gt0.5, "
-                                                     "...) to run")
-    ap.add_argument("--quick", action="store_true", help="a smoke test: 8 steps, 4 items, full and GreenTrainer")
+                                                     "..., zeroshot) to run")
+    ap.add_argument("--quick", action="store_true", help="a smoke test: 8 steps, 4 items, full and GreenTrainer "
+                                                          "(and zero-shot)")
     ap.add_argument("--sweep-rho", type=float, default=0.5, help="GreenTrainer's ρ in the sweep")
     ap.add_argument("--sweep-from", default="scitldr", help="whose validation sweep gives the settings (the "
                                                               "defaults in code come from SciTLDR's)")
@@ -598,7 +647,7 @@ def main() -> int:
     if a.quick:  # 8 steps in one epoch: GreenTrainer's probe must be paid by the steps it governs
         a.steps, a.epochs, a.val_items, a.test_items, a.max_input_length, a.seeds = 8, 1, 4, 4, 160, 1
         a.sweep_rho = 0.7
-        a.methods = a.methods or ("full,greentrainer" if a.stage == "sweep" else "full,gt0.7")
+        a.methods = a.methods or ("full,greentrainer" if a.stage == "sweep" else "full,gt0.7,zeroshot")
     a.methods = a.methods.split(",") if a.methods else None
     a.steps = a.steps or (64 if a.stage in ("sweep", "ablate") else 256)
 

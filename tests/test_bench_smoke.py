@@ -83,7 +83,7 @@ def test_memory_bench_quick(tmp_path):
 
 def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
     """bench/accuracy.py's two stages on 8 steps and 4 items: one JSON per run, a rerun skips them, the report
-    has a bootstrap interval around each mean and a Pareto plot."""
+    has a bootstrap interval around each mean and a Pareto plot; the untrained model is scored on the same items."""
     env = dict(os.environ, GREENTRAINER_BENCH_RESULTS=str(tmp_path))
     for stage in ("sweep", "final", "final"):
         subprocess.run([sys.executable, "accuracy.py", "--quick", "--stage", stage], cwd=BENCH, env=env, check=True,
@@ -91,9 +91,9 @@ def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
     sweep = json.loads((tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]
     assert set(sweep) == {"full", "greentrainer"}
     runs = sorted((tmp_path / "accuracy" / "scitldr" / "final").glob("*.json"))
-    assert len(runs) == 2  # the second final stage found both runs done
+    assert len(runs) == 3  # the second final stage found both runs and the zero-shot evaluation done
     rows = json.loads((tmp_path / "accuracy_scitldr.json").read_text())["rows"]
-    assert {r["label"] for r in rows} == {"Full FT", "GreenTrainer ρ=0.7"}
+    assert {r["label"] for r in rows} == {"Zero-shot (untrained)", "Full FT", "GreenTrainer ρ=0.7"}
     assert all(r["ci_low"] <= r["rougeL"] <= r["ci_high"] for r in rows)
     assert (tmp_path / "accuracy_scitldr.png").exists()
 
@@ -150,9 +150,13 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     (folder / "greentrainer-0.4.json").write_text(json.dumps({  # a ρ the tool refused: said under the table
         "method": "greentrainer", "options": {"rho": 0.4}, "seed": 0, "lr": 1e-4, "steps": 256,
         "error": "--rho 0.4 is below ...; the smallest feasible rho is 0.4063"}))
+    (folder / "zeroshot.json").write_text(json.dumps({  # the untrained model: a row of its own, paired too
+        "method": "zeroshot", "options": {}, "per_item_rougeL": [10, 20, 30], "test_ids": ["a", "b", "c"],
+        "eval": {"rouge1_first_ref": 25.0}}))
     a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr", steps=256)
     rows = {r["label"]: r for r in accuracy.report(a)}
-    assert set(rows) == {"Full FT", "GreenTrainer ρ=0.5", "GT over LoRA ρ=0.5", "LoRA", "LoRA at the paper's lr 2e-5"}
+    assert set(rows) == {"Zero-shot (untrained)", "Full FT", "GreenTrainer ρ=0.5", "GT over LoRA ρ=0.5", "LoRA",
+                         "LoRA at the paper's lr 2e-5"}
     assert rows["LoRA"]["rougeL"] == 30 and rows["LoRA at the paper's lr 2e-5"]["rougeL"] == 10
     gt = rows["GreenTrainer ρ=0.5"]
     assert gt["seeds"] == 2 and gt["rougeL"] == pytest.approx(35.0) and gt["ci_low"] <= 35 <= gt["ci_high"]
@@ -164,6 +168,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     assert "| GreenTrainer ρ=0.5 − Full FT | 2, 1 | -5.0 (-5.0 to -5.0) | ≥ -1.0 | no |" in table
     assert "| GreenTrainer ρ=0.5 | 2 | 0.0001 | 35.0 (" in table and ") | -5.0 (-5.0 to -5.0) | 40.0 |" in table
     assert "| GT over LoRA ρ=0.5 − GreenTrainer ρ=0.5 | 1, 2 | +3.3 (" in table
+    assert "| Zero-shot (untrained) |  |  | 20.0 (" in table and ") | -20.0 (-20.0 to -20.0) | 25.0 | 0 |" in table
     plotted = {r["label"]: r for r in json.loads((tmp_path / "accuracy_scitldr.json").read_text())["rows"]}
     assert plotted["GreenTrainer ρ=0.5"]["vs_full"] == pytest.approx(-5.0) and "vs_full" not in plotted["Full FT"]
     assert (tmp_path / "accuracy_scitldr_over.png").exists()  # issue 16's plot, once an --over run is in

@@ -252,8 +252,8 @@ def zero_shot(a, log) -> dict:
         preds = m["predictions"]
         res = {"stage": "final", "dataset": a.dataset, "method": "zeroshot", "options": {}, "eval": m["metrics"],
                "prompt_format": m["prompt_format"], "per_item_rougeL": per_item_rouge(preds),
-               "test_ids": [p["id"] for p in preds], "predictions": preds[:3], "wall_s": time.perf_counter() - t0, "machine": machine(),
-               "date": time.strftime("%Y-%m-%d %H:%M")}
+               "test_ids": [p["id"] for p in preds], "predictions": preds[:3], "wall_s": time.perf_counter() - t0,
+               "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
         write_json_atomic(path, res)
         log(f"  {path.name}: ROUGE-L {res['eval']['rougeL_first_ref']:.1f} ({res['wall_s']:.0f} s)")
         return res

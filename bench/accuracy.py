@@ -12,7 +12,8 @@ checkpoint, written every 1/8 of the run; several processes, e.g. one per core w
   ablate  GreenTrainer ρ 0.5 at its swept lr with one change each (importance metric, probe batches,
           re-selection, warm-up, ρ schedule), on the validation split as the sweep; accuracy_ablations_<dataset>.md
   final   each method at its winning setting for --steps optimizer steps and --seeds seeds, evaluated on
-          --test-items test items (greedy decoding); writes accuracy_<dataset>.{md,json,png}
+          --test-items test items (greedy decoding), and the untrained model on the same items (the zero-shot
+          row); writes accuracy_<dataset>.{md,json,png}
 
 python bench/accuracy.py --dataset scitldr --stage sweep
 python bench/accuracy.py --dataset scitldr --stage ablate

@@ -601,7 +601,7 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         marker, colour = style[r["variant"]]
         dx.errorbar([100 * r["flops_fraction"]], [r["vs_full"]], fmt=marker, capsize=3, alpha=0.85, color=colour,
                     yerr=[[r["vs_full"] - r["vs_full_low"]], [r["vs_full_high"] - r["vs_full"]]])
-    if zs is not None:
+    if zs is not None and not families:  # the families' close differences would be squashed by it
         ax.axhline(zs["rougeL"], color="grey", lw=1, ls=":", label="zero-shot (untrained)")
         ax.axhspan(zs["ci_low"], zs["ci_high"], color="grey", alpha=0.1, lw=0)
     if not families:

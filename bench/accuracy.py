@@ -547,12 +547,13 @@ def report(a) -> list[dict]:
         lines += ["", "## Paired differences", "",
                   "ROUGE-L of the first method minus the second's on the same test items (each item's mean over "
                   "the seeds run), with a 95% interval from resampling the items; a target is met when the whole "
-                  "interval is at or above it, missed when the whole interval is below it. The interval "
+                  "interval is at or above it, missed when the whole interval is below it (two decimals, so that a bound just "
+                  "inside a target does not print as on it). The interval "
                   "covers the choice of test items, not the spread between seeds.", "",
                   "| comparison | seeds | ROUGE-L difference (95% CI) | target | met | why |", "|---|---|---|---|---|---|"]
         for d, lo, hi, v, w, target, why in pairs:
             met = "" if target is None else "yes" if lo >= target else "no" if hi < target else "not resolved"
-            lines.append(f"| {LABELS[v]} − {LABELS[w]} | {seeds[v]}, {seeds[w]} | {d:+.1f} ({lo:+.1f} to {hi:+.1f}) "
+            lines.append(f"| {LABELS[v]} − {LABELS[w]} | {seeds[v]}, {seeds[w]} | {d:+.2f} ({lo:+.2f} to {hi:+.2f}) "
                          f"| {'' if target is None else f'≥ {target:+.1f}'} | {met} | {why} |")
     write_text_atomic(RESULTS / f"accuracy_{a.dataset}.md", "\n".join(lines) + "\n")
     write_json_atomic(RESULTS / f"accuracy_{a.dataset}.json", {"rows": rows, "paired": [

@@ -165,9 +165,9 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     assert "| GreenTrainer ρ=0.5 | 2 |" in table and "| 4.0 |" in table and (tmp_path / "accuracy_scitldr.png").exists()
     assert "- GreenTrainer ρ=0.4: --rho 0.4 is below ...; the smallest feasible rho is 0.4063" in table
     # paired on the items (each item's mean over seeds): GreenTrainer 25, 35, 45 against full FT's 30, 40, 50
-    assert "| GreenTrainer ρ=0.5 − Full FT | 2, 1 | -5.0 (-5.0 to -5.0) | ≥ -1.0 | no |" in table
+    assert "| GreenTrainer ρ=0.5 − Full FT | 2, 1 | -5.00 (-5.00 to -5.00) | ≥ -1.0 | no |" in table
     assert "| GreenTrainer ρ=0.5 | 2 | 0.0001 | 35.0 (" in table and ") | -5.0 (-5.0 to -5.0) | 40.0 |" in table
-    assert "| GT over LoRA ρ=0.5 − GreenTrainer ρ=0.5 | 1, 2 | +3.3 (" in table
+    assert "| GT over LoRA ρ=0.5 − GreenTrainer ρ=0.5 | 1, 2 | +3.33 (" in table
     assert "| Zero-shot (untrained) |  |  | 20.0 (" in table and ") | -20.0 (-20.0 to -20.0) | 25.0 | 0 |" in table
     plotted = {r["label"]: r for r in json.loads((tmp_path / "accuracy_scitldr.json").read_text())["rows"]}
     assert plotted["GreenTrainer ρ=0.5"]["vs_full"] == pytest.approx(-5.0) and "vs_full" not in plotted["Full FT"]

@@ -547,9 +547,9 @@ def report(a) -> list[dict]:
         lines += ["", "## Paired differences", "",
                   "ROUGE-L of the first method minus the second's on the same test items (each item's mean over "
                   "the seeds run), with a 95% interval from resampling the items; a target is met when the whole "
-                  "interval is at or above it, missed when the whole interval is below it (two decimals, so that a bound just "
-                  "inside a target does not print as on it). The interval "
-                  "covers the choice of test items, not the spread between seeds.", "",
+                  "interval is at or above it, missed when the whole interval is below it (two decimals, so that a "
+                  "bound just inside a target does not print as on it). The interval covers the choice of test items, "
+                  "not the spread between seeds.", "",
                   "| comparison | seeds | ROUGE-L difference (95% CI) | target | met | why |", "|---|---|---|---|---|---|"]
         for d, lo, hi, v, w, target, why in pairs:
             met = "" if target is None else "yes" if lo >= target else "no" if hi < target else "not resolved"

@@ -567,8 +567,8 @@ def report(a) -> list[dict]:
 
 
 def plot(rows, path, dataset, families: dict | None = None) -> None:
-    """ROUGE-L against measured FLOPs with both intervals: every row, the Pareto front and (below) each row's
-    paired difference to full FT, or (``families``) those variants only, each family in one colour joined by a
+    """ROUGE-L against measured FLOPs with both intervals and, below, each row's paired difference to full FT:
+    every row and the Pareto front, or (``families``) those variants only, each family in one colour joined by a
     line in FLOPs order."""
     import matplotlib
     matplotlib.use("Agg")
@@ -582,7 +582,8 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         title = "budgeted selection over tensors, LoRA adapters and SMT blocks"
     else:
         groups, title = [(None, [r]) for r in rows], "accuracy against compute"
-    paired = [r for r in rows if "vs_full" in r] if not families else []
+    shown_ = {r["variant"] for _, g in groups for r in g}
+    paired = [r for r in rows if "vs_full" in r and r["variant"] in shown_]
     if paired:  # the intervals above overlap; the paired differences below are what tells methods apart
         fig, (ax, dx) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True, height_ratios=(3, 2))
     else:
@@ -602,6 +603,11 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         marker, colour = style[r["variant"]]
         dx.errorbar([100 * r["flops_fraction"]], [r["vs_full"]], fmt=marker, capsize=3, alpha=0.85, color=colour,
                     yerr=[[r["vs_full"] - r["vs_full_low"]], [r["vs_full_high"] - r["vs_full"]]])
+    for name, g in groups if families else []:  # each family joined below as above
+        g = [r for r in g if "vs_full" in r]
+        if len(g) > 1:
+            dx.plot([100 * r["flops_fraction"] for r in g], [r["vs_full"] for r in g], "-", alpha=0.85,
+                    color=style[g[0]["variant"]][1])
     if zs is not None and not families:  # the families' close differences would be squashed by it
         ax.axhline(zs["rougeL"], color="grey", lw=1, ls=":", label="zero-shot (untrained)")
         ax.axhspan(zs["ci_low"], zs["ci_high"], color="grey", alpha=0.1, lw=0)

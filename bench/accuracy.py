@@ -582,8 +582,7 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         title = "budgeted selection over tensors, LoRA adapters and SMT blocks"
     else:
         groups, title = [(None, [r]) for r in rows], "accuracy against compute"
-    shown_ = {r["variant"] for _, g in groups for r in g}
-    paired = [r for r in rows if "vs_full" in r and r["variant"] in shown_]
+    paired = [r for _, g in groups for r in g if "vs_full" in r]
     if paired:  # the intervals above overlap; the paired differences below are what tells methods apart
         fig, (ax, dx) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True, height_ratios=(3, 2))
     else:
@@ -603,7 +602,7 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         marker, colour = style[r["variant"]]
         dx.errorbar([100 * r["flops_fraction"]], [r["vs_full"]], fmt=marker, capsize=3, alpha=0.85, color=colour,
                     yerr=[[r["vs_full"] - r["vs_full_low"]], [r["vs_full_high"] - r["vs_full"]]])
-    for name, g in groups if families else []:  # each family joined below as above
+    for _, g in groups:  # each family joined below as above (a group of one row draws no line)
         g = [r for r in g if "vs_full" in r]
         if len(g) > 1:
             dx.plot([100 * r["flops_fraction"] for r in g], [r["vs_full"] for r in g], "-", alpha=0.85,

@@ -25,7 +25,7 @@ def main() -> int:
     a = ap.parse_args()
     from greentrainer.block_selection import select_members
     from greentrainer.flops import meta_model_from_config, profile_config
-    from greentrainer.methods.greentrainer_blocks import block_candidates
+    from greentrainer.methods.greentrainer.blocks import block_candidates
     from greentrainer.selection import rho_to_backward_budget, select_tensors
     configs = big_configs(quick=True)
     if not a.quick:

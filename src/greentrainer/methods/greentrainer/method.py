@@ -15,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import Options, option
-from ..errors import UsageError
-from ..importance import probe_importance
-from ..selection import min_feasible_rho, rho_to_backward_budget, select_tensors
-from ..loop import mean_padded_size
-from .base import Method
-from .peft_methods import LoraOptions, save_adapter
-from .registry import register_method
-from .smt import BlockOptions
+from ...config import Options, option
+from ...errors import UsageError
+from ...importance import probe_importance
+from ...selection import min_feasible_rho, rho_to_backward_budget, select_tensors
+from ...loop import mean_padded_size
+from ..base import Method
+from ..peft_methods import LoraOptions, save_adapter
+from ..registry import register_method
+from ..smt import BlockOptions
 
 OVER = ("tensors", "lora", "blocks")
 
@@ -132,7 +132,7 @@ def lora_profile(config, lora_config, shape, t_full: int, gradient_checkpointing
     ρ keeps its meaning (a fraction of full fine-tuning). With activation checkpointing, each block's recompute
     (adapters included) is charged where the backward first reaches it."""
     from peft import get_peft_model
-    from ..flops import layer_forward_flops, meta_model_from_config, profile_model, with_recompute
+    from ...flops import layer_forward_flops, meta_model_from_config, profile_model, with_recompute
     meta = get_peft_model(meta_model_from_config(config), copy.deepcopy(lora_config))
     adapters = [n for n, _ in meta.named_parameters() if ".lora_" in n]
     prof = profile_model(meta, *shape, candidates=adapters)
@@ -416,7 +416,7 @@ class GreenTrainerMethod(Method):
                 self._profiles[key] = lora_profile(base.config, self.cfg.lora_config(base), key, profile.t_full,
                                                    self.gradient_checkpointing)
             else:
-                from .greentrainer_blocks import block_candidates
+                from .blocks import block_candidates
                 self._profiles[key] = block_candidates(base, profile, self.cfg.target_kinds(), self.cfg.block_size)
         return self._profiles[key]
 
@@ -449,7 +449,7 @@ class GreenTrainerMethod(Method):
         self.params = {n: p for n, p in model.named_parameters() if self.over == "tensors" or n in names}
         self.names = self.profile.names
         if self.over == "blocks":
-            from .greentrainer_blocks import BlockTraining
+            from .blocks import BlockTraining
             self.cands = self._candidates_for(model, ctx.profile)
             self.block_training = BlockTraining(self.cands)
             if self.cands.l != self.cfg.block_size:
@@ -523,7 +523,7 @@ class GreenTrainerMethod(Method):
         """ρ for a selection now: carbon-aware from the grid intensity at the run's clock, else the schedule's."""
         if not self.cfg.carbon_aware:
             return self.rho_at(ctx.global_step)
-        from ..energy import carbon_aware_rho
+        from ...energy import carbon_aware_rho
         g = ctx.grid.intensity_at(ctx.train_seconds)
         return ctx.broadcast(round(carbon_aware_rho(g, ctx.grid.lo, ctx.grid.hi, *self.rho_range), 4))
 
@@ -590,8 +590,8 @@ class GreenTrainerMethod(Method):
         """Probe the dense candidates (blocks scored one by one), select members within ρ exactly, and train
         the chosen blocks through SMT's layer and the chosen small tensors whole; the optimizer state of the
         previous selection is dropped (its blocks are other tensors)."""
-        from ..block_selection import select_members
-        from .greentrainer_blocks import chosen_blocks, member_importance
+        from ...block_selection import select_members
+        from .blocks import chosen_blocks, member_importance
         c, prof = self.cands, self.profile
         self.block_training.remove(ctx.model)
         ctx.rebuild_optimizer([self.params[n] for n in c.tensors])  # the probe steps the dense candidates
@@ -712,7 +712,7 @@ class GreenTrainerMethod(Method):
             super().save(model, tokenizer, path)
 
     def write_artifacts(self, out_dir) -> None:
-        from ..files import write_text_atomic
+        from ...files import write_text_atomic
         write_text_atomic(out_dir / "selections.json",
                           json.dumps({"tensors": self.names, "selections": self.selections}, indent=1))
         if self.selections:

@@ -15,8 +15,8 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..flops import TensorFlops, TensorFlopsProfile
-from .smt import effective_block_size, find_targets, install_layers, remove_layers
+from ...flops import TensorFlops, TensorFlopsProfile
+from ..smt import effective_block_size, find_targets, install_layers, remove_layers
 
 
 @dataclasses.dataclass

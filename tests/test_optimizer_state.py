@@ -8,7 +8,7 @@ from greentrainer.methods.greentrainer import GreenTrainerConfig
 from greentrainer.data import Example, encode_all
 from greentrainer.errors import UsageError
 from greentrainer.loop import train
-from greentrainer.methods.greentrainer import GreenTrainerMethod
+from greentrainer.methods.greentrainer import GreenTrainerController, GreenTrainerMethod
 from greentrainer.models import tiny_tokenizer
 
 TOK = tiny_tokenizer()
@@ -20,7 +20,7 @@ def encoded(model, n=16):
     return encode_all(exs, TOK, "summarization", model.config.is_encoder_decoder, 64)
 
 
-class Watched(GreenTrainerMethod):
+class Watched(GreenTrainerController):
     """Records, after each selection and each optimizer step, which tensors hold optimizer state or a grad."""
 
     def __init__(self, *a, **kw):
@@ -31,8 +31,8 @@ class Watched(GreenTrainerMethod):
         ids = {id(p): n for n, p in ctx.model.named_parameters()}
         return {"selected": set(self.current), "state": {ids[id(p)] for p in ctx.optimizer.state},
                 "grads": {n for n, p in ctx.model.named_parameters() if p.grad is not None},
-                "offloaded": set(self._offloaded),
-                "devices": {t.device.type for s in self._offloaded.values() for t, _ in s.values()
+                "offloaded": set(self.offloaded),
+                "devices": {t.device.type for s in self.offloaded.values() for t, _ in s.values()
                             if isinstance(t, torch.Tensor)},
                 "steps": {ids[id(p)]: int(s["step"]) for p, s in ctx.optimizer.state.items()}}
 
@@ -49,10 +49,11 @@ def run(mode, epochs=3, rho=0.7, **gt):
     model = make_tiny("llama")
     cfg = TrainConfig(method="greentrainer", epochs=epochs, batch_size=4, lr=1e-3, seed=0,
                       method_config=GreenTrainerConfig(rho=rho, **{"full_warmup_steps": 0, **gt}))
-    method = Watched(cfg.method_config, deselected_state=mode)
+    method = GreenTrainerMethod(cfg.method_config)
+    method.controller = watched = Watched(cfg.method_config, deselected_state=mode)
     data = encoded(model)
     out = train(model, TOK, method, data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None, progress=False)
-    return out, method, model
+    return out, watched, model
 
 
 def test_drop_keeps_state_only_for_the_selected_tensors():
@@ -113,7 +114,7 @@ def test_cpu_offload_is_the_old_behaviour_bit_for_bit_with_state_off_the_device(
 
 def test_cpu_offload_round_trip_restores_the_moments_and_step():
     model = make_tiny("llama")
-    method = GreenTrainerMethod(GreenTrainerConfig(), deselected_state="cpu")
+    method = GreenTrainerController(GreenTrainerConfig(), deselected_state="cpu")
     method.params = dict(model.named_parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     names = list(method.params)
@@ -131,11 +132,11 @@ def test_cpu_offload_round_trip_restores_the_moments_and_step():
     step(a)
     step(a)
     saved = {n: {k: v.clone() for k, v in opt.state[method.params[n]].items()} for n in a}
-    method._follow_selection(model, opt, b)
-    assert set(method._offloaded) == set(a) and not any(method.params[n] in opt.state for n in a)
+    method.follow_selection(model, opt, b)
+    assert set(method.offloaded) == set(a) and not any(method.params[n] in opt.state for n in a)
     step(b)
-    method._follow_selection(model, opt, a)
-    assert set(method._offloaded) == set(b)
+    method.follow_selection(model, opt, a)
+    assert set(method.offloaded) == set(b)
     for n in a:
         back = opt.state[method.params[n]]
         assert set(back) == set(saved[n]) and all(torch.equal(back[k], saved[n][k]) for k in back)
@@ -159,17 +160,12 @@ def test_default_is_drop_and_a_config_field_is_honoured():
 def test_host_copies_travel_with_the_method_state(tmp_path):
     """A checkpoint (torch.save, loaded with weights_only) keeps what "cpu" moved to the host."""
     _, cpu, model = run("cpu")
-    assert cpu._offloaded
+    assert cpu.offloaded
     torch.save(cpu.state_dict(), tmp_path / "m.pt")
-    again = GreenTrainerMethod(GreenTrainerConfig(), deselected_state="cpu")
-
-    class Ctx:
-        pass
-    ctx = Ctx()
-    ctx.model = model
-    again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True), ctx)
-    assert set(again._offloaded) == set(cpu._offloaded)
-    for n, s in cpu._offloaded.items():
+    again = GreenTrainerController(GreenTrainerConfig(), deselected_state="cpu")
+    again.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert set(again.offloaded) == set(cpu.offloaded)
+    for n, s in cpu.offloaded.items():
         for k, (v, dev) in s.items():
-            w, dev2 = again._offloaded[n][k]
+            w, dev2 = again.offloaded[n][k]
             assert torch.equal(v, w) and dev == dev2

@@ -64,7 +64,7 @@ def test_over_lora_profile_charges_the_base_chain_below_the_adapters():
     method = GreenTrainerMethod(GreenTrainerConfig(over="lora", lora_targets="q_proj,v_proj"))
     from greentrainer.loop import run_profile
     base = run_profile(model.config, (4, 32, None), False)
-    prof = method.candidates(model, base)
+    prof = method.controller.candidates.profile(model, base)
     assert prof.t_full == base.t_full  # ρ stays a fraction of full fine-tuning of the base model
     assert all(".lora_" in n for n in prof.names)
     assert prof.names[0].startswith("base_model.model.model.layers.1.")  # the last layer is reached first

@@ -205,7 +205,7 @@ def test_all_importances_zero_fall_back_to_a_non_empty_selection():
 
 def test_mean_padded_size_of_random_batches():
     from greentrainer.data import Encoded
-    from greentrainer.loop import mean_padded_size
+    from greentrainer.data import mean_padded_size
     same = [Encoded(input_ids=[0] * 6, labels=[0] * 2, prompt_ids=[]) for _ in range(8)]
     assert mean_padded_size(same, 4, False) == 6 and mean_padded_size(same, 4, True) == 8
     mixed = [Encoded(input_ids=[0] * n, labels=[], prompt_ids=[]) for n in (2, 2, 2, 10)]

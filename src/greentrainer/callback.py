@@ -19,38 +19,77 @@ carbon-aware ρ are the CLI's (``greentrainer train --carbon-trace``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
+import random
+import time
 
 import torch
 from transformers import TrainerCallback
 
-from .energy import COMPONENTS, EnergyMeter, add_readings, fmt_co2, fmt_energy, parse_intensity
+from .energy import COMPONENTS, EnergyMeter, add_readings, fmt_co2, fmt_energy
 from .errors import UsageError
 from .flops import FlopCounter, unique_named_parameters
-from .loop import within_budget
-from .methods.greentrainer import (GreenTrainerConfig, can_pay_probe, check_budget, in_warmup, select_step,
-                                   steps_governed, warmup_record, warmup_steps)
+from .methods.greentrainer import GreenTrainerConfig, GreenTrainerController, within_budget
+
+
+def _config_from_keywords(rho: float, options: dict) -> GreenTrainerConfig:
+    """The callback's keyword arguments as a GreenTrainerConfig: the command line's option names without dashes
+    (``selector_resolution``, ``smt_block``) or the config's field names; an unknown one is refused with the
+    accepted names."""
+    from .config import option_specs
+    by_flag = {o.name: o.field for o in option_specs(GreenTrainerConfig)}
+    fields = set(by_flag.values())
+    unknown = sorted(k for k in options if k not in by_flag and k not in fields)
+    if unknown:
+        raise UsageError(f"GreenTrainerCallback: unknown option {unknown[0]!r}; accepted: {', '.join(sorted(by_flag))}")
+    return GreenTrainerConfig(rho=rho, **{by_flag.get(k, k): v for k, v in options.items()})
 
 
 class GreenTrainerCallback(TrainerCallback):
-    def __init__(self, rho: float = 0.6, importance: str = "dw_grad", select_every: int | None = None,
-                 seq_len: int | None = None, energy: bool = True, carbon_intensity: str | float | None = None,
-                 probe_batches: int = 1, full_warmup_steps: int | None = None, log=print):
-        GreenTrainerConfig(rho=rho, importance=importance, select_every=select_every, probe_batches=probe_batches,
-                           full_warmup_steps=full_warmup_steps).validate()  # UsageError
+    """GreenTrainer in a ``transformers.Trainer``: the same :class:`~greentrainer.methods.greentrainer.controller.
+    GreenTrainerController` the CLI's loop drives, here driven by the Trainer's events through a
+    :class:`TrainerHost`. Every option of :class:`~greentrainer.methods.greentrainer.GreenTrainerConfig` is a
+    keyword argument (``rho``, ``select_every``, ``select_once``, ``rho_schedule``, ``importance``,
+    ``probe_batches``, ``full_warmup_steps``, ``selector_resolution``, ``carbon_aware``/``rho_min``/``rho_max``
+    with ``carbon_trace``, ``deselected_state``); ``over="blocks"`` is refused (it swaps layers and rebuilds the
+    optimizer, which the Trainer owns), and a peft LoRA model is selected over its adapters (``over="lora"``).
+    ``config``: a ready GreenTrainerConfig instead of the keywords."""
+
+    STATE_FILE = "greentrainer_callback.pt"  # next to each Trainer checkpoint (read with weights_only)
+
+    def __init__(self, rho: float = 0.6, *, seq_len: int | None = None, energy: bool = True,
+                 carbon_intensity: str | float | None = None, carbon_trace: str | None = None,
+                 carbon_start: str | None = None, carbon_time_scale: float = 1.0, log=print, config=None,
+                 **options):
+        from .energy import build_grid
+        self.config = config if config is not None else _config_from_keywords(rho, options)
+        self.config.validate()  # UsageError
+        if self.config.over == "blocks":
+            raise UsageError("GreenTrainerCallback: over='blocks' swaps in SMT's block layers and rebuilds the "
+                             "optimizer at each selection, which the Trainer owns; use `greentrainer train --over "
+                             "blocks`, or over='tensors' / a peft LoRA model here")
         if seq_len is not None and seq_len <= 0:
             raise UsageError(f"seq_len must be positive, got {seq_len}")
-        self.rho, self.importance, self.select_every, self.seq_len, self.log = rho, importance, select_every, seq_len, log
-        self.probe_batches = probe_batches  # training batches (steps) whose gradients the probe averages
-        self.full_warmup_steps = full_warmup_steps  # None: 1/8 of the run, as the CLI; 0: the paper's method
-        self.warmup = 0  # steps of full fine-tuning first, set from the run's length at its start
-        self.selections: list[dict] = []
-        self.current = None
-        self.energy = energy
-        # gCO2eq/kWh: a number, a country (ISO 3166 alpha-3) or a US state (USA/CA); default the world average
-        self.intensity, self.intensity_source = parse_intensity(None if carbon_intensity is None
-                                                                else str(carbon_intensity))
+        self.seq_len, self.log, self.energy = seq_len, log, energy
+        # gCO2eq/kWh: a number, a country (ISO 3166 alpha-3) or a US state (USA/CA), or a trace; default the world
+        # average. carbon_aware=True sets ρ at each selection from the trace (as the CLI's --carbon-aware).
+        self.grid = build_grid(None if carbon_intensity is None else str(carbon_intensity), carbon_trace,
+                               carbon_start, carbon_time_scale)
+        if self.config.carbon_aware and carbon_trace is None:
+            raise UsageError("GreenTrainerCallback: carbon_aware=True needs carbon_trace (a CSV of "
+                             "'timestamp,gco2_per_kwh' rows)")
+        self.controller = GreenTrainerController(self.config, flags="python")
+        self._resume_state = None
         self.report: dict = {}  # the run's totals, filled at the end of training
-        self._meter, self._kwh = None, dict.fromkeys(COMPONENTS, 0.0)
+        self._meter, self._kwh, self._co2 = None, dict.fromkeys(COMPONENTS, 0.0), 0.0
+
+    # what tests and reports read; the controller holds it
+    selections = property(lambda self: self.controller.selections)
+    current = property(lambda self: self.controller.current)
+    warmup = property(lambda self: self.controller.warmup)
+    profile = property(lambda self: self.controller.profile)
+    rho = property(lambda self: self.config.rho)
 
     def _batch(self, dataloader, device):
         it = getattr(self, "_it", None)
@@ -76,44 +115,39 @@ class GreenTrainerCallback(TrainerCallback):
         self._gc = bool(getattr(model, "is_gradient_checkpointing", False))
         if self._gc:  # the Trainer enabled it with input grads on, which runs every backward to the bottom:
             enable_checkpointing(model)  # keep the backward as short as the selection; the recompute is budgeted
-        self.profile = run_profile(model.config, shape, self._gc)
-        if hasattr(model, "peft_config"):  # a peft model: the selection is over its LoRA adapters
-            self.profile = self._adapter_profile(model, shape)
         self.accum = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
-        self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
-        check_budget(self.profile, self.rho, (self.select_every or self.steps_per_epoch) * self.accum,
-                     self.accum * self.probe_batches, "rho")
-        self.warmup = warmup_steps(self.profile, self.rho, state.max_steps, self.full_warmup_steps, self.select_every,
-                                   flag="full_warmup_steps", window=self.select_every or self.steps_per_epoch,
-                                   probe_batches=self.probe_batches)
-        if self.warmup and not self.current:
-            self.log(f"GreenTrainer: full fine-tuning for the first {self.warmup} of {state.max_steps} steps, repaid "
-                     f"by the selections after them (the run stays within ρ {self.rho})")
-        for _, p in unique_named_parameters(model):
-            p.requires_grad_(False)
-        if self.current:  # resumed from a Trainer checkpoint: the selection it was training
-            keep = set(self.current)
-            for n, p in unique_named_parameters(model):
-                p.requires_grad_(n in keep)
+        config, lora_config = self.config, None
+        if hasattr(model, "peft_config"):  # a peft model: the selection is over its LoRA adapters
+            lora_config = model.peft_config[model.active_adapter]
+            kind = getattr(lora_config.peft_type, "value", lora_config.peft_type)
+            if kind != "LORA":
+                raise UsageError(f"GreenTrainerCallback selects over a LoRA model's adapters; a {kind} model is "
+                                 f"not supported")
+            config = dataclasses.replace(config, over="lora")
+        elif config.over == "lora":
+            raise UsageError("GreenTrainerCallback: over='lora' needs a peft LoRA model (peft.get_peft_model) "
+                             "handed to the Trainer, which builds its optimizer over the adapters")
+        self.controller = GreenTrainerController(config, gradient_checkpointing=self._gc, flags="python",
+                                                 lora_config=lora_config)
+        if self._resume_state is not None:
+            self.controller.load_state_dict(self._resume_state)
+        self.host = TrainerHost(self, args, state, run_profile(model.config, shape, self._gc))
+        self.host.update(state, model, kw.get("optimizer"), kw.get("lr_scheduler"), train_dataloader)
+        self.controller.setup(model, self.host)
+        if self.controller.current:  # resumed from a Trainer checkpoint: the selection it was training
+            self.controller.reinstate(model, self.host)
         # measured FLOPs: every training step and probe is counted; full fine-tuning's cost of the same
         # batches is measured on a weightless copy (with the same checkpointing)
         from .flops import meta_model_from_config
         self._meta, self._refs, self._counter, self._in_step = meta_model_from_config(model.config), {}, None, False
         self.flops = {"steps": 0, "probes": 0, "full_ft_reference": 0}
         self._hook = model.register_forward_pre_hook(self._reference, with_kwargs=True)
+        self._t0 = time.perf_counter()
+        if self._resume_state is None or "probe_rng" not in self._resume_state:
+            self._probe_rng = random.Random(args.seed + 1)  # the loop's probe draw: the same on every process
         if self.energy:
             self._meter = EnergyMeter(model.device)
             self._meter.start()
-
-    def _adapter_profile(self, model, shape):
-        """A LoRA model's adapters as the candidates (GreenTrainer --over lora); ρ stays a fraction of full
-        fine-tuning of the base model."""
-        from .methods.greentrainer import lora_profile
-        config = model.peft_config[model.active_adapter]
-        if getattr(config.peft_type, "value", config.peft_type) != "LORA":
-            raise UsageError(f"GreenTrainerCallback selects over a LoRA model's adapters; a "
-                             f"{getattr(config.peft_type, 'value', config.peft_type)} model is not supported")
-        return lora_profile(model.get_base_model().config, config, shape, self.profile.t_full, self._gc)
 
     def _reference(self, module, args, kwargs):
         if not (self._in_step and module.training and "input_ids" in kwargs and "labels" in kwargs):
@@ -128,10 +162,6 @@ class GreenTrainerCallback(TrainerCallback):
         finally:
             if counter is not None:
                 counter.__enter__()
-
-    def _debt(self) -> float:
-        """FLOPs measured above ρ × full fine-tuning so far: repaid by the next selections, as in the loop."""
-        return self.flops["steps"] + self.flops["probes"] - self.rho * self.flops["full_ft_reference"]
 
     @contextlib.contextmanager
     def _count_probe(self, kind):
@@ -151,8 +181,9 @@ class GreenTrainerCallback(TrainerCallback):
             self._sync_hook = None
         self.report = self._totals(final=True)
         r = self.report  # kept to ρ? (batch shapes vary a little around the profiled one)
-        r["within_budget"] = within_budget(r["flops"], self.rho * r["flops_full_ft_reference"],
-                                           r["flops_full_ft_reference"])
+        allowed = self.controller.flops_allowed(r["flops_full_ft_reference"])
+        r["flops_allowed_fraction"] = allowed / r["flops_full_ft_reference"] if r["flops_full_ft_reference"] else None
+        r["within_budget"] = within_budget(r["flops"], allowed, r["flops_full_ft_reference"])
         if self._meter is not None:
             self.report["energy"] = self._meter.describe()
             self._meter = None
@@ -162,17 +193,19 @@ class GreenTrainerCallback(TrainerCallback):
     def _totals(self, final: bool = False) -> dict:
         """FLOPs (and energy, CO2 and full fine-tuning's) so far, summed over the processes."""
         if self._meter is not None:
-            self._kwh = add_readings(self._kwh, self._meter.stop() if final else self._meter.lap())
-        spent, full, kwh = _sum_over_processes([self.flops["steps"] + self.flops["probes"],
-                                                self.flops["full_ft_reference"],
-                                                sum(self._kwh[k] for k in COMPONENTS)], self._device)
+            lap = self._meter.stop() if final else self._meter.lap()
+            self._kwh = add_readings(self._kwh, lap)  # carbon at the grid's intensity now (fixed, or a trace's)
+            self._co2 += sum(lap.get(k, 0.0) for k in COMPONENTS) * self.grid.intensity_at(self.host.train_seconds)
+        spent, full, kwh, co2 = sum_over_processes([self.flops["steps"] + self.flops["probes"],
+                                                    self.flops["full_ft_reference"],
+                                                    sum(self._kwh[k] for k in COMPONENTS), self._co2], self._device)
         out = {"flops": spent, "flops_full_ft_reference": full, "flops_fraction_of_full": spent / full if full else None,
                "trainable_tensors": len(self.current or ())}
         if self._meter is not None:
             ref = kwh * full / spent if spent else 0.0
-            out.update(energy_kwh=kwh, co2_g=kwh * self.intensity, energy_full_ft_reference_kwh=ref,
-                       co2_full_ft_reference_g=ref * self.intensity, carbon_intensity_g_per_kwh=self.intensity,
-                       carbon_intensity_source=self.intensity_source)
+            g = co2 / kwh if kwh else self.grid.intensity
+            out.update(energy_kwh=kwh, co2_g=co2, energy_full_ft_reference_kwh=ref, co2_full_ft_reference_g=ref * g,
+                       carbon_intensity_g_per_kwh=g, carbon_intensity_source=self.grid.source)
         return out
 
     def _summary(self) -> str:
@@ -183,7 +216,7 @@ class GreenTrainerCallback(TrainerCallback):
                 f"fine-tuning on the same batches (ρ {self.rho})")
         if "energy_kwh" in r:
             line += (f"; energy {fmt_energy(r['energy_kwh'])} ({r['energy']['kind']}, CodeCarbon) = "
-                     f"{fmt_co2(r['co2_g'])} at {self.intensity:g} gCO2eq/kWh; full fine-tuning: "
+                     f"{fmt_co2(r['co2_g'])} at {r['carbon_intensity_g_per_kwh']:g} gCO2eq/kWh; full fine-tuning: "
                      f"{fmt_energy(r['energy_full_ft_reference_kwh'])} = {fmt_co2(r['co2_full_ft_reference_g'])}")
         if not r["within_budget"]:
             line += (f"; warning: above ρ {self.rho}: the steps after an overspend were too few to repay it (select "
@@ -246,83 +279,123 @@ class GreenTrainerCallback(TrainerCallback):
     def _average_trainable_grads(self) -> None:
         _average_grads([p for _, p in unique_named_parameters(self._trainer.model) if p.requires_grad])
 
-    def _select(self, state, model, optimizer, lr_scheduler, train_dataloader):
-        # the probe steps the optimizer itself: the Trainer's wrappers would skip that step while gradients
-        # accumulate (Δw = 0) or hand it to a gradient scaler (fp16)
-        optimizer = getattr(optimizer, "optimizer", optimizer)
-        lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
-        governs = steps_governed(state.global_step, state.max_steps, self.select_every or self.steps_per_epoch)
-        ends_warmup = in_warmup(self.selections)
-        if self.current and not ends_warmup and not can_pay_probe(self.profile, self.rho, governs, self.accum,
-                                                                    self.probe_batches):
-            self.log(f"GreenTrainer: keeping the selection: the {governs} step(s) left cannot pay for a probe")
-            return
-        done = state.global_step  # real batches are shorter than the profiled one: a probe weighs more
-        scale = self.flops["full_ft_reference"] / (done * self.accum) / self.profile.t_full if done else 1.0
-        batches = [self._batch(train_dataloader, model.device) for _ in range(self.accum * self.probe_batches)]
-        chosen, rec = select_step(model, optimizer, lr_scheduler, (batches, [1 / len(batches)] * len(batches)),
-                                  self.profile, self.rho, governs * self.accum,
-                                  self.importance, previous=None if ends_warmup else self.current, log=self.log,
-                                  agree=_first_process, count=self._count_probe, debt=self._debt, step_scale=scale,
-                                  reduce_grads=_average_grads if self._world > 1 else None,
-                                  repay_steps=(state.max_steps - done) * self.accum if self.warmup else None)
-        rec.update(step=state.global_step, probe_batches=self.probe_batches, kind="probe")
-        self.current = chosen
-        self.selections.append(rec)
-
-    def _select_or_warm_up(self, state, model, optimizer, lr_scheduler, train_dataloader):
-        if state.global_step >= self.warmup:
-            self._select(state, model, optimizer, lr_scheduler, train_dataloader)
-        elif not in_warmup(self.selections):  # the full fine-tuning warm-up: every candidate trains, no probe
-            names = list(self.profile.names)
-            keep = set(names)
-            for n, p in model.named_parameters():
-                p.requires_grad_(n in keep)
-            self.current = names
-            self.selections.append(warmup_record(names, state.global_step))
-
     def on_epoch_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                        train_dataloader=None, **kw):
         self._stop_counting()
-        if self.select_every is None:
-            self._select_or_warm_up(state, model, optimizer, lr_scheduler, train_dataloader)
+        self.host.update(state, model, optimizer, lr_scheduler, train_dataloader)
+        self.controller.on_epoch_start(self.host)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None,
                       train_dataloader=None, **kw):
         self._stop_counting()
-        if self.warmup and state.global_step == self.warmup and in_warmup(self.selections):
-            self._select(state, model, optimizer, lr_scheduler, train_dataloader)  # the first, after the warm-up
-        elif self.select_every is not None and state.global_step % self.select_every == 0:
-            self._select_or_warm_up(state, model, optimizer, lr_scheduler, train_dataloader)
+        self.host.update(state, model, optimizer, lr_scheduler, train_dataloader)
+        self.controller.on_step_start(self.host)
         self._counter, self._in_step = FlopCounter(), True  # counts this step's micro-batches, until on_step_end
         self._counter.__enter__()
 
     # -- the Trainer's checkpoints ------------------------------------------------------------------
-    STATE_FILE = "greentrainer_callback.json"
-
     def on_save(self, args, state, control, **kw):
-        """Keep the selection history next to the Trainer's checkpoint (resume_from_checkpoint restores it)."""
-        import json
+        """Keep the controller's state (selections, FLOPs ledger, host copies of optimizer state) next to the
+        Trainer's checkpoint; :meth:`load_state` restores it."""
         import os
         if not state.is_world_process_zero:
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
             from pathlib import Path
-            from .files import write_text_atomic
-            write_text_atomic(Path(folder) / self.STATE_FILE,
-                              json.dumps({"current": self.current, "selections": self.selections}, default=float))
+            from .files import write_bytes_atomic
+            from .loop import _plain
+            buf = io.BytesIO()
+            torch.save({**_plain(self.controller.state_dict()), "probe_rng": self._probe_rng.getstate()}, buf)
+            write_bytes_atomic(Path(folder) / self.STATE_FILE, buf.getvalue())
 
     def load_state(self, checkpoint_dir: str) -> None:
-        """Restore the selection saved with a Trainer checkpoint (call before ``trainer.train(resume_from_
-        checkpoint=checkpoint_dir)``; the Trainer does not pass the folder to callbacks)."""
-        import json
+        """Restore the controller's state saved with a Trainer checkpoint (call before ``trainer.train(resume_
+        from_checkpoint=checkpoint_dir)``; the Trainer does not pass the folder to callbacks)."""
         import os
         path = os.path.join(checkpoint_dir, self.STATE_FILE)
         if not os.path.isfile(path):
             raise UsageError(f"{checkpoint_dir} holds no {self.STATE_FILE} (was it saved with GreenTrainerCallback?)")
-        state = json.loads(open(path, encoding="utf-8").read())
-        self.current, self.selections = state["current"], state["selections"]
+        self._resume_state = torch.load(path, map_location="cpu", weights_only=True)
+        self.controller.load_state_dict(self._resume_state)
+        from .rng import as_tuples
+        self._probe_rng = random.Random()
+        self._probe_rng.setstate(as_tuples(self._resume_state["probe_rng"]))
+
+
+class TrainerHost:
+    """The controller's view of a Trainer run (the host described in :mod:`~greentrainer.methods.greentrainer.
+    controller`): the Trainer's model, optimizer and schedule, its step counters, probe batches drawn from its
+    dataloader, and the callback's FLOPs counters."""
+
+    def __init__(self, callback: GreenTrainerCallback, args, state, profile):
+        self.cb, self.profile = callback, profile
+        self.gradient_checkpointing = callback._gc
+        self.world_size = args.world_size
+        self.micro_batches_per_step = callback.accum
+        self.total_steps = state.max_steps
+        self.steps_per_epoch = max(1, state.max_steps // max(1, int(args.num_train_epochs)))
+        self.grid = callback.grid
+        self.batch_size = args.per_device_train_batch_size
+        self.rank = args.process_index
+        self.seq2seq = False
+        self.log = callback.log if state.is_world_process_zero else (lambda *a, **k: None)
+
+    def update(self, state, model, optimizer, lr_scheduler, dataloader) -> None:
+        """The Trainer's objects at this event (its wrappers skip the probe's step while gradients accumulate
+        or hand it to a gradient scaler, so the probe steps the optimizer itself)."""
+        self.model, self.dataloader = model, dataloader
+        self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+        self.global_step, self.epoch = state.global_step, int(state.epoch or 0)
+
+    @property
+    def train_seconds(self) -> float:
+        return time.perf_counter() - getattr(self.cb, "_t0", time.perf_counter())
+
+    def sample_batches(self, steps: int = 1):
+        """A random global batch of the training set for a probe, split as the loop splits it: this process's
+        micro-batches and each one's share of the global batch's target tokens (the loop's draw: the same
+        items for the same seed and data). An iterable dataset: the next batches of the dataloader instead."""
+        from .loop import shard, target_tokens
+        ds, device = getattr(self.dataloader, "dataset", None), self.model.device
+        if ds is None or not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
+            batches = [self.cb._batch(self.dataloader, device) for _ in range(self.micro_batches_per_step * steps)]
+            return batches, [1 / len(batches)] * len(batches)
+        world, accum = self.world_size, self.micro_batches_per_step * steps
+        items = self.cb._probe_rng.sample(range(len(ds)), min(self.batch_size * world * accum, len(ds)))
+        batches = [{k: v.to(device) for k, v in self.dataloader.collate_fn([ds[i] for i in m]).items()
+                    if isinstance(v, torch.Tensor)} for m in shard(items, world, accum, self.rank) if m]
+        tokens = [target_tokens(b, self.seq2seq) for b in batches]
+        total = max(sum_over_processes([sum(tokens)], self.cb._device)[0], 1)
+        return batches, [t / total for t in tokens]
+
+    def count(self, kind: str):
+        return self.cb._count_probe(kind)
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the probe runs in the model's own dtype
+
+    def reduce_gradients(self, params) -> None:
+        """The probe's gradients summed over processes (each micro-batch is weighted by its share of the global
+        batch's target tokens, so the sum is the global batch's gradient, as in the loop)."""
+        from .loop import sync_gradients
+        sync_gradients(params, _sum_tensor_over_processes)
+
+    def broadcast(self, obj):
+        return first_process(obj)
+
+    def global_flops(self) -> tuple[float, float]:
+        f = self.cb.flops
+        spent, reference = sum_over_processes([f["steps"] + f["probes"], f["full_ft_reference"]], self.cb._device)
+        return spent, reference
+
+    def expected_step_scale(self) -> float:
+        return 1.0  # the profile is at the first batch's shape
+
+    def rebuild_optimizer(self, params) -> None:
+        raise UsageError("GreenTrainerCallback cannot rebuild the Trainer's optimizer (over='blocks')")
 
 
 def _average_grads(params) -> None:
@@ -331,7 +404,7 @@ def _average_grads(params) -> None:
     sync_gradients(params, _mean_over_processes)
 
 
-def _sum_over_processes(xs: list[float], device=None) -> list[float]:
+def sum_over_processes(xs: list[float], device=None) -> list[float]:
     """``xs`` summed over the processes in one all-reduce (themselves on one); ``device``: where the backend
     reduces (NCCL: the GPU)."""
     import torch.distributed as dist
@@ -342,13 +415,19 @@ def _sum_over_processes(xs: list[float], device=None) -> list[float]:
     return t.tolist()
 
 
+def _sum_tensor_over_processes(t):
+    import torch.distributed as dist
+    dist.all_reduce(t)
+    return t
+
+
 def _mean_over_processes(t):
     import torch.distributed as dist
     dist.all_reduce(t)
     return t / dist.get_world_size()
 
 
-def _first_process(chosen):
+def first_process(chosen):
     """Every process takes the first process's selection (their probes saw different batches)."""
     import torch.distributed as dist
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:

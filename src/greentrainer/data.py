@@ -374,3 +374,30 @@ def collate(batch: list[Encoded], pad_id: int, seq2seq: bool, pad_to_multiple: i
         mask[i, :n] = 1
     labels, _ = pad([b.labels for b in batch], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def typical_shape(data, batch_size: int, seq2seq: bool) -> tuple[int, int, int | None]:
+    """Batch shape used for the FLOPs profile: the 90th-percentile padded lengths of the training data."""
+    lens = sorted(len(e.input_ids) for e in data)
+    seq = -(-lens[int(0.9 * (len(lens) - 1))] // 8) * 8
+    tgt = None
+    if seq2seq:
+        tl = sorted(len(e.labels) for e in data)
+        tgt = -(-tl[int(0.9 * (len(tl) - 1))] // 8) * 8
+    return batch_size, seq, tgt
+
+
+def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, seed: int = 0) -> float:
+    """Expected padded length per batch (input + target for seq2seq) over random shuffles of the data, a
+    short last batch counted by its share of a full one (its FLOPs are that much smaller)."""
+    rng = random.Random(seed)
+    idx, sizes = list(range(len(data))), []
+    for _ in range(rounds):
+        rng.shuffle(idx)
+        for i in range(0, len(idx), batch_size):
+            items = [data[j] for j in idx[i: i + batch_size]]
+            size = max(len(e.input_ids) for e in items)
+            if seq2seq:
+                size += max(len(e.labels) for e in items)
+            sizes.append(size * len(items) / batch_size)
+    return sum(sizes) / max(len(sizes), 1)

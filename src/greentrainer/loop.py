@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate
+from .data import collate, mean_padded_size, typical_shape
 from .errors import NonFiniteError, UsageError
 from .rng import as_tuples, rng_state, set_rng_state
 from .interrupts import critical
@@ -107,6 +107,15 @@ class TrainContext:
     @property
     def world_size(self) -> int:
         return self.accelerator.num_processes if self.accelerator is not None else 1
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return bool(self.cfg.gradient_checkpointing)
+
+    def expected_step_scale(self) -> float:
+        """A step's expected size (its data's mean padded batch) over the profiled batch shape's."""
+        p = self.profile
+        return mean_padded_size(self.train_data, p.batch_size, self.seq2seq) / (p.seq_len + p.target_len)
 
     @property
     def micro_batches_per_step(self) -> int:
@@ -278,33 +287,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def typical_shape(data, batch_size: int, seq2seq: bool) -> tuple[int, int, int | None]:
-    """Batch shape used for the FLOPs profile: the 90th-percentile padded lengths of the training data."""
-    lens = sorted(len(e.input_ids) for e in data)
-    seq = -(-lens[int(0.9 * (len(lens) - 1))] // 8) * 8
-    tgt = None
-    if seq2seq:
-        tl = sorted(len(e.labels) for e in data)
-        tgt = -(-tl[int(0.9 * (len(tl) - 1))] // 8) * 8
-    return batch_size, seq, tgt
-
-
-def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, seed: int = 0) -> float:
-    """Expected padded length per batch (input + target for seq2seq) over random shuffles of the data, a
-    short last batch counted by its share of a full one (its FLOPs are that much smaller)."""
-    rng = random.Random(seed)
-    idx, sizes = list(range(len(data))), []
-    for _ in range(rounds):
-        rng.shuffle(idx)
-        for i in range(0, len(idx), batch_size):
-            items = [data[j] for j in idx[i: i + batch_size]]
-            size = max(len(e.input_ids) for e in items)
-            if seq2seq:
-                size += max(len(e.labels) for e in items)
-            sizes.append(size * len(items) / batch_size)
-    return sum(sizes) / max(len(sizes), 1)
-
-
 @torch.no_grad()
 def eval_loss(model, ctx, data, batch_size: int) -> float:
     """Mean loss per target token over ``data`` (each process takes every world_size-th item)."""
@@ -473,10 +455,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=
     totals["flops_fraction_of_full"] = totals["flops_total"] / totals["flops_full_ft_reference"]
     totals["steps"] = ctx.global_step
     spent, reference = ctx.global_flops()
-    allowed = method.flops_allowed(reference)
-    if allowed is not None:  # a FLOPs budget (ρ): kept if the run spent at most that (batch shapes vary a little)
-        totals["flops_allowed_fraction"] = allowed / reference
-        totals["within_budget"] = within_budget(spent, allowed, reference)
+    totals.update(method.budget_report(spent, reference))  # a method with a FLOPs budget: was it kept?
     if energy_meter is not None:
         for k in ENERGY_KEYS:
             totals[k] = sum(h[k] for h in history)
@@ -644,13 +623,6 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                          history, 0.0))
 
 
-BUDGET_TOLERANCE = 0.005  # of full fine-tuning's FLOPs: a run this close to its ρ counts as within it
-
-
-def within_budget(spent: float, allowed: float, reference: float) -> bool:
-    """Whether a run that spent ``spent`` FLOPs kept to its allowance (batch shapes vary a little around the
-    profiled one, so up to BUDGET_TOLERANCE of full fine-tuning's ``reference`` above it still counts)."""
-    return spent <= allowed + BUDGET_TOLERANCE * reference
 ENERGY_KEYS = ("energy_kwh", "co2_g", "energy_full_ft_reference_kwh", "co2_full_ft_reference_g")
 TIMELINE_POINTS = 200  # per epoch, in metrics.json
 

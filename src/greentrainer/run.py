@@ -129,7 +129,8 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     device, main = acc.device, acc.is_main_process
     if not main:
         log = _silent
-    from .loop import run_profile, typical_shape
+    from .data import typical_shape
+    from .loop import run_profile
     steps_per_epoch = -(-len(train_enc) // (cfg.batch_size * acc.num_processes * cfg.grad_accum))
     method.check(model, run_profile(model.config, typical_shape(train_enc, cfg.batch_size, seq2seq),
                                     cfg.gradient_checkpointing),

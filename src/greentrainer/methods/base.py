@@ -35,6 +35,10 @@ class Method:
         """FLOPs this run may spend when full fine-tuning would spend ``reference`` (None: no FLOPs budget)."""
         return None
 
+    def budget_report(self, spent: float, reference: float) -> dict:
+        """The run totals' budget entries (``flops_allowed_fraction``, ``within_budget``); none without a budget."""
+        return {}
+
     def on_epoch_start(self, ctx) -> None: ...
 
     def on_step_start(self, ctx) -> None: ...

@@ -82,9 +82,14 @@ def _discover() -> None:
 
 
 def registered_methods() -> dict[str, MethodSpec]:
-    """Every method, greentrainer first, the rest in the order their modules registered them."""
+    """Every method: greentrainer first, then the other built-in ones, then plug-ins, each by name (an order that
+    does not depend on which module was imported first, so --help and docs/cli.md are stable)."""
     _discover()
-    return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[0] != "greentrainer"))
+
+    def order(kv):
+        name, spec = kv
+        return name != "greentrainer", not spec.method_cls.__module__.startswith(__package__ + "."), name
+    return dict(sorted(_REGISTRY.items(), key=order))
 
 
 def method_spec(name: str) -> MethodSpec:

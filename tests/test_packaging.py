@@ -62,7 +62,7 @@ def fake_model(tmp_path, monkeypatch):
     from greentrainer import models
     payload = b"GGUF" + bytes(range(256)) * 64
     monkeypatch.setenv("GREENTRAINER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(models._PACKAGED, "fake-model", ("no_such_pkg_gt", "fake.Q4_1.gguf", "no-such-pkg-gt==0.1",
+    monkeypatch.setitem(models.PACKAGED, "fake-model", ("no_such_pkg_gt", "fake.Q4_1.gguf", "no-such-pkg-gt==0.1",
                                                          hashlib.sha256(payload).hexdigest()))
     return tmp_path, payload
 

@@ -37,7 +37,7 @@ def _config_from_keywords(rho: float, options: dict) -> GreenTrainerConfig:
     """The callback's keyword arguments as a GreenTrainerConfig: the command line's option names without dashes
     (``selector_resolution``, ``smt_block``) or the config's field names; an unknown one is refused with the
     accepted names."""
-    from .config import option_specs
+    from .options import option_specs
     by_flag = {o.name: o.field for o in option_specs(GreenTrainerConfig)}
     fields = set(by_flag.values())
     unknown = sorted(k for k in options if k not in by_flag and k not in fields)

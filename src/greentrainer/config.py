@@ -6,91 +6,17 @@ the YAML files (``lr: 1e-4``) are generated from these fields, so no option is r
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
-import os
-import shutil
 import typing
-from pathlib import Path
 
 from .data import PROMPT_FORMATS
 from .errors import UsageError
+from .methods.registry import method_spec, registered_methods, reserve_flags
+from .options import Options, OptionSpec, dashed, option, option_specs  # noqa: F401  (re-exported)
 
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")  # Lightning's / litgpt's names
 
 
-def option(default=None, help: str = "", *, flag: str | None = None, choices=None, negate: bool = False):
-    """A config field that is also a command-line option and a YAML key.
-
-    ``flag``: its flat name when not the field's (``--smt-warmup`` for SMTConfig.warmup_steps); ``choices``:
-    the allowed values (or a function returning them); ``negate``: a boolean given as its opposite
-    (``--no-eval`` sets ``do_eval`` False)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "choices": choices,
-                                                        "negate": negate})
-
-
-def dashed(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptionSpec:
-    """One flat option: its name, the field it sets, the field's type (int, float, str or bool) and help."""
-
-    name: str
-    field: str
-    type: type
-    default: object
-    help: str
-    choices: tuple | None
-    negate: bool
-
-
-def option_specs(cls) -> list[OptionSpec]:
-    """The flat options of a config dataclass, in field order."""
-    hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
-            continue  # not an option (e.g. TrainConfig.method_config)
-        kinds = [t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None)]
-        kind = kinds[0]
-        if kind not in (int, float, str, bool) or len(kinds) != 1:
-            raise TypeError(f"{cls.__name__}.{f.name}: an option must be int, float, str or bool (or None)")
-        choices = f.metadata["choices"]
-        choices = tuple(choices() if callable(choices) else choices) if choices is not None else None
-        out.append(OptionSpec(f.metadata["flag"] or f.name, f.name, kind, f.default, f.metadata["help"], choices,
-                              f.metadata["negate"]))
-    return out
-
-
-class Options:
-    """Base of the config dataclasses: checks every option's type, finiteness and choices in one place."""
-
-    def check_options(self) -> None:
-        for o in option_specs(type(self)):
-            v = getattr(self, o.field)
-            if v is None and o.default is None:
-                continue
-            ok = isinstance(v, o.type) and not (o.type is not bool and isinstance(v, bool))
-            if o.type is float and isinstance(v, int) and not isinstance(v, bool):
-                ok = True
-            if not ok:
-                raise UsageError(f"{dashed(o.name)} must be {_KIND[o.type]}, got {v!r}")
-            if isinstance(v, float) and not math.isfinite(v):
-                raise UsageError(f"{dashed(o.name)} must be a finite number, got {v}")
-            if o.choices is not None and v not in o.choices:
-                raise UsageError(f"{dashed(o.name)} must be one of {', '.join(map(str, o.choices))}, got {v!r}")
-
-    def validate(self) -> None:
-        self.check_options()
-
-
-_KIND = {int: "a whole number", float: "a number", str: "a string", bool: "true or false"}
-
-
 def _method_names():
-    from .methods.registry import registered_methods
     return list(registered_methods())
 
 
@@ -160,7 +86,6 @@ class TrainConfig(Options):
     method_config: typing.Any = None
 
     def __post_init__(self):
-        from .methods.registry import registered_methods
         spec = registered_methods().get(self.method)
         if spec is not None and self.method_config is None and spec.config_cls is not None:
             self.method_config = spec.config_cls()
@@ -168,7 +93,6 @@ class TrainConfig(Options):
             self.lr = spec.method_cls.default_lr
 
     def validate(self) -> None:
-        from .methods.registry import method_spec
         spec = method_spec(self.method)  # a clear error for an unknown method
         self.check_options()
         self.trackers()  # names known and installed
@@ -226,9 +150,11 @@ class TrainConfig(Options):
         return dataclasses.asdict(self)
 
 
+reserve_flags([o.name for o in option_specs(TrainConfig)], "the general options")
+
+
 def config_from_dict(d: dict) -> TrainConfig:
     """A TrainConfig from its ``to_dict()`` (a run folder's train_config.json); unknown keys are refused."""
-    from .methods.registry import method_spec
     d = dict(d)
     sub = d.pop("method_config", None)
     try:
@@ -240,71 +166,15 @@ def config_from_dict(d: dict) -> TrainConfig:
         raise UsageError(f"train_config.json does not describe a run of this version: {e}") from None
 
 
-RUN_MARKER = ".greentrainer-run"
-# Everything a run writes at the top of its folder; --overwrite replaces a folder only if it holds nothing else.
 def items_seed(seed: int, eval_seed: int | None) -> int:
     """The seed that samples a run's validation and test items: its --eval-seed, else its --seed."""
     return seed if eval_seed is None else eval_seed
-
-
-RUN_ENTRIES = {RUN_MARKER, "train_config.json", "train_config.yaml", "logs", "metrics.json", "progress.json",
-               "predictions.jsonl", "predictions_before.jsonl", "model", "selections.json", "selection_heatmap.png",
-               "carbon.png",
-               "model.tmp", "model.old", "checkpoint", "checkpoint.tmp", "checkpoint.old"}
-
-
-def is_run_folder(out: Path) -> bool:
-    """A folder this program made: our marker (or, from older versions, train_config.json + metrics.json or
-    progress.json)."""
-    return (out / RUN_MARKER).is_file() or ((out / "train_config.json").is_file()
-                                            and ((out / "metrics.json").is_file() or (out / "progress.json").is_file()))
-
-
-def check_output_dir(path: str, overwrite: bool) -> Path:
-    """Refuse an output path we may not write to, before anything is loaded or written.
-
-    A non-empty folder is replaced only with ``--overwrite`` and only if it is one of our run folders that
-    holds nothing we did not write; anything else is never touched."""
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output path exists and is not a folder: {out}")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace it")
-        if not is_run_folder(out):
-            raise UsageError(f"output folder {out} is not empty and is not a greentrainer run folder; "
-                             f"--overwrite only replaces run folders (choose another --output-dir)")
-        foreign = sorted(e.name for e in out.iterdir() if e.name not in RUN_ENTRIES and not e.name.endswith(".tmp"))
-        if foreign:
-            raise UsageError(f"output folder {out} holds files greentrainer did not write "
-                             f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); not replacing it")
-    return out
-
-
-def prepare_output_dir(path: str, overwrite: bool) -> Path:
-    """Create the run folder (replacing our own previous run there when ``overwrite``) and mark it as ours."""
-    out = check_output_dir(path, overwrite)
-    if out.is_dir():
-        for e in out.iterdir():  # only our own entries (checked above); links are removed, never followed
-            if e.is_symlink() or not e.is_dir():
-                e.unlink()
-            else:
-                shutil.rmtree(e)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"cannot create output folder {out}: {e.strerror}") from None
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"output folder {out} is not writable")
-    (out / RUN_MARKER).write_text(json.dumps({"created_by": "greentrainer"}) + "\n")
-    return out
 
 
 # ---------------------------------------------------------------- one flat name per option (CLI and YAML)
 
 def method_option_specs(method: str) -> list[OptionSpec]:
     """The flat options of ``method``'s own config (none for a method without one)."""
-    from .methods.registry import method_spec
     cls = method_spec(method).config_cls
     return option_specs(cls) if cls is not None else []
 
@@ -313,7 +183,6 @@ def config_from_options(options: dict) -> TrainConfig:
     """A TrainConfig from flat options ({"method": "greentrainer", "rho": 0.5, "no_eval": True, ...}).
 
     Options of other methods than the chosen one are ignored (the command line warns about them)."""
-    from .methods.registry import method_spec
 
     def fields(specs):
         return {o.field: (not options[o.name]) if o.negate else options[o.name] for o in specs if o.name in options}
@@ -336,7 +205,6 @@ def options_from_config(cfg: TrainConfig) -> dict:
 
 def option_names() -> list[str]:
     """Every flat option: the general ones, then each registered method's (the command line and YAML keys)."""
-    from .methods.registry import registered_methods
     names = [o.name for o in option_specs(TrainConfig)]
     for spec in registered_methods().values():
         if spec.config_cls is not None:

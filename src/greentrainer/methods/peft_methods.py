@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from ..config import Options, option
+from ..options import Options, option
 from ..errors import UsageError
 from .base import Method
 from .registry import register_method

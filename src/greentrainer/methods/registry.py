@@ -6,7 +6,7 @@
 Every module in this package is imported on first use, and so is every entry point of the group
 ``greentrainer.methods`` (a method in another package: ``[project.entry-points."greentrainer.methods"]
 mymethod = "mypackage.mymethod"``). The command line and the YAML keys come from the config dataclass's
-fields (see :func:`greentrainer.config.option`)."""
+fields (see :func:`greentrainer.options.option`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -49,12 +49,23 @@ def register_method(name: str, config_cls: type | None = None):
     return register
 
 
+_RESERVED: dict[str, str] = {}  # option names taken outside the methods (the general ones) -> whose
+
+
+def reserve_flags(names, owner: str) -> None:
+    """Option names no method may declare (config.py reserves the general options' names)."""
+    _RESERVED.update(dict.fromkeys(names, owner))
+    for spec in _REGISTRY.values():
+        if spec.config_cls is not None:
+            _check_flags(spec.name, spec.config_cls)
+
+
 def _check_flags(name: str, config_cls: type) -> None:
     """A method's flat option names must not collide with the general ones or another method's, unless
     both declare the very same option (e.g. LoRA's rank, shared through a base dataclass)."""
-    from ..config import TrainConfig, option_specs
+    from ..options import option_specs
     mine = {o.name: o for o in option_specs(config_cls)}
-    taken = {o.name: "the general options" for o in option_specs(TrainConfig)}
+    taken = dict(_RESERVED)
     for spec in _REGISTRY.values():
         if spec.config_cls is not None and spec.config_cls is not config_cls and spec.name != name:
             taken.update({o.name: f"method {spec.name}" for o in option_specs(spec.config_cls)

@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 from torch import nn
 
-from ..config import Options, option
+from ..options import Options, option
 from ..errors import UsageError
 from ..smt_layer import SMTLinear, share_inputs as _share_inputs
 from .base import Method

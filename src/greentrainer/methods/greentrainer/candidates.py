@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 
-from ...errors import UsageError
 from ...importance import probe_importance
 from ...selection import select_tensors
 from ..peft_methods import save_adapter

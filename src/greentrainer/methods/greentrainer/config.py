@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from ...config import option
+from ...options import option
 from ...errors import UsageError
 from ..peft_methods import LoraOptions
 from ..smt import BlockOptions

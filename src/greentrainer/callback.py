@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 
 from .energy import COMPONENTS, EnergyMeter, add_readings, fmt_co2, fmt_energy
 from .errors import UsageError
+from .engine.distributed import from_process_zero, sum_over_processes
 from .flops import FlopCounter, unique_named_parameters
 from .methods.greentrainer import GreenTrainerConfig, GreenTrainerController, within_budget
 
@@ -111,7 +112,8 @@ class GreenTrainerCallback(TrainerCallback):
         ids, labels = batch["input_ids"], batch["labels"]
         seq2seq = getattr(model.config, "is_encoder_decoder", False)
         shape = (ids.shape[0], self.seq_len or ids.shape[1], labels.shape[1] if seq2seq else None)
-        from .loop import enable_checkpointing, run_profile
+        from .engine.memory import enable_checkpointing
+        from .engine.reference import run_profile
         self._gc = bool(getattr(model, "is_gradient_checkpointing", False))
         if self._gc:  # the Trainer enabled it with input grads on, which runs every backward to the bottom:
             enable_checkpointing(model)  # keep the backward as short as the selection; the recompute is budgeted
@@ -152,7 +154,7 @@ class GreenTrainerCallback(TrainerCallback):
     def _reference(self, module, args, kwargs):
         if not (self._in_step and module.training and "input_ids" in kwargs and "labels" in kwargs):
             return
-        from .loop import reference_step_flops
+        from .engine.reference import reference_step_flops
         batch = {"input_ids": kwargs["input_ids"], "labels": kwargs["labels"]}
         counter = self._counter  # measuring the weightless copy (once per batch shape) is not this step's work
         if counter is not None:
@@ -304,9 +306,9 @@ class GreenTrainerCallback(TrainerCallback):
         if os.path.isdir(folder):
             from pathlib import Path
             from .files import write_bytes_atomic
-            from .loop import _plain
+            from .engine.checkpointing import plain
             buf = io.BytesIO()
-            torch.save({**_plain(self.controller.state_dict()), "probe_rng": self._probe_rng.getstate()}, buf)
+            torch.save({**plain(self.controller.state_dict()), "probe_rng": self._probe_rng.getstate()}, buf)
             write_bytes_atomic(Path(folder) / self.STATE_FILE, buf.getvalue())
 
     def load_state(self, checkpoint_dir: str) -> None:
@@ -358,7 +360,8 @@ class TrainerHost:
         """A random global batch of the training set for a probe, split as the loop splits it: this process's
         micro-batches and each one's share of the global batch's target tokens (the loop's draw: the same
         items for the same seed and data). An iterable dataset: the next batches of the dataloader instead."""
-        from .loop import shard, target_tokens
+        from .data import target_tokens
+        from .engine.distributed import shard
         ds, device = getattr(self.dataloader, "dataset", None), self.model.device
         if ds is None or not hasattr(ds, "__len__") or not hasattr(ds, "__getitem__"):
             batches = [self.cb._batch(self.dataloader, device) for _ in range(self.micro_batches_per_step * steps)]
@@ -380,11 +383,11 @@ class TrainerHost:
     def reduce_gradients(self, params) -> None:
         """The probe's gradients summed over processes (each micro-batch is weighted by its share of the global
         batch's target tokens, so the sum is the global batch's gradient, as in the loop)."""
-        from .loop import sync_gradients
-        sync_gradients(params, _sum_tensor_over_processes)
+        from .engine.distributed import reduce_sum, sync_gradients
+        sync_gradients(params, reduce_sum)
 
     def broadcast(self, obj):
-        return first_process(obj)
+        return from_process_zero(obj)
 
     def global_flops(self) -> tuple[float, float]:
         f = self.cb.flops
@@ -399,39 +402,6 @@ class TrainerHost:
 
 
 def _average_grads(params) -> None:
-    """Average ``params``' gradients over the processes (the probe's, and each step's trainable ones)."""
-    from .loop import sync_gradients
-    sync_gradients(params, _mean_over_processes)
-
-
-def sum_over_processes(xs: list[float], device=None) -> list[float]:
-    """``xs`` summed over the processes in one all-reduce (themselves on one); ``device``: where the backend
-    reduces (NCCL: the GPU)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [float(x) for x in xs]
-    t = torch.tensor([float(x) for x in xs], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def _sum_tensor_over_processes(t):
-    import torch.distributed as dist
-    dist.all_reduce(t)
-    return t
-
-
-def _mean_over_processes(t):
-    import torch.distributed as dist
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
-def first_process(chosen):
-    """Every process takes the first process's selection (their probes saw different batches)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return chosen
-    box = [chosen]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    """Average ``params``' gradients over the processes (each step's trainable ones, as DDP would)."""
+    from .engine.distributed import mean_over_processes, sync_gradients
+    sync_gradients(params, mean_over_processes)

@@ -401,3 +401,9 @@ def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, see
                 size += max(len(e.labels) for e in items)
             sizes.append(size * len(items) / batch_size)
     return sum(sizes) / max(len(sizes), 1)
+
+
+def target_tokens(batch: dict, seq2seq: bool) -> int:
+    """Tokens the loss averages over (a causal LM predicts each label from the previous position)."""
+    labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
+    return int((labels != -100).sum())

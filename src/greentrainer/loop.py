@@ -8,269 +8,37 @@ Distribution and precision belong to one ``accelerate.Accelerator`` built by the
 optimizer step takes one *global batch* of ``batch_size × processes × grad_accum`` items, the same items
 whatever the number of processes; each process runs its share as micro-batches, the loss of each is
 weighted by its share of the global batch's target tokens, and the gradients of exactly the tensors that
-are trainable now are summed over processes before the step (see :func:`sync_gradients`), so a trainable
+are trainable now are summed over processes before the step (see :func:`greentrainer.engine.distributed.sync_gradients`), so a trainable
 set that changes during training stays consistent on every process. Methods never see ranks or devices.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
-import threading
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import collate, mean_padded_size, typical_shape
-from .errors import NonFiniteError, UsageError
-from .rng import as_tuples, rng_state, set_rng_state
+from .data import target_tokens, typical_shape
+from .energy import EnergyMeter, add_readings
+from .engine.checkpointing import EpochProgress, restore_training_state, training_state
+from .engine.context import TrainContext
+from .engine.distributed import build_accelerator, global_batches
+from .engine.memory import PeakMemory, enable_checkpointing
+from .engine.metric_logging import ENERGY_KEYS, epoch_energy, grid_of, log_step
+from .engine.precision import precision_of
+from .engine.reference import reference_step_flops, run_profile
+from .errors import NonFiniteError
+from .flops import meta_model_from_config
 from .interrupts import critical
-
-from .energy import COMPONENTS, EnergyMeter, add_readings, build_grid, step_emissions
-from .flops import (FlopCounter, full_step_flops, layer_forward_flops, meta_model_from_config, profile_config,
-                    with_recompute)
-
-
-class PeakMemory:
-    """Peak memory of this process (CPU: resident set sampled every 20 ms; CUDA: allocator peak)."""
-
-    def __init__(self, device):
-        self.device = device
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    @staticmethod
-    def rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                import os
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            import resource
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.peak = self.rss()
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self.rss())
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.rss())
-
-
-@dataclasses.dataclass
-class TrainContext:
-    """What a method may look at and act on."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    cfg: object
-    device: torch.device
-    train_data: list
-    profile: object                 # TensorFlopsProfile at the run's typical batch shape
-    meta_model: torch.nn.Module     # weightless copy of the base model (FLOPs references)
-    seq2seq: bool
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: object = None
-    epoch: int = 0
-    global_step: int = 0
-    total_steps: int = 0
-    steps_per_epoch: int = 0
-    flops: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0, "overhead": 0})
-    flops_reference: int = 0        # measured FLOPs full fine-tuning would have spent on the steps so far
-    log: object = print
-    accelerator: object = None      # owns processes and devices; methods use the helpers below, never it
-    scaler: object = None           # torch.amp.GradScaler under 16-mixed
-    count_cache: dict = dataclasses.field(default_factory=dict)  # (kind, step_key) -> FLOPs counted once
-    live_counting: bool = False     # count every step (no cache); tests compare the two
-    grid: object = None             # energy.Grid: the grid intensity now (fixed, or along a trace)
-    train_seconds: float = 0.0      # measured training time so far (the clock a carbon trace is read along)
-    _probe_rng: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))
-
-    @property
-    def world_size(self) -> int:
-        return self.accelerator.num_processes if self.accelerator is not None else 1
-
-    @property
-    def gradient_checkpointing(self) -> bool:
-        return bool(self.cfg.gradient_checkpointing)
-
-    def expected_step_scale(self) -> float:
-        """A step's expected size (its data's mean padded batch) over the profiled batch shape's."""
-        p = self.profile
-        return mean_padded_size(self.train_data, p.batch_size, self.seq2seq) / (p.seq_len + p.target_len)
-
-    @property
-    def micro_batches_per_step(self) -> int:
-        """Micro-batches each process runs per optimizer step (the gradient accumulation steps)."""
-        return self.cfg.grad_accum
-
-    def reduce_sum(self, value):
-        """Sum of a number or tensor over processes (the value itself with one process)."""
-        if self.world_size == 1:
-            return value
-        from accelerate.utils import reduce
-        t = torch.as_tensor(value, dtype=torch.float64, device=self.device).clone()
-        out = reduce(t, reduction="sum")
-        return out.item() if not isinstance(value, torch.Tensor) else out.to(value.dtype)
-
-    def broadcast(self, obj):
-        """Process 0's ``obj`` on every process (a picklable object)."""
-        if self.world_size == 1:
-            return obj
-        from accelerate.utils import broadcast_object_list
-        box = [obj]
-        broadcast_object_list(box, from_process=0)
-        return box[0]
-
-    def global_flops(self) -> tuple[float, float]:
-        """(FLOPs spent, FLOPs full fine-tuning would have spent), summed over processes."""
-        spent = self.reduce_sum(float(sum(self.flops.values())))
-        return spent, self.reduce_sum(float(self.flops_reference))
-
-    @contextlib.contextmanager
-    def count(self, kind: str, key=None):
-        """Count the FLOPs executed inside the block under ``kind`` (forward/backward/overhead).
-
-        With a ``key`` (what decides the work: batch shape and trainable set, see :func:`step_key`), the
-        block is counted the first time that key is seen and the count is reused afterwards, so the
-        per-operation counting costs nothing in the hot loop (dense models: FLOPs depend on shapes only)."""
-        if key is not None and (kind, key) in self.count_cache:
-            yield None
-            self.flops[kind] = self.flops.get(kind, 0) + self.count_cache[(kind, key)]
-            return
-        counter = FlopCounter()
-        with counter:
-            yield counter
-        self.flops[kind] = self.flops.get(kind, 0) + counter.total
-        if key is not None:
-            self.count_cache[(kind, key)] = counter.total
-
-    def collate(self, items):
-        return {k: v.to(self.device) for k, v in
-                collate(items, self.tokenizer.pad_token_id, self.seq2seq).items()}
-
-    def sample_batches(self, steps: int = 1) -> tuple[list[dict], list[float]]:
-        """A random global batch for a probe (``steps`` training steps' worth), split like a training step:
-        this process's micro-batches and each one's share of the global batch's target tokens (the same items
-        whatever the process count)."""
-        world, accum = self.world_size, self.micro_batches_per_step * steps
-        n = min(self.cfg.batch_size * world * accum, len(self.train_data))
-        items = self._probe_rng.sample(self.train_data, n)
-        rank = self.accelerator.process_index if self.accelerator is not None else 0
-        batches = [self.collate(m) for m in shard(items, world, accum, rank) if m]
-        tokens = [target_tokens(b, self.seq2seq) for b in batches]
-        total = max(self.reduce_sum(sum(tokens)), 1)
-        return batches, [t / total for t in tokens]
-
-    def sync_gradients(self) -> None:
-        """Sum the trainable tensors' gradients over processes (see :func:`sync_gradients`)."""
-        self.reduce_gradients([p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad])
-
-    def rebuild_optimizer(self, params) -> None:
-        """AdamW over ``params`` with the run's linear schedule, continued from the current step (built once at
-        the start, and again by a method whose trainable tensors are replaced, e.g. SMT's blocks)."""
-        from transformers import get_linear_schedule_with_warmup
-        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.cfg.warmup_steps, self.total_steps)
-        import warnings
-        with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is skipped
-            warnings.simplefilter("ignore")
-            for _ in range(self.global_step):
-                self.scheduler.step()
-
-    def reduce_gradients(self, params) -> None:
-        if self.world_size > 1:
-            sync_gradients(params, self.reduce_sum)
-
-    def autocast(self):
-        return autocast_for(self.cfg, self.device)
-
-
-def precision_of(cfg) -> str:
-    """The run's precision; ``bf16=True`` (the older flag) means bf16-mixed."""
-    return "bf16-mixed" if cfg.precision == "32-true" and cfg.bf16 else cfg.precision
-
-
-def autocast_for(cfg, device):
-    p = precision_of(cfg)
-    dtype = torch.float16 if p == "16-mixed" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=p.endswith("-mixed"))
-
-
-def sync_gradients(params, reduce_sum, bucket_bytes: int = 32 * 2**20) -> None:
-    """All-reduce (sum) the gradients of exactly ``params``, flattened into buckets of one dtype.
-
-    DDP registers its hooks for the tensors that require grad when it wraps the model, so a tensor selected
-    later would never be reduced; reducing the trainable tensors at each step has no such state. A process
-    that had no gradient for a trainable tensor (an empty micro-batch) contributes zeros."""
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    by_dtype: dict = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
-    for group in by_dtype.values():
-        bucket, size = [], 0
-        for p in group + [None]:
-            if p is not None:
-                bucket.append(p)
-                size += p.grad.numel() * p.grad.element_size()
-            if bucket and (p is None or size >= bucket_bytes):
-                flat = torch.cat([q.grad.reshape(-1) for q in bucket])
-                flat = reduce_sum(flat)
-                offset = 0
-                for q in bucket:
-                    n = q.grad.numel()
-                    q.grad.copy_(flat[offset: offset + n].view_as(q.grad))
-                    offset += n
-                bucket, size = [], 0
 
 
 def step_key(model, batch: dict) -> tuple:
     """What a step's FLOPs depend on: the batch's tensor shapes and which parameters train."""
     shapes = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor))
     return shapes, tuple(id(p) for p in model.parameters() if p.requires_grad)
-
-
-def target_tokens(batch: dict, seq2seq: bool) -> int:
-    """Tokens the loss averages over (a causal LM predicts each label from the previous position)."""
-    labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
-    return int((labels != -100).sum())
-
-
-def global_batches(n_items: int, batch_size: int, world: int, accum: int, rank: int, generator) -> list[list[list[int]]]:
-    """An epoch's optimizer steps; for each, this process's micro-batches (lists of item indices).
-
-    Step t takes items ``perm[t·G:(t+1)·G]`` with ``G = batch_size·world·accum``, whatever the number of
-    processes; micro-batch k of process r gets every (world·accum)-th of them from k·world + r (strided, so a
-    short last step spreads evenly; a process may get an empty micro-batch there)."""
-    perm = torch.randperm(n_items, generator=generator).tolist()
-    g = batch_size * world * accum
-    return [shard(perm[t: t + g], world, accum, rank) for t in range(0, n_items, g)]
-
-
-def shard(items: list, world: int, accum: int, rank: int) -> list[list]:
-    """Process ``rank``'s micro-batches of one global batch: micro-batch k gets every (world·accum)-th item
-    from k·world + rank."""
-    return [items[k * world + rank:: world * accum] for k in range(accum)]
 
 
 def fmt_flops(x: float) -> str:
@@ -317,72 +85,6 @@ def check_finite_grads(optimizer, ctx) -> None:
     if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
         raise NonFiniteError(f"non-finite gradient at step {ctx.global_step + 1} (epoch {ctx.epoch + 1}); "
                              f"the learning rate ({ctx.cfg.lr:g}) may be too high")
-
-
-def run_profile(config, shape, gradient_checkpointing: bool):
-    """The per-tensor FLOPs profile a run budgets with: at its typical batch shape, and with each block's
-    recompute under activation checkpointing."""
-    profile = profile_config(config, *shape)
-    if gradient_checkpointing:
-        meta = meta_model_from_config(config)
-        profile = with_recompute(profile, meta, layer_forward_flops(meta, *shape))
-    return profile
-
-
-def reference_step_flops(meta_model, batch: dict, gradient_checkpointing: bool, cache: dict) -> int:
-    """What full fine-tuning spends on this batch (with the same activation checkpointing), measured once per
-    batch shape (``cache``)."""
-    key = (tuple(batch["input_ids"].shape), tuple(batch["labels"].shape))
-    if key not in cache:
-        cache[key] = _reference_flops(meta_model, batch, gradient_checkpointing)
-    return cache[key]
-
-
-def _reference_flops(meta_model, batch: dict, gradient_checkpointing: bool) -> int:
-    flops = full_step_flops(meta_model, batch)
-    if gradient_checkpointing:
-        ids, labels = batch["input_ids"], batch["labels"]
-        target = labels.shape[1] if getattr(meta_model.config, "is_encoder_decoder", False) else None
-        flops += sum(layer_forward_flops(meta_model, ids.shape[0], ids.shape[1], target).values())
-    return flops
-
-
-def enable_checkpointing(model) -> None:
-    """Activation checkpointing (non-reentrant) that keeps the backward as short as the trainable set:
-    transformers makes the embedding output require grad when it enables checkpointing, which would
-    run every backward to the bottom; non-reentrant checkpointing does not need it, so it is turned off."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # early_stop=False: a block reached by the backward is recomputed whole, so its cost is known in advance
-    # (stopping early saves a little in the deepest block, by an amount that depends on what trains there)
-    kwargs = {"use_reentrant": False, "early_stop": False}
-    if hasattr(base, "activation_checkpointing_enable"):  # transformers ≥ 5 (the older name is deprecated)
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    base.disable_input_require_grads()
-    # it keeps one hook's handle: a hook registered twice (the Trainer enables checkpointing on a peft model,
-    # then this) would stay, so every such hook on the input embeddings goes (transformers' and peft's)
-    emb = base.get_input_embeddings()
-    for key, hook in list(getattr(emb, "_forward_hooks", {}).items()):
-        if "make_inputs_require_grad" in getattr(hook, "__qualname__", ""):
-            del emb._forward_hooks[key]
-    base.config.use_cache = False
-
-
-def build_accelerator(device, trackers=(), logging_dir=None):
-    """The run's ``Accelerator``: processes (torchrun / accelerate launch: gloo on CPU, nccl on GPU) and the
-    device of this process. Precision is applied by :func:`autocast_for` and the loop (not accelerate's
-    wrappers), so the importance probe can step the optimizer outside any scaler."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType
-    acc = Accelerator(cpu=torch.device(device).type == "cpu", log_with=list(trackers) or None,
-                      project_dir=str(logging_dir) if logging_dir is not None else None)
-    sharded = {DistributedType.FSDP, DistributedType.DEEPSPEED, getattr(DistributedType, "MEGATRON_LM", None)}
-    if acc.distributed_type in sharded:
-        raise UsageError(f"{acc.distributed_type.value} is not supported: greentrainer trains data-parallel "
-                         f"(every process holds the whole model and the trainable set changes during training); "
-                         f"launch without an FSDP/DeepSpeed config (plain multi-GPU/multi-CPU works)")
-    return acc
 
 
 @dataclasses.dataclass
@@ -512,22 +214,6 @@ def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
     return loss_sum, sum(local)
 
 
-@dataclasses.dataclass
-class EpochProgress:
-    """Where an epoch stands: enough to continue it from a checkpoint exactly."""
-
-    epoch: int
-    generator_state: torch.Tensor      # the data-order generator before this epoch's permutation
-    steps_done: int = 0
-    flops_before: dict = dataclasses.field(default_factory=dict)
-    reference_before: float = 0.0
-    losses: list = dataclasses.field(default_factory=list)
-    elapsed: float = 0.0
-    val_curve: list = dataclasses.field(default_factory=list)  # [optimizer step, validation loss] (--eval-steps)
-    energy: dict = dataclasses.field(default_factory=dict)     # kWh by component so far (this process)
-    step_log: list = dataclasses.field(default_factory=list)   # [step, train s at its end, its s, FLOPs, reference]
-
-
 def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end,
             resume: EpochProgress | None = None, on_checkpoint=None, handle: RunHandle | None = None,
             meter=None):
@@ -574,7 +260,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
                 ep.steps_done = i + 1
                 if acc.trackers and ctx.global_step % cfg.logging_steps == 0:
-                    _log_step(ctx, ep.losses[-cfg.logging_steps:])
+                    log_step(ctx, ep.losses[-cfg.logging_steps:])
                 if cfg.eval_steps and val_data and ctx.global_step % cfg.eval_steps == 0 \
                         and ep.steps_done < len(steps):  # (the epoch's end computes it anyway)
                     ep.val_curve.append([ctx.global_step, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
@@ -621,104 +307,3 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                                                     flops_before=dict(ctx.flops),
                                                                     reference_before=ctx.flops_reference),
                                          history, 0.0))
-
-
-ENERGY_KEYS = ("energy_kwh", "co2_g", "energy_full_ft_reference_kwh", "co2_full_ft_reference_g")
-TIMELINE_POINTS = 200  # per epoch, in metrics.json
-
-
-def grid_of(cfg):
-    """The run's grid intensity (a fixed figure or a trace) from its options."""
-    return build_grid(cfg.carbon_intensity, cfg.carbon_trace, cfg.carbon_start, cfg.carbon_time_scale)
-
-
-def epoch_energy(ctx, ep: EpochProgress, history: list, rec: dict) -> dict:
-    """The epoch's energy (summed over processes), its carbon along the grid, and what full fine-tuning would
-    have used and emitted on the same batches: this run's measured energy per FLOP × full fine-tuning's FLOPs
-    of each step, at that step's grid intensity. ``timeline``: cumulative carbon per step (at most
-    ``TIMELINE_POINTS`` of them)."""
-    parts = {k: ctx.reduce_sum(float(ep.energy.get(k, 0.0))) for k in COMPONENTS}
-    kwh_local = sum(float(ep.energy.get(k, 0.0)) for k in COMPONENTS)
-    log = ep.step_log or [[ctx.global_step, ctx.train_seconds, 0.0, 0, 0]]
-    g = [ctx.grid.intensity_at(t - dt / 2) for _, t, dt, _, _ in log]
-    co2_steps = step_emissions(kwh_local, [x[2] for x in log], g)
-    kwh, co2 = sum(parts.values()), ctx.reduce_sum(sum(co2_steps))
-    per_flop = kwh / rec["flops_total"] if rec["flops_total"] else 0.0
-    full_steps = [per_flop * x[4] * gi for x, gi in zip(log, g)]
-    co2_full = ctx.reduce_sum(sum(full_steps))
-    out = {"energy_kwh": kwh, **{f"energy_kwh_{k}": v for k, v in parts.items()}, "co2_g": co2,
-           "carbon_intensity_g_per_kwh": co2 / kwh if kwh else g[-1],
-           "energy_full_ft_reference_kwh": per_flop * rec["flops_full_ft_reference"], "co2_full_ft_reference_g": co2_full}
-    scale = co2 / sum(co2_steps) if sum(co2_steps) else 0.0  # this process's steps stand for all processes'
-    scale_full = co2_full / sum(full_steps) if sum(full_steps) else 0.0
-    run_g = sum(h.get("co2_g", 0.0) for h in history)
-    full_g = sum(h.get("co2_full_ft_reference_g", 0.0) for h in history)
-    every = -(-len(log) // TIMELINE_POINTS)
-    timeline = []
-    for i, (x, gi, c, f) in enumerate(zip(log, g, co2_steps, full_steps)):
-        run_g, full_g = run_g + c * scale, full_g + f * scale_full
-        if i % every == 0 or i == len(log) - 1:
-            t = ctx.grid.time_at(x[1])
-            timeline.append({"step": x[0], "train_s": x[1], "trace_time": t, "g_per_kwh": gi, "co2_g": run_g,
-                             "co2_full_ft_reference_g": full_g, "flops_fraction": x[3] / x[4] if x[4] else None})
-    out["timeline"] = timeline
-    return out
-
-
-def _log_step(ctx, recent_losses: list) -> None:
-    """Loss, learning rate, measured FLOPs, the fraction of full fine-tuning so far and the trainable set, to
-    the trackers (--report-to; every process takes part in the FLOPs sums, the first one writes)."""
-    spent, reference = ctx.global_flops()
-    trainable = [p for p in ctx.model.parameters() if p.requires_grad]
-    ctx.accelerator.log({"train/loss": float(np.mean(recent_losses)),
-                         "train/lr": float(ctx.scheduler.get_last_lr()[0]),
-                         "flops/total": spent, "flops/full_ft_reference": reference,
-                         "flops/fraction_of_full": spent / reference if reference else 0.0,
-                         "trainable/tensors": len(trainable),
-                         "trainable/params": sum(p.numel() for p in trainable)}, step=ctx.global_step)
-
-
-def _plain(x):
-    """numpy scalars and arrays as Python numbers and lists (what ``weights_only`` loading accepts)."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_plain(v) for v in x)
-    if isinstance(x, (np.generic, np.ndarray)):
-        return x.tolist()
-    return x
-
-
-def training_state(ctx, method, ep: EpochProgress, history: list, elapsed: float) -> dict:
-    """Everything needed to continue exactly: weights, optimizer, scheduler, scaler, every RNG, the data
-    position, the method's state, FLOPs counters and history (tensors and plain Python only, so it loads
-    with ``torch.load(weights_only=True)``)."""
-    return {"model": {k: v.detach().clone() for k, v in ctx.model.state_dict().items()},
-            "optimizer": ctx.optimizer.state_dict(), "scheduler": ctx.scheduler.state_dict(),
-            "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
-            "method": _plain(method.state_dict()), "rng": rng_state(), "probe_rng": ctx._probe_rng.getstate(),
-            "global_step": ctx.global_step, "flops": _plain(ctx.flops), "flops_reference": _plain(ctx.flops_reference),
-            "history": _plain(history),
-            "epoch": {"epoch": ep.epoch, "generator_state": ep.generator_state, "steps_done": ep.steps_done,
-                      "flops_before": ep.flops_before, "reference_before": ep.reference_before,
-                      "losses": ep.losses, "elapsed": elapsed, "val_curve": ep.val_curve,
-                      "energy": ep.energy, "step_log": ep.step_log}}
-
-
-def restore_training_state(ctx, method, state: dict, history: list) -> EpochProgress:
-    """Put a :func:`training_state` back (the method first: it may rebuild the optimizer, e.g. SMT)."""
-    method.load_state_dict(state["method"], ctx)
-    ctx.model.load_state_dict(state["model"])
-    ctx.optimizer.load_state_dict(state["optimizer"])
-    ctx.scheduler.load_state_dict(state["scheduler"])
-    if ctx.scaler is not None and state.get("scaler"):
-        ctx.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
-    ctx._probe_rng.setstate(as_tuples(state["probe_rng"]))
-    ctx.global_step, ctx.flops, ctx.flops_reference = state["global_step"], dict(state["flops"]), \
-        state["flops_reference"]
-    history.extend(state["history"])
-    e = state["epoch"]
-    return EpochProgress(e["epoch"], e["generator_state"], e["steps_done"], dict(e["flops_before"]),
-                         e["reference_before"], list(e["losses"]), e["elapsed"], list(e.get("val_curve", [])),
-                         dict(e.get("energy", {})), [list(x) for x in e.get("step_log", [])])

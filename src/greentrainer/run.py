@@ -2,6 +2,7 @@
 always says truthfully how far it got (``status``: running, complete, failed or interrupted)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -97,11 +98,123 @@ def _write_checkpoint(out: Path, state: dict) -> None:
     save_dir_atomic(out / "checkpoint", write)
 
 
+@dataclasses.dataclass
+class RunParts:
+    """What :func:`setup` prepares for a run: its data, model, method, processes and folder."""
+
+    cfg: TrainConfig
+    spec: object                  # the dataset's DatasetSpec
+    fmt: object                   # the prompt format
+    train_ex: list
+    val_ex: list
+    test_ex: list
+    train_enc: list
+    val_enc: list
+    model: object
+    tok: object
+    seq2seq: bool
+    method: object
+    acc: object                   # the Accelerator: processes and this process's device
+    out: Path
+    resume: dict | None           # the checkpoint to continue from
+    grid: object
+    meter: object                 # EnergyMeter or None
+    log: object
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def max_new(self) -> int:
+        return self.cfg.max_new_tokens or self.spec.max_new_tokens
+
+
+class RunRecord:
+    """The run folder's ``metrics.json``, always truthful about how far the run got; written by the first
+    process only."""
+
+    def __init__(self, parts: RunParts, metrics: dict):
+        self.parts, self.metrics, self.saved = parts, metrics, False
+        self.write = write_json_atomic if parts.main else _no_write
+
+    def flush(self) -> None:
+        self.write(self.parts.out / "metrics.json", self.metrics)
+
+    def finish(self, status: str, reason: str | None = None) -> None:
+        for tracker in self.parts.acc.trackers:  # flush TensorBoard / W&B ... (the first process holds them)
+            tracker.finish()
+        if not self.parts.main:
+            return
+        self.metrics["status"] = status
+        if reason:
+            self.metrics["reason"] = reason
+        self.metrics["model_saved"] = self.saved
+        try:
+            self.flush()
+        except OSError as e:
+            warn(f"could not record status {status!r} in {self.parts.out / 'metrics.json'}: {e.strerror or e}")
+
+    def save_model(self, model) -> None:
+        _save_model(self.parts.method, model, self.parts.tok, self.parts.out, self.parts.fmt)
+        self.saved = True
+
+
 def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | None = None) -> dict:
-    """Run ``cfg`` (or continue it from ``resume_dir``'s checkpoint); returns the metrics written to
-    ``<output_dir>/metrics.json``."""
+    """Run ``cfg`` (or continue it from ``resume_dir``'s checkpoint) in phases — setup, open the run folder,
+    fit, save, evaluate — and return the metrics written to ``<output_dir>/metrics.json``."""
+    parts = setup(cfg, log, resume_dir)
+    record = RunRecord(parts, open_run_folder(parts))
+    from .loop import RunHandle
+    handle = RunHandle()  # the model as the loop left it (after its last completed step)
+    try:
+        parts.model.to(parts.acc.device)
+        if cfg.eval_before and cfg.do_eval and parts.main and parts.resume is None:
+            parts.log(f"evaluating before training on {len(parts.test_ex)} examples ...")
+            evaluate_into(parts, record, "eval_before", "predictions_before.jsonl", "before", progress)
+        model = fit(parts, record, handle, progress)
+        if not parts.main:  # the first process saves and evaluates the model, which is the same on every process
+            return record.metrics
+        record.save_model(model)  # before the evaluation, which can fail or be interrupted
+        write_outputs(parts, record)
+        if cfg.do_eval:
+            parts.log(f"evaluating on {len(parts.test_ex)} examples (beam {cfg.num_beams}, max {parts.max_new} new "
+                      f"tokens) ...")
+            evaluate_into(parts, record, "eval", "predictions.jsonl", "after", progress, model)
+    except KeyboardInterrupt as e:
+        what = "terminated" if type(e).__name__ == "Terminated" else "interrupted"
+        if parts.main and not record.saved and handle.model is not None:
+            parts.log(f"{what}: saving the model as it is after step {handle.global_step}")
+            _save_last_good(record, handle, "could not save the model")
+        record.finish("interrupted", f"{what} by the user or a scheduler")
+        raise
+    except RunFailed as e:
+        if parts.main and not record.saved and handle.model is not None:
+            # the weights of the last step whose loss and gradients were finite
+            _save_last_good(record, handle, "could not save the last good weights")
+        record.finish("failed", one_line(e))
+        raise RunFailed(f"{one_line(e)} (run folder {parts.out} marked failed"
+                        f"{'; last good weights in model/' if record.saved else ''})") from None
+    except OSError as e:
+        record.finish("failed", f"{e.strerror or e}: {e.filename or ''}".strip(": "))
+        raise RunFailed(f"could not write the run folder {parts.out}: {e.strerror or e}"
+                        f"{' (' + str(e.filename) + ')' if e.filename else ''}"
+                        f"{'; the trained weights are saved in model/' if record.saved else ''}") from None
+    except Exception as e:
+        record.finish("failed", f"{type(e).__name__}: {one_line(e)}")
+        raise
+    record.finish("complete")
+    import shutil
+    shutil.rmtree(parts.out / "checkpoint", ignore_errors=True)  # the finished model is in model/
+    report_done(parts, record.metrics["totals"])
+    return record.metrics
+
+
+def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
+    """Validate, load the data and the model, build the method and the processes, and check the method's
+    settings against the run (all before anything is written)."""
     cfg.validate()
-    from .loop import grid_of
+    from .engine.metric_logging import grid_of
     grid = grid_of(cfg)
     spec, _ = resolve_dataset(cfg.dataset)
     out_dir = cfg.output_dir or default_output_dir(cfg)
@@ -124,38 +237,45 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     encode_all(test_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)  # every prompt fits, or stop now
     from .methods import build_method
     method = build_method(cfg)
-    from .loop import build_accelerator
+    from .engine.distributed import build_accelerator
     acc = build_accelerator(pick_device(cfg.device), cfg.trackers(), Path(out_dir) / "logs")  # processes, device
-    device, main = acc.device, acc.is_main_process
-    if not main:
+    if not acc.is_main_process:
         log = _silent
     from .data import typical_shape
-    from .loop import run_profile
+    from .engine.reference import run_profile
     steps_per_epoch = -(-len(train_enc) // (cfg.batch_size * acc.num_processes * cfg.grad_accum))
     method.check(model, run_profile(model.config, typical_shape(train_enc, cfg.batch_size, seq2seq),
                                     cfg.gradient_checkpointing),
                  steps_per_epoch, steps_per_epoch * cfg.epochs, cfg.grad_accum)
     out = Path(out_dir)
     resume = _load_checkpoint(out) if resume_dir is not None else None
-    if main and resume is None:  # only the first process writes; the others wait until the folder exists
-        out = prepare_output_dir(out_dir, cfg.overwrite)
+    return RunParts(cfg, spec, fmt, train_ex, val_ex, test_ex, train_enc, val_enc, model, tok, seq2seq, method,
+                    acc, out, resume, grid, meter, log)
+
+
+def open_run_folder(parts: RunParts) -> dict:
+    """Create (or, resuming, reopen) the run folder with its config files, start the trackers, and return the
+    metrics the folder records from now on (``status: running``)."""
+    cfg, acc, out, resume = parts.cfg, parts.acc, parts.out, parts.resume
+    if parts.main and resume is None:  # only the first process writes; the others wait until the folder exists
+        parts.out = out = prepare_output_dir(str(out), cfg.overwrite)
         write_json_atomic(out / "train_config.json", cfg.to_dict())
         write_text_atomic(out / "train_config.yaml", options_yaml(cfg))
     acc.wait_for_everyone()
-    write = write_json_atomic if main else _no_write  # files are the first process's job
     if cfg.trackers():
         from .config import options_from_config
         acc.init_trackers("greentrainer", config={k: v for k, v in options_from_config(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
-    max_new = cfg.max_new_tokens or spec.max_new_tokens
+    spec = parts.spec
     test_name = cfg.eval_dataset or f"{spec.name} {spec.eval_split}"
-    metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name, **fmt.to_dict(),
-               "n_train": len(train_ex), "n_validation": len(val_ex), "n_eval": len(test_ex),
+    metrics = {"status": "running", "config": cfg.to_dict(), "dataset": spec.name, **parts.fmt.to_dict(),
+               "n_train": len(parts.train_ex), "n_validation": len(parts.val_ex), "n_eval": len(parts.test_ex),
                "splits": {"train": f"{spec.name} {spec.train_split}",
-                          "validation": (f"{len(val_ex)} items, for the per-epoch val_loss (steers nothing but is "
-                                         "the split to choose settings on)") if val_ex else "none (too few rows)",
+                          "validation": (f"{len(parts.val_ex)} items, for the per-epoch val_loss (steers nothing but "
+                                         "is the split to choose settings on)") if parts.val_ex
+                          else "none (too few rows)",
                           "eval": f"{test_name}: the final report (eval, eval_before, predictions.jsonl)"},
-               "device": str(device), "world_size": acc.num_processes,
+               "device": str(acc.device), "world_size": acc.num_processes,
                "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum}
     if resume is not None:
         try:
@@ -164,108 +284,69 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
             previous = {}
         metrics.update({k: v for k, v in previous.items() if k == "eval_before"})
         metrics["resumed_from_step"] = resume["global_step"]
-        log(f"resuming {out} from its checkpoint at optimizer step {resume['global_step']}")
-    write(out / "metrics.json", metrics)
-    saved = False
+        parts.log(f"resuming {out} from its checkpoint at optimizer step {resume['global_step']}")
+    (write_json_atomic if parts.main else _no_write)(out / "metrics.json", metrics)
+    return metrics
 
-    def finish(status: str, reason: str | None = None) -> None:
-        for tracker in acc.trackers:  # flush TensorBoard / W&B ... (the first process holds them)
-            tracker.finish()
-        if not main:
-            return
-        metrics["status"] = status
-        if reason:
-            metrics["reason"] = reason
-        metrics["model_saved"] = saved
-        try:
-            write(out / "metrics.json", metrics)
-        except OSError as e:
-            warn(f"could not record status {status!r} in {out / 'metrics.json'}: {e.strerror or e}")
 
-    from .loop import RunHandle
-    handle = RunHandle()  # the model as the loop left it (after its last completed step)
+def fit(parts: RunParts, record: RunRecord, handle, progress: bool):
+    """Train with the one loop (checkpoints into the run folder, each epoch's history into metrics.json);
+    returns the model to save."""
+    from .loop import train
 
+    def epoch_done(history):
+        record.metrics["history"] = history
+        record.flush()
+
+    def checkpoint(state):
+        if parts.main:
+            _write_checkpoint(parts.out, state)
+
+    result = train(parts.model, parts.tok, parts.method, parts.train_enc, parts.val_enc, parts.cfg, parts.acc.device,
+                   parts.log, progress and parts.main, epoch_done, accelerator=parts.acc, resume=parts.resume,
+                   on_checkpoint=checkpoint, handle=handle, grid=parts.grid, energy_meter=parts.meter)
+    record.metrics.update({"history": result["history"], "totals": result["totals"],
+                           "profile_shape": result["profile_shape"], "grid": parts.grid.describe()})
+    return parts.method.finalize(result["model"])
+
+
+def write_outputs(parts: RunParts, record: RunRecord) -> None:
+    """The method's own files (selections, heatmap), the carbon plot and the finished metrics."""
+    parts.method.write_artifacts(parts.out)
+    if "co2_g" in record.metrics["totals"]:
+        from .energy import plot_carbon
+        plot_carbon(record.metrics["history"], parts.grid, parts.out / "carbon.png")
+    record.flush()
+
+
+def evaluate_into(parts: RunParts, record: RunRecord, key: str, predictions_file: str, label: str, progress: bool,
+                  model=None) -> None:
+    """Evaluate on the test items: metrics under ``key``, predictions in ``predictions_file``."""
     from .evaluate import evaluate
+    cfg = parts.cfg
+    m, preds = evaluate(model if model is not None else parts.model, parts.tok, parts.test_ex, parts.spec.task,
+                        parts.seq2seq, cfg.max_input_length, parts.max_new, cfg.num_beams, cfg.eval_batch_size,
+                        progress, parts.fmt)
+    record.metrics[key] = m
+    write_text_atomic(parts.out / predictions_file, "".join(json.dumps(r) + "\n" for r in preds))
+    parts.log(f"{label}: " + _fmt(m))
 
-    def evaluate_into(key: str, predictions_file: str, label: str) -> None:
-        """Evaluate the model on the test items: metrics under ``key``, predictions in ``predictions_file``."""
-        m, preds = evaluate(model, tok, test_ex, spec.task, seq2seq, cfg.max_input_length, max_new,
-                            cfg.num_beams, cfg.eval_batch_size, progress, fmt)
-        metrics[key] = m
-        write_text_atomic(out / predictions_file, "".join(json.dumps(r) + "\n" for r in preds))
-        log(f"{label}: " + _fmt(m))
 
+def _save_last_good(record: RunRecord, handle, what: str) -> None:
     try:
-        model.to(device)
-        if cfg.eval_before and cfg.do_eval and main and resume is None:
-            log(f"evaluating before training on {len(test_ex)} examples ...")
-            evaluate_into("eval_before", "predictions_before.jsonl", "before")
+        record.save_model(record.parts.method.finalize(handle.model))
+    except (OSError, RunFailed) as err:
+        warn(f"{what}: {one_line(err)}")
 
-        def epoch_done(history):
-            metrics["history"] = history
-            write(out / "metrics.json", metrics)
 
-        from .loop import train
-        def checkpoint(state):
-            if main:
-                _write_checkpoint(out, state)
-
-        result = train(model, tok, method, train_enc, val_enc, cfg, device, log, progress and main, epoch_done,
-                       accelerator=acc, resume=resume, on_checkpoint=checkpoint, handle=handle, grid=grid,
-                       energy_meter=meter)
-        model = method.finalize(result["model"])
-        metrics.update({"history": result["history"], "totals": result["totals"],
-                        "profile_shape": result["profile_shape"], "grid": grid.describe()})
-        if not main:  # the first process saves and evaluates the model, which is the same on every process
-            return metrics
-        _save_model(method, model, tok, out, fmt)  # before the evaluation, which can fail or be interrupted
-        saved = True
-        method.write_artifacts(out)
-        if "co2_g" in metrics["totals"]:
-            from .energy import plot_carbon
-            plot_carbon(metrics["history"], grid, out / "carbon.png")
-        write(out / "metrics.json", metrics)
-        if cfg.do_eval:
-            log(f"evaluating on {len(test_ex)} examples (beam {cfg.num_beams}, max {max_new} new tokens) ...")
-            evaluate_into("eval", "predictions.jsonl", "after")
-    except KeyboardInterrupt as e:
-        what = "terminated" if type(e).__name__ == "Terminated" else "interrupted"
-        if main and not saved and handle.model is not None:
-            log(f"{what}: saving the model as it is after step {handle.global_step}")
-            try:
-                _save_model(method, method.finalize(handle.model), tok, out, fmt)
-                saved = True
-            except (OSError, RunFailed) as err:
-                warn(f"could not save the model: {one_line(err)}")
-        finish("interrupted", f"{what} by the user or a scheduler")
-        raise
-    except RunFailed as e:
-        if main and not saved and handle.model is not None:
-            try:  # the weights of the last step whose loss and gradients were finite
-                _save_model(method, method.finalize(handle.model), tok, out, fmt)
-                saved = True
-            except (OSError, RunFailed) as err:
-                warn(f"could not save the last good weights: {one_line(err)}")
-        finish("failed", one_line(e))
-        raise RunFailed(f"{one_line(e)} (run folder {out} marked failed"
-                        f"{'; last good weights in model/' if saved else ''})") from None
-    except OSError as e:
-        finish("failed", f"{e.strerror or e}: {e.filename or ''}".strip(": "))
-        raise RunFailed(f"could not write the run folder {out}: {e.strerror or e}"
-                        f"{' (' + str(e.filename) + ')' if e.filename else ''}"
-                        f"{'; the trained weights are saved in model/' if saved else ''}") from None
-    except Exception as e:
-        finish("failed", f"{type(e).__name__}: {one_line(e)}")
-        raise
-    finish("complete")
-    import shutil
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # the finished model is in model/
-    t = metrics["totals"]
+def report_done(parts: RunParts, t: dict) -> None:
+    """The end-of-run lines: measured FLOPs against full fine-tuning, time, memory, budget, energy."""
+    log = parts.log
     log(f"done: {fmt_flops(t['flops_total'])} measured "
         f"(forward {fmt_flops(t['flops_forward'])}, backward {fmt_flops(t['flops_backward'])}, "
         f"overhead {fmt_flops(t['flops_overhead'])}) = {100 * t['flops_fraction_of_full']:.1f}% of full "
         f"fine-tuning on the same data; {t['time_s']:.1f} s training; peak memory "
-        f"{t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder {out}")
+        f"{t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder {parts.out}")
     if t.get("within_budget") is False:  # a warning (kept by --quiet; on stderr where logging is not set up)
         import logging
         logging.getLogger("greentrainer").warning(
@@ -273,8 +354,7 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
             f"above the {100 * t['flops_allowed_fraction']:.1f}% its ρ allowed: the steps after an overspend were "
             f"too few to repay it (select less often, probe fewer batches or shorten the warm-up)")
     if "co2_g" in t:
-        log(energy_line(t, grid))
-    return metrics
+        log(energy_line(t, parts.grid))
 
 
 def energy_line(t: dict, grid) -> str:

@@ -5,7 +5,7 @@
 
 Two ways, on 2 gloo processes, for the same trainable set (GreenTrainer-like: the top half of the tensors in
 backward order, and all of them): (ours) no wrapper, after the backward the gradients of exactly the trainable
-tensors are summed over processes in flattened 32 MiB buckets (greentrainer.loop.sync_gradients); (DDP)
+tensors are summed over processes in flattened 32 MiB buckets (greentrainer.engine.distributed.sync_gradients); (DDP)
 torch's DistributedDataParallel rebuilt at each re-selection (its construction broadcasts the weights and
 builds buckets for the tensors that require grad), its hooks overlapping the all-reduce with the backward.
 Reported per step (median of interleaved rounds) and DDP's rebuild time, on a SmolLM2-135M-shaped config
@@ -32,7 +32,7 @@ def main() -> int:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
     from greentrainer.flops import profile_config
-    from greentrainer.loop import sync_gradients
+    from greentrainer.engine.distributed import sync_gradients
     from greentrainer.models import load_config
     acc = Accelerator(cpu=True)
     cfg = load_config("smollm2-135m")

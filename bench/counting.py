@@ -25,7 +25,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     a = ap.parse_args()
-    from greentrainer.loop import TrainContext, step_key
+    from greentrainer.engine.context import TrainContext
+    from greentrainer.loop import step_key
     from greentrainer.models import load_model
     torch.manual_seed(0)
     if a.quick:

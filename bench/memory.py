@@ -103,7 +103,9 @@ def child(spec: dict) -> dict:
     from greentrainer.config import TrainConfig
     from greentrainer.methods.greentrainer import GreenTrainerConfig
     from greentrainer.flops import full_step_flops, meta_model_from_config, profile_config
-    from greentrainer.loop import TrainContext, _optimizer_step, build_accelerator
+    from greentrainer.engine.context import TrainContext
+    from greentrainer.engine.distributed import build_accelerator
+    from greentrainer.loop import _optimizer_step
     from greentrainer.methods.full import FullFineTuning
     from greentrainer.methods.greentrainer import GreenTrainerMethod
     torch.manual_seed(0)

@@ -10,7 +10,8 @@ from conftest import make_tiny  # noqa: E402
 from greentrainer.config import TrainConfig  # noqa: E402
 from greentrainer.methods.greentrainer import GreenTrainerConfig  # noqa: E402
 from greentrainer.data import Example, encode_all  # noqa: E402
-from greentrainer.loop import build_accelerator, train  # noqa: E402
+from greentrainer.engine.distributed import build_accelerator  # noqa: E402
+from greentrainer.loop import train  # noqa: E402
 from greentrainer.methods import build_method  # noqa: E402
 from greentrainer.models import tiny_tokenizer  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny
 from greentrainer.flops import (FlopCounter, layer_forward_flops, meta_model_from_config, profile_config,
                                 with_recompute)
-from greentrainer.loop import enable_checkpointing
+from greentrainer.engine.memory import enable_checkpointing
 
 
 def measured(model, batch, selected):

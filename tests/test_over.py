@@ -62,7 +62,7 @@ def test_over_lora_selects_adapters_within_rho_and_unselected_adapters_keep_thei
 def test_over_lora_profile_charges_the_base_chain_below_the_adapters():
     model = make_tiny("llama")
     method = GreenTrainerMethod(GreenTrainerConfig(over="lora", lora_targets="q_proj,v_proj"))
-    from greentrainer.loop import run_profile
+    from greentrainer.engine.reference import run_profile
     base = run_profile(model.config, (4, 32, None), False)
     prof = method.controller.candidates.profile(model, base)
     assert prof.t_full == base.t_full  # ρ stays a fraction of full fine-tuning of the base model
@@ -225,7 +225,7 @@ def test_over_lora_profile_predicts_the_measured_step_with_activation_checkpoint
     (``layers``: adapters on the first layer only)."""
     import random
     from peft import LoraConfig, get_peft_model
-    from greentrainer.loop import enable_checkpointing
+    from greentrainer.engine.memory import enable_checkpointing
     from greentrainer.methods.greentrainer import lora_profile
     from test_checkpointing import measured
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], layers_to_transform=layers)

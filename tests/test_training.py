@@ -346,7 +346,7 @@ def test_the_default_warm_up_is_an_eighth_of_the_run_and_what_the_budget_can_rep
     # near the smallest feasible ρ the rest of a run cannot repay an eighth of it: the warm-up is capped
     from greentrainer.methods.greentrainer import GreenTrainerMethod
     from greentrainer.selection import min_feasible_rho
-    from greentrainer.loop import run_profile
+    from greentrainer.engine.reference import run_profile
     prof = run_profile(make_tiny("llama").config, (4, 64, None), False)
     lo = min_feasible_rho(prof.t_dws, prof.t_dys, prof.t_fp, prof.t_full, branches=prof.branch_tuples)
     tight = GreenTrainerMethod(GreenTrainerConfig(rho=lo + 0.05))

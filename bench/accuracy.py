@@ -13,7 +13,10 @@ checkpoint, written every 1/8 of the run; several processes, e.g. one per core w
           re-selection, warm-up, ρ schedule), on the validation split as the sweep; accuracy_ablations_<dataset>.md
   final   each method at its winning setting for --steps optimizer steps and --seeds seeds, evaluated on
           --test-items test items (greedy decoding), and the untrained model on the same items (the zero-shot
-          row); writes accuracy_<dataset>.{md,json,png}
+          row); writes accuracy_<dataset>.{md,json,png}. Before it trains it prints how many runs are left and
+          about how long they take on one core. Full FT for fewer steps at GreenTrainer's FLOPs (full@0.5,
+          full@0.7: at most ρ·steps optimizer steps with a linear schedule over those steps) is the baseline
+          a skeptic asks for first: does choosing tensors beat simply training everything for less long?
 
 python bench/accuracy.py --dataset scitldr --stage sweep
 python bench/accuracy.py --dataset scitldr --stage ablate
@@ -59,6 +62,12 @@ VARIANTS = {
     # whether "LoRA + 2" comes from LoRA's lr rather than from the selection (issue 14, item 6)
     "lora@paper-lr": ("lora", {"lr": PAPER_LR}),
     "gt@lora@paper-lr": ("greentrainer", {"rho": "lora", "lr": PAPER_LR}),
+    # full FT for fewer steps at GreenTrainer ρ's FLOPs (issue 34): ``fewer_steps`` becomes the epochs and items
+    # of a run of at most ρ·steps optimizer steps (see fewer_steps), its linear schedule over those steps;
+    # ``each_item_once``: the data-budget setting, one epoch over ρ·steps·batch items
+    "full@0.5": ("full", {"fewer_steps": 0.5}),
+    "full@0.7": ("full", {"fewer_steps": 0.7}),
+    "full@0.7-once": ("full", {"fewer_steps": 0.7, "each_item_once": True}),
 }
 # whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
 # LoRA's setting; over SMT's blocks, SMT's
@@ -70,7 +79,9 @@ LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.45": "GreenTra
           "gt-lora0.5": "GT over LoRA ρ=0.5", "gt-blocks0.5": "GT over blocks ρ=0.5",
           "gt@lora": "GreenTrainer at LoRA's FLOPs", "gt-lora@lora": "GT over LoRA at LoRA's FLOPs",
           "gt-blocks@smt": "GT over blocks at SMT's FLOPs", "lora@paper-lr": "LoRA at the paper's lr 2e-5",
-          "gt@lora@paper-lr": "GreenTrainer at LoRA's FLOPs, lr 2e-5", "zeroshot": "Zero-shot (untrained)"}
+          "gt@lora@paper-lr": "GreenTrainer at LoRA's FLOPs, lr 2e-5", "zeroshot": "Zero-shot (untrained)",
+          "full@0.5": "Full FT, 50% of the steps", "full@0.7": "Full FT, 70% of the steps",
+          "full@0.7-once": "Full FT, 70% of the steps, each item once"}
 # The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
 SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
              "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],
@@ -91,7 +102,7 @@ ABLATIONS = {
 }
 NOISE_SEEDS = (1, 2)  # the ablations' defaults run again with these seeds: the bar a variant must clear
 FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
-               "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3}
+               "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3, "full@0.5": 3, "full@0.7": 3}
 # the rest: 1 seed
 # Paired comparisons on the same test items (variant, against, target ROUGE-L difference or None, why): the
 # paper's two claims (issue 14), then budgeted selection over adapters and blocks against its peers (issue 16)
@@ -104,11 +115,21 @@ COMPARISONS = [("gt0.5", "full", -1.0, "the paper: ρ 0.5 within 1.0 ROUGE-L of 
                ("gt-lora0.5", "lora", None, "adapters chosen under ρ 0.5 against all adapters at their own FLOPs"),
                ("gt-blocks@smt", "smt", None, "blocks under ρ against SMT's blocks, equal FLOPs"),
                ("gt-blocks0.5", "gt0.5", None, "over blocks against over tensors, ρ 0.5"),
-               ("gt-blocks0.5", "smt", None, "blocks under ρ 0.5 against SMT's blocks at their own FLOPs")]
+               ("gt-blocks0.5", "smt", None, "blocks under ρ 0.5 against SMT's blocks at their own FLOPs"),
+               # issue 34: choosing tensors against training every tensor for fewer steps, at the same FLOPs
+               ("gt0.5", "full@0.5", None, "selection against full FT for fewer steps, equal FLOPs (ρ 0.5)"),
+               ("gt0.7", "full@0.7", None, "selection against full FT for fewer steps, equal FLOPs (ρ 0.7)"),
+               ("gt0.7", "full@0.7-once", None, "the same, full FT on fresh items each seen once (data budget)")]
 # the plot of issue 16's comparison: these variants, each family joined by a line
 FAMILIES = {"GreenTrainer (tensors)": ["gt0.45", "gt0.5", "gt@lora", "gt0.6", "gt0.7"],
             "GT over LoRA": ["gt-lora0.5", "gt-lora@lora"], "LoRA": ["lora"],
-            "GT over blocks": ["gt-blocks0.5", "gt-blocks@smt"], "SMT": ["smt"], "Full FT": ["full"]}
+            "GT over blocks": ["gt-blocks0.5", "gt-blocks@smt"], "SMT": ["smt"], "Full FT": ["full"],
+            "Full FT, fewer steps": ["full@0.5", "full@0.7"]}
+# joined by a line in the main plot too (every other row there is a point of its own)
+JOINED = {"Full FT, fewer steps": FAMILIES["Full FT, fewer steps"]}
+# the pace of a 256-step full FT run on one core when no final run of full FT measured it (issue 34: 45–60 min of
+# training, ~10 min to load, validate and test on 200 items)
+PACE_S_PER_STEP, PACE_OVERHEAD_S = 52.5 * 60 / 256, 600.0
 
 
 def shown(v):
@@ -181,7 +202,8 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
     from greentrainer.run import resume_training, run_training
     n_train = a.steps * a.batch_size // a.epochs
     final = stage == "final"
-    extra = dict(opts)
+    extra = dict(opts)  # its epochs and max_train, where it sets them (full FT for fewer steps), replace ours
+    own_steps = run_steps(a, extra)
     if method == "smt":
         extra.setdefault("smt_warmup", max(1, a.steps // 4))  # a quarter of the run chooses the blocks
     # our run folder while it trains, with a checkpoint every 1/8 of the run: a run stopped with its session
@@ -194,12 +216,12 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
             log(f"  {path.name}: continuing from its checkpoint")
             m = resume_training(str(work), log=lambda *x: None, progress=False)
         else:
-            cfg = config_from_options(dict(
+            cfg = config_from_options({**dict(
                 dataset=a.dataset, method=method, lr=lr, seed=seed, epochs=a.epochs, batch_size=a.batch_size,
                 max_train=n_train, max_eval=a.test_items if final else a.val_items,
                 max_input_length=a.max_input_length, num_beams=1, do_eval=final, output_dir=str(work),
                 eval_seed=0,  # every seed validated and tested on the same items (seed 0's), so they pair
-                overwrite=True, save_every=a.steps // 8 if a.steps >= 64 else None, **extra))  # not in --quick
+                overwrite=True, save_every=own_steps // 8 if own_steps >= 64 else None), **extra})  # not --quick
             m = run_training(cfg, log=lambda *x: None, progress=False)
     except UsageError as e:  # a setting this model cannot run (ρ below the smallest feasible): kept, so the
         log(f"  {path.name}: {e}")  # report can say so and the next session does not try again
@@ -214,7 +236,8 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
     preds = [json.loads(ln) for ln in (work / "predictions.jsonl").read_text().splitlines()] if final else []
     t = m["totals"]
     res = {"stage": stage, "dataset": a.dataset, "method": method, "options": opts, "lr": lr, "seed": seed,
-           "steps": a.steps, "n_train": m["n_train"], "n_validation": m["n_validation"],
+           "steps": a.steps, "optimizer_steps": t.get("steps"),  # steps: the study's; optimizer_steps: this run's
+           "n_train": m["n_train"], "n_validation": m["n_validation"],
            "val_loss": [h["val_loss"] for h in m["history"]], "train_loss": [h["train_loss"] for h in m["history"]],
            "flops_fraction_of_full": t["flops_fraction_of_full"], "flops_total": t["flops_total"],
            "train_time_s": t["time_s"], "wall_s": wall, "resumed": resumed,
@@ -414,6 +437,8 @@ def setting(a, label: str, winners: dict) -> tuple[str, dict, float] | None:
     knobs = w["options"] if source == method else {k: v for k, v in w["options"].items()
                                                     if k in ("lora_r", "lora_alpha")}
     lr = opts.pop("lr", w["lr"])
+    if "fewer_steps" in opts:
+        opts.update(fewer_steps(a, opts.pop("fewer_steps"), opts.pop("each_item_once", False)))
     if isinstance(opts.get("rho"), str):
         other = setting(a, opts["rho"], winners)
         path = None if other is None else (RESULTS / "accuracy" / a.dataset / "final"
@@ -424,13 +449,60 @@ def setting(a, label: str, winners: dict) -> tuple[str, dict, float] | None:
     return method, {**opts, **knobs}, lr
 
 
+def fewer_steps(a, fraction: float, each_item_once: bool = False) -> dict:
+    """Full FT for fewer steps at ``fraction`` of the FLOPs of a ``a.steps``-step run (GreenTrainer ρ's budget):
+    the epochs and items of a run of at most round(fraction·steps) optimizer steps, whose linear schedule (the
+    tool's: over epochs × steps per epoch) is over those steps, not the long run's schedule cut short.
+
+    The long run makes ``a.epochs`` passes over n = steps·batch/epochs items (seed s: the same items and, epoch
+    by epoch, the same shuffles). Where the target is a whole number of its epochs, the run is the long run's
+    first epochs exactly: the same n items, the same seed, so the same batches in the same order (ρ 0.5 of
+    256 steps in 2 epochs: 1 epoch of the 512 items, 128 steps). Otherwise the tool cannot stop mid-epoch (it
+    has no --max-steps), so the run keeps the long run's epochs over fewer items, as many steps as fit the
+    budget (ρ 0.7: 179 steps → 2 epochs of 89 steps, 356 items, 178 steps; the items are a subset of the long
+    run's, drawn with the same seed, in other shuffles).
+
+    ``each_item_once``: the data-budget setting, no item seen twice: one epoch over round(fraction·steps)·batch
+    items (ρ 0.7: 716 items, 179 steps; the 512 the long run sees and more)."""
+    target = max(1, round(fraction * a.steps))
+    if each_item_once:
+        return {"epochs": 1, "max_train": target * a.batch_size}
+    n = a.steps * a.batch_size // a.epochs
+    per_epoch = -(-n // a.batch_size)
+    if target % per_epoch == 0:
+        return {"epochs": target // per_epoch, "max_train": n}
+    per_epoch = max(1, target // a.epochs)
+    return {"epochs": a.epochs, "max_train": per_epoch * a.batch_size}
+
+
+def run_steps(a, opts: dict) -> int:
+    """The optimizer steps of a run with these options (its epochs and items, or the study's), as the tool counts
+    them: epochs × ⌈items / batch⌉."""
+    items = opts.get("max_train", a.steps * a.batch_size // a.epochs)
+    return opts.get("epochs", a.epochs) * -(-items // a.batch_size)
+
+
+def pace(a) -> tuple[float, float]:
+    """Seconds per full FT optimizer step and per run besides training (loading, validation, test generation),
+    measured by the final runs of full FT on disk (not those continued from a checkpoint), else the default."""
+    folder = RESULTS / "accuracy" / a.dataset / "final"
+    runs = [json.loads(p.read_text()) for p in folder.glob("full-lr*.json")] if folder.is_dir() else []
+    runs = [r for r in runs if not r.get("options") and "wall_s" in r and "train_time_s" in r
+            and not r.get("resumed")]
+    if not runs:
+        return PACE_S_PER_STEP, PACE_OVERHEAD_S * a.test_items / 200
+    per_step = sum(r["train_time_s"] / (r.get("optimizer_steps") or r["steps"]) for r in runs) / len(runs)
+    return per_step, sum(r["wall_s"] - r["train_time_s"] for r in runs) / len(runs)
+
+
 def final(a, log) -> None:
     """Every variant's runs, seed 0 of all of them first (a table of every method exists early; later seeds
     narrow its intervals)."""
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
+    seeds = {label: FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds for label in VARIANTS}
+    estimate(a, winners, seeds, log)
     if a.methods is None or "zeroshot" in a.methods:
         zero_shot(a, log)
-    seeds = {label: FINAL_SEEDS.get(label, 1) if a.seeds is None else a.seeds for label in VARIANTS}
     for seed in range(max(seeds.values())):
         for label in VARIANTS:
             if (a.methods is not None and label not in a.methods) or seed >= seeds[label]:
@@ -441,6 +513,32 @@ def final(a, log) -> None:
                 continue
             method, opts, lr = s
             one_run(a, "final", method, opts, lr, seed, log)
+
+
+def estimate(a, winners: dict, seeds: dict, log) -> float:
+    """Say, before anything trains, how many runs are left and about how long they take on one core: each at
+    full FT's measured pace per step (an upper bound for methods cheaper than full FT) plus its loading,
+    validation and test generation. Returns the seconds."""
+    per_step, overhead = pace(a)
+    todo, total = {}, 0.0
+    for label in VARIANTS:
+        if a.methods is not None and label not in a.methods:
+            continue
+        s = setting(a, label, winners)
+        for seed in range(seeds[label]):
+            if s is not None and (RESULTS / "accuracy" / a.dataset / "final"
+                                  / f"{run_id(*s, seed=seed, steps=a.steps)}.json").is_file():
+                continue
+            n = run_steps(a, s[1]) if s is not None else a.steps
+            todo[label] = todo.get(label, 0) + 1
+            total += n * per_step + overhead
+    runs = sum(todo.values())
+    log(f"final stage: {runs} run(s) to train" + (" (" + ", ".join(f"{k} ×{v}" for k, v in todo.items()) + ")"
+                                                   if todo else "")
+        + (f", about {total / 60:.0f} min ({total / 3600:.1f} h) on one core: {per_step:.1f} s per optimizer "
+           f"step (full FT's measured pace; less for cheaper methods) + {overhead / 60:.0f} min per run to load, "
+           f"validate and test on {a.test_items} items" if runs else ""))
+    return total
 
 
 def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -478,6 +576,7 @@ def report(a) -> list[dict]:
     zs = next((r for r in runs if r["method"] == "zeroshot"), None)
     runs = [r for r in runs if r["method"] != "zeroshot"]
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
+    pooled, full_flops = {}, {}  # each variant's runs; full FT's measured FLOPs by seed
     for label in VARIANTS:
         s = setting(a, label, winners)
         if s is None:
@@ -488,8 +587,13 @@ def report(a) -> list[dict]:
         mine = [r for r in mine if "error" not in r]
         if not mine:
             continue
+        pooled[label] = mine
+        if label == "full":
+            full_flops = {r["seed"]: r["flops_total"] for r in mine if "flops_total" in r}
         mean, lo, hi = bootstrap_ci([r["per_item_rougeL"] for r in mine])
         fr = [r["flops_fraction_of_full"] for r in mine]
+        if "fewer_steps" in VARIANTS[label][1]:  # a full FT run's own fraction is 1: the fraction of the
+            fr = [fewer_fraction(a, r, full_flops) for r in mine]  # long full FT runs' FLOPs instead
         items[label] = [sum(x) / len(x) for x in zip(*(r["per_item_rougeL"] for r in mine))]  # mean over seeds
         rows.append({"variant": label, "label": LABELS[label], "seeds": len(mine), "lr": mine[0]["lr"],
                      "rougeL": mean, "ci_low": lo, "ci_high": hi, "rouge1": sum(r["eval"]["rouge1_first_ref"] for r in mine) / len(mine),
@@ -497,7 +601,8 @@ def report(a) -> list[dict]:
                      "val_loss": sum(r["val_loss"][-1] for r in mine) / len(mine),
                      "train_time_s": sum(r["train_time_s"] for r in mine) / len(mine),
                      "selector_ms": 1000 * max((x for r in mine for x in r.get("selector_time_s", [])), default=0.0),
-                     "test_items": len(mine[0]["per_item_rougeL"]), "steps": mine[0]["steps"]})
+                     "test_items": len(mine[0]["per_item_rougeL"]), "steps": mine[0]["steps"],
+                     "optimizer_steps": mine[0].get("optimizer_steps") or run_steps(a, mine[0]["options"])})
     if not rows:
         return rows
     if zs is not None:  # first: what every method's gain is measured from
@@ -533,37 +638,85 @@ def report(a) -> list[dict]:
         lines.append(f"| {r['label']} | {r['seeds']} | {r['lr']:g} | {r['rougeL']:.1f} ({r['ci_low']:.1f}–"
                      f"{r['ci_high']:.1f}) | {vs} | {r['rouge1']:.1f} | {fl} | {r['val_loss']:.4f} | "
                      f"{r['train_time_s']:.0f} | {sel} |")
-    full = [r["val_loss"] for r in runs if r["method"] == "full" and "error" not in r and len(r["val_loss"]) > 1]
+    full = [r["val_loss"] for r in pooled.get("full", []) if len(r["val_loss"]) > 1]  # not the fewer-steps runs
     if full:  # the issue's rule: more steps while full FT's validation loss still falls
         curve = [sum(v) / len(v) for v in zip(*full)]
         lines += ["", f"Full FT's validation loss at the end of each of its {len(curve)} epochs (mean over seeds): "
                   + " → ".join(f"{v:.4f}" for v in curve) + f"; the last epoch changed it by "
                   f"{100 * (curve[-1] - curve[-2]) / curve[-2]:+.2f} %."]
+    fewer = [r for r in rows if "fewer_steps" in VARIANTS.get(r["variant"], ("", {}))[1]]
+    if fewer:
+        lines += ["", "Full FT for fewer steps (issue 34): full FT at its swept lr "
+                  f"({fewer[0]['lr']:g}, tuned at the sweep's 64 steps, shorter than these runs too) stopped at "
+                  "GreenTrainer ρ's FLOPs, with a linear schedule over its own steps (not the long run's schedule "
+                  "cut short); its FLOPs % is of the long full FT runs' measured FLOPs (the same seed's). "
+                  + "; ".join(f"{r['label']}: {fewer_shown(a, r)}" for r in fewer) + "."]
     lines += ["", "Not run, refused by the tool as infeasible:", ""] + [f"- {x}" for x in refused] if refused else []
     seeds = {r["variant"]: r["seeds"] for r in rows}
-    pairs = [compare(items[v], items[w]) + (v, w, target, why) for v, w, target, why in COMPARISONS
-             if v in items and w in items]
+    pairs = [compare(items[v], items[w]) + (v, w, target, why, val_loss_difference(pooled[v], pooled[w]))
+             for v, w, target, why in COMPARISONS if v in items and w in items]
     if pairs:
         lines += ["", "## Paired differences", "",
                   "ROUGE-L of the first method minus the second's on the same test items (each item's mean over "
                   "the seeds run), with a 95% interval from resampling the items; a target is met when the whole "
                   "interval is at or above it, missed when the whole interval is below it (two decimals, so that a "
                   "bound just inside a target does not print as on it). The interval covers the choice of test items, "
-                  "not the spread between seeds.", "",
-                  "| comparison | seeds | ROUGE-L difference (95% CI) | target | met | why |", "|---|---|---|---|---|---|"]
-        for d, lo, hi, v, w, target, why in pairs:
+                  "not the spread between seeds. The validation loss difference (lower is better: negative favours "
+                  "the first method) is of the final validation loss on the same validation items, mean over the "
+                  "seeds, and in brackets the smallest and largest difference between runs of the same seed; "
+                  "ROUGE-L and validation loss need not agree.", "",
+                  "| comparison | seeds | ROUGE-L difference (95% CI) | target | met | val loss difference | why |",
+                  "|---|---|---|---|---|---|---|"]
+        for d, lo, hi, v, w, target, why, vl in pairs:
             met = "" if target is None else "yes" if lo >= target else "no" if hi < target else "not resolved"
+            vl_shown = f"{vl[0]:+.4f}" + (f" ({vl[1]:+.4f} to {vl[2]:+.4f})" if vl[1] is not None else "")
             lines.append(f"| {LABELS[v]} − {LABELS[w]} | {seeds[v]}, {seeds[w]} | {d:+.2f} ({lo:+.2f} to {hi:+.2f}) "
-                         f"| {'' if target is None else f'≥ {target:+.1f}'} | {met} | {why} |")
+                         f"| {'' if target is None else f'≥ {target:+.1f}'} | {met} | {vl_shown} | {why} |")
     write_text_atomic(RESULTS / f"accuracy_{a.dataset}.md", "\n".join(lines) + "\n")
     write_json_atomic(RESULTS / f"accuracy_{a.dataset}.json", {"rows": rows, "paired": [
-        {"variant": v, "against": w, "difference": d, "ci_low": lo, "ci_high": hi, "target": target}
-        for d, lo, hi, v, w, target, _ in pairs]})
+        {"variant": v, "against": w, "difference": d, "ci_low": lo, "ci_high": hi, "target": target,
+         "val_loss_difference": vl[0], "val_loss_difference_seed_range": vl[1:]}
+        for d, lo, hi, v, w, target, _, vl in pairs]})
     plot(rows, RESULTS / f"accuracy_{a.dataset}.png", a.dataset)
     if any(r["variant"] in FAMILIES["GT over LoRA"] + FAMILIES["GT over blocks"] for r in rows):
         plot(rows, RESULTS / f"accuracy_{a.dataset}_over.png", a.dataset, FAMILIES)
     print("\n".join(lines))
     return rows
+
+
+def fewer_fraction(a, run: dict, full_flops: dict) -> float:
+    """A full FT for fewer steps run's FLOPs as a fraction of the long full FT run's: the same seed's measured
+    FLOPs, else their mean over seeds, else (no long run done yet) its steps over the study's."""
+    long = full_flops.get(run["seed"]) or (sum(full_flops.values()) / len(full_flops) if full_flops else None)
+    if long and "flops_total" in run:
+        return run["flops_total"] / long
+    return (run.get("optimizer_steps") or run_steps(a, run["options"])) / a.steps
+
+
+def fewer_shown(a, row: dict) -> str:
+    """What a full FT for fewer steps row trained, in words."""
+    o = VARIANTS[row["variant"]][1]
+    s = fewer_steps(a, o["fewer_steps"], o.get("each_item_once", False))
+    n_long = a.steps * a.batch_size // a.epochs
+    epochs = "1 epoch" if s["epochs"] == 1 else f"{s['epochs']} epochs"
+    what = f"{row['optimizer_steps']} optimizer steps, {epochs} over {s['max_train']} items"
+    if o.get("each_item_once"):
+        return what + " (each seen once; the long run's items and more)"
+    if s["max_train"] == n_long:
+        first = "first epoch" if s["epochs"] == 1 else f"first {s['epochs']} epochs"
+        return what + f": the long run's {first} exactly (its items, its order)"
+    return (what + f" (round({o['fewer_steps']} × {a.steps}) = {round(o['fewer_steps'] * a.steps)} steps ends "
+            "mid-epoch, which the tool cannot express: the long run's epochs over a subset of its items, as many "
+            "steps as fit the budget)")
+
+
+def val_loss_difference(x: list[dict], y: list[dict]) -> tuple[float, float | None, float | None]:
+    """Final validation loss of runs x minus runs y: the difference of the means over seeds, and the smallest and
+    largest difference between runs of the same seed (None with fewer than two seeds in common)."""
+    mean = lambda rs: sum(r["val_loss"][-1] for r in rs) / len(rs)
+    by = {r["seed"]: r["val_loss"][-1] for r in y}
+    same = [r["val_loss"][-1] - by[r["seed"]] for r in x if r["seed"] in by]
+    return (mean(x) - mean(y),) + ((min(same), max(same)) if len(same) > 1 else (None, None))
 
 
 def plot(rows, path, dataset, families: dict | None = None) -> None:
@@ -579,9 +732,20 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
         by = {r["variant"]: r for r in rows}
         groups = [(name, sorted((by[v] for v in vs if v in by), key=lambda r: r["flops_fraction"]))
                   for name, vs in families.items()]
-        title = "budgeted selection over tensors, LoRA adapters and SMT blocks"
-    else:
-        groups, title = [(None, [r]) for r in rows], "accuracy against compute"
+        title = "budgeted selection over tensors, LoRA adapters and SMT blocks; full FT for fewer steps"
+    else:  # every row a point of its own, but the rows of a JOINED family one line (full FT for fewer steps)
+        joined = {v: name for name, vs in JOINED.items() for v in vs}
+        by = {r["variant"]: r for r in rows}
+        groups, seen = [], set()
+        for r in rows:
+            name = joined.get(r["variant"])
+            if name is None:
+                groups.append((None, [r]))
+            elif name not in seen:
+                seen.add(name)
+                groups.append((name, sorted((by[v] for v in JOINED[name] if v in by),
+                                            key=lambda r: r["flops_fraction"])))
+        title = "accuracy against compute"
     paired = [r for _, g in groups for r in g if "vs_full" in r]
     if paired:  # the intervals above overlap; the paired differences below are what tells methods apart
         fig, (ax, dx) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True, height_ratios=(3, 2))

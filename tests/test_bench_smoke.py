@@ -153,7 +153,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     (folder / "zeroshot.json").write_text(json.dumps({  # the untrained model: a row of its own, paired too
         "method": "zeroshot", "options": {}, "per_item_rougeL": [10, 20, 30], "test_ids": ["a", "b", "c"],
         "eval": {"rouge1_first_ref": 25.0}}))
-    a = SimpleNamespace(dataset="scitldr", batch_size=4, sweep_from="scitldr", steps=256)
+    a = SimpleNamespace(dataset="scitldr", batch_size=4, epochs=2, sweep_from="scitldr", steps=256)
     rows = {r["label"]: r for r in accuracy.report(a)}
     assert set(rows) == {"Zero-shot (untrained)", "Full FT", "GreenTrainer ρ=0.5", "GT over LoRA ρ=0.5", "LoRA",
                          "LoRA at the paper's lr 2e-5"}
@@ -231,13 +231,102 @@ def test_accuracy_final_plan_runs_each_variant_at_its_setting(tmp_path, monkeypa
     calls = []
     monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
                         calls.append((method, opts, lr, seed)))
-    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=1, steps=256,
-                        methods=["lora", "gt0.5", "gt@lora", "lora@paper-lr", "gt@lora@paper-lr"])
+    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=1, steps=256, epochs=2, batch_size=4,
+                        test_items=200, methods=["lora", "gt0.5", "gt@lora", "lora@paper-lr", "gt@lora@paper-lr"])
     accuracy.final(a, log=lambda *x: None)
     assert calls == [("greentrainer", {"rho": 0.5}, 1e-4, 0), ("lora", {"lora_r": 16}, 3e-3, 0),
                      ("greentrainer", {"rho": 0.693}, 1e-4, 0), ("lora", {"lora_r": 16}, 2e-5, 0),
                      ("greentrainer", {"rho": 0.693}, 2e-5, 0)]
     assert accuracy.VARIANTS["lora@paper-lr"][1] == {"lr": 2e-5}  # the plan did not change the table
+
+
+def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_paired_with_it(tmp_path, monkeypatch):
+    """Issue 34: full FT for fewer steps at GreenTrainer ρ 0.5/0.7's FLOPs, 3 seeds at full FT's swept lr, each a
+    run of its own (epochs × items) whose linear schedule is over its own steps: ρ 0.5 the long run's first epoch
+    exactly (its 512 items, its seed), ρ 0.7 the most steps within 179 the tool can express (178); the data-budget
+    setting one epoch of 716 items. The report pairs GreenTrainer ρ with each, ROUGE-L and validation loss, from
+    whatever runs are done."""
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+    import common
+    import greentrainer.run
+    from greentrainer.config import config_from_options
+    importlib.reload(common)
+    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
+        "full": {"lr": 3e-5, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
+    calls, logged = [], []
+    monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
+                        calls.append((method, opts, lr, seed)))
+    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
+                        test_items=200, methods=["full", "full@0.5", "full@0.7", "full@0.7-once"])
+    accuracy.final(a, log=logged.append)
+    half, most, once = {"epochs": 1, "max_train": 512}, {"epochs": 2, "max_train": 356}, {"epochs": 1, "max_train": 716}
+    assert calls == [("full", {}, 3e-5, 0), ("full", half, 3e-5, 0), ("full", most, 3e-5, 0), ("full", once, 3e-5, 0),
+                     ("full", {}, 3e-5, 1), ("full", half, 3e-5, 1), ("full", most, 3e-5, 1),
+                     ("full", {}, 3e-5, 2), ("full", half, 3e-5, 2), ("full", most, 3e-5, 2)]
+    assert [accuracy.run_steps(a, o) for o in ({}, half, most, once)] == [256, 128, 178, 179]
+    # the cost is said before anything trains: 10 runs at the default pace (no full FT run measured one here)
+    per_step, overhead = accuracy.PACE_S_PER_STEP, accuracy.PACE_OVERHEAD_S
+    minutes = ((3 * 256 + 3 * 128 + 3 * 178 + 179) * per_step + 10 * overhead) / 60
+    assert logged[0].startswith("final stage: 10 run(s) to train (full ×3, full@0.5 ×3, full@0.7 ×3, "
+                                "full@0.7-once ×1), about " + f"{minutes:.0f} min")
+    # the run's own configuration: the variant's epochs and items replace the study's, the schedule's length
+    # (epochs × ⌈items / batch⌉, no warm-up) is the run's steps, and the items and seed are the long run's
+    configs = []
+    metrics = {"totals": {"flops_fraction_of_full": 1.0, "flops_total": 50.0, "time_s": 1.0, "steps": 128},
+               "n_train": 512, "n_validation": 4, "history": [{"val_loss": 2.0, "train_loss": 2.1}], "config": {},
+               "eval": {"rougeL_first_ref": 30.0}}
+    monkeypatch.setattr(greentrainer.run, "run_training", lambda cfg, log=None, progress=True:
+                        configs.append(cfg) or metrics)
+    accuracy = importlib.reload(accuracy)  # its own one_run again
+    monkeypatch.setattr(accuracy, "per_item_rouge", lambda preds: [])
+    b = SimpleNamespace(**{**vars(a), "val_items": 4, "test_items": 4, "max_input_length": 160})
+    for opts in ({}, half):
+        work = tmp_path / "accuracy" / "scitldr" / "final" / ".work" / accuracy.run_id("full", opts, 3e-5, 1, 256)
+        work.mkdir(parents=True)
+        (work / "predictions.jsonl").write_text("")
+        r = accuracy.one_run(b, "final", "full", opts, 3e-5, 1, lambda *x: None)
+    long, short = configs
+    assert (long.epochs, long.max_train, short.epochs, short.max_train) == (2, 512, 1, 512)
+    assert long.seed == short.seed == 1 and long.lr == short.lr == 3e-5 and short.warmup_steps == 0
+    assert short.epochs * -(-short.max_train // short.batch_size) == 128 and short.save_every == 16
+    assert r["optimizer_steps"] == 128 and r["options"] == half and r["steps"] == 256
+    config_from_options(dict(method="full", **most)).validate()
+    # the report, from partial results: full@0.7 has two seeds so far, the data-budget run none
+    folder = tmp_path / "accuracy" / "scitldr" / "final"
+    for p in folder.glob("*.json"):
+        p.unlink()
+    for label, method, opts, lr, rouge, flops, val, seeds in (
+            ("full", "full", {}, 3e-5, [40, 40, 40], 100.0, 2.40, 3),
+            ("gt0.5", "greentrainer", {"rho": 0.5}, 1e-4, [39, 40, 41], 49.8, 2.48, 3),
+            ("gt0.7", "greentrainer", {"rho": 0.7}, 1e-4, [40, 42, 44], 69.7, 2.45, 3),
+            ("full@0.5", "full", half, 3e-5, [38, 38, 38], 50.0, 2.43, 3),
+            ("full@0.7", "full", most, 3e-5, [39, 39, 39], 69.5, 2.41, 2)):
+        for seed in range(seeds):
+            (folder / f"{accuracy.run_id(method, opts, lr, seed, 256)}.json").write_text(json.dumps({
+                "method": method, "options": opts, "seed": seed, "lr": lr, "steps": 256, "per_item_rougeL": rouge,
+                "test_ids": ["a", "b", "c"], "eval": {"rouge1_first_ref": 40.0},
+                "flops_fraction_of_full": flops / 100 if method != "full" else 1.0, "flops_total": flops,
+                "val_loss": [val + 0.01, val + 0.001 * seed], "train_time_s": 10.0,
+                "optimizer_steps": accuracy.run_steps(a, opts) if method == "full" else 256}))
+    rows = {r["variant"]: r for r in accuracy.report(a)}
+    assert rows["full@0.5"]["flops_fraction"] == pytest.approx(0.5) and rows["full@0.5"]["optimizer_steps"] == 128
+    assert rows["full@0.7"]["flops_fraction"] == pytest.approx(0.695) and rows["full@0.7"]["seeds"] == 2
+    assert rows["full@0.5"]["vs_full"] == pytest.approx(-2.0) and "full@0.7-once" not in rows
+    table = (tmp_path / "accuracy_scitldr.md").read_text()
+    assert "| Full FT, 50% of the steps | 3 | 3e-05 | 38.0 (" in table
+    # each item's mean over seeds paired: GreenTrainer 39, 40, 41 against 38 (ROUGE-L); validation loss by seed
+    assert "| GreenTrainer ρ=0.5 − Full FT, 50% of the steps | 3, 3 | +2.00 (" in table
+    assert "| +0.0500 (+0.0500 to +0.0500) | selection against full FT for fewer steps, equal FLOPs (ρ 0.5) |" in table
+    assert "| GreenTrainer ρ=0.7 − Full FT, 70% of the steps | 3, 2 | +3.00 (" in table
+    assert "128 optimizer steps, 1 epoch over 512 items: the long run's first epoch exactly" in table
+    assert "178 optimizer steps, 2 epochs over 356 items" in table and "tuned at the sweep's 64 steps" in table
+    assert "each of its 2 epochs (mean over seeds): 2.4100 → 2.4010" in table  # the long runs only
+    paired = json.loads((tmp_path / "accuracy_scitldr.json").read_text())["paired"]
+    assert {(p["variant"], p["against"]) for p in paired} >= {("gt0.5", "full@0.5"), ("gt0.7", "full@0.7")}
+    assert "Full FT, fewer steps" in accuracy.FAMILIES and (tmp_path / "accuracy_scitldr.png").exists()
 
 
 def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_path, monkeypatch):

@@ -180,6 +180,102 @@ def _row(n_options: int, C: int) -> np.ndarray:
     return np.zeros(C + 1, dtype=np.int8 if n_options < 127 else np.int16)
 
 
+@dataclasses.dataclass
+class _Grid:
+    """The knapsack's weight unit: the gcd of every weight (exact), ``budget / resolution`` (the paper's coarse
+    DP) or coarser when the table would not fit in memory; capacity ``C`` in units; ``bound``: how far below
+    the budget a coarse selection may be charged."""
+
+    unit: int
+    C: int
+    exact: bool
+    bound: int
+
+    def q(self, x: int) -> int:
+        return -(-x // self.unit)  # rounding up: exact when the unit divides x
+
+
+def _grid(budget, resolution, cand, used, t_dw, depth, deepest_ok, slack) -> tuple[_Grid, object]:
+    if resolution:
+        unit, exact = max(1, budget // resolution), False
+    else:
+        unit = 0
+        for i in cand:
+            unit = math.gcd(unit, t_dw[i])
+        for g in used:
+            for _, wo, _ in g.options:
+                unit = math.gcd(unit, wo)
+        unit, exact = unit or max(1, budget), True
+
+    def cap(d, unit=None):  # capacity left for the tensors above the deepest one, d
+        return (budget - depth[d][0] - t_dw[d]) // unit
+
+    C = max(cap(d, unit) for d in deepest_ok)
+    if C * len(cand) > MAX_TABLE_CELLS:  # coarsen conservatively rather than run out of memory
+        unit, exact = -(-budget * len(cand) // MAX_TABLE_CELLS), False
+        C = max(cap(d, unit) for d in deepest_ok)
+    # rounding up: each of a selection's at most len(cand) weights by < unit, the capacity by < unit
+    bound = max(0, min(budget, slack + (0 if exact else unit * (len(cand) + 1))))
+    grid = _Grid(unit, C, exact and not slack, bound)
+    return grid, lambda d: cap(d, grid.unit)
+
+
+class _Table:
+    """Knapsack tables of capacity ``grid.C`` grown one group of options at a time (at most one option of a
+    group taken), each step recording its choices in a row for the backtrack."""
+
+    def __init__(self, grid: _Grid):
+        self.grid, self.C = grid, grid.C
+
+    def add(self, tab, opts, row) -> None:
+        """Knapsack step for a group of options (weight, value), at most one taken; row[c] = option + 1.
+        A single option is a plain 0/1 item."""
+        C = self.C
+        old = tab.copy() if len(opts) > 1 else tab  # one option: ``shifted`` below is already a copy
+        for k, (wo, v) in enumerate(opts):
+            if wo <= C:
+                shifted = old[: C + 1 - wo] + v
+                better = shifted > tab[wo:]
+                row[wo:][better] = k + 1
+                tab[wo:] = np.where(better, shifted, tab[wo:])
+
+    def options(self, g):
+        """The group's options with quantised weights."""
+        if g.q is None:
+            g.q = [(sub, self.grid.q(wo), v) for sub, wo, v in g.options]
+        return g.q
+
+    def grow(self, tab, log, g) -> None:
+        log.append((self.options(g), _row(len(g.options), self.C)))
+        self.add(tab, [(wo, v) for _, wo, v in log[-1][0]], log[-1][1])
+
+
+class _Ties:
+    """Which group a pending tensor belongs to when d is the deepest selected tensor, and from which depth a
+    group stays unchanged (for the separate table of long ties)."""
+
+    def __init__(self, cache, t_dw, imp, depth, deepest_ok, last_tie):
+        self.cache, self.t_dw, self.imp, self.last_tie = cache, t_dw, imp, last_tie
+        self.ok_d = set(deepest_ok)
+        self.group_at = {d: {m: g for g in depth[d][1] for m in g.members} for d in deepest_ok}
+
+    def single(self, j):
+        return _group(self.cache, (j,), (), self.t_dw, self.imp)
+
+    def group_of(self, d, j):  # j's group when d is the deepest (j pending: above d, tied at d or deeper)
+        return self.group_at[d].get(j) or self.single(j)
+
+    def steady_from(self, g):  # the first depth from which g is unchanged until its first tensor settles
+        if g.start is None:
+            g.last = min(self.last_tie[m] for m in g.members)
+            g.start = g.last + 1
+            for d in range(g.last, max(g.members), -1):
+                if d in self.ok_d and self.group_of(d, g.members[0]) is not g:
+                    break
+                g.start = d
+        return g.start
+
+
 def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None = None,
                    branches=()) -> Selection:
     """Best selection within ``budget`` backward FLOPs. Tensors with importance ≤ 0 are never chosen.
@@ -209,78 +305,33 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
             for m in g.members:
                 last_tie[m] = max(last_tie[m], d)
     used = {id(g): g for d in deepest_ok for g in depth[d][1]}.values()
-    if resolution:
-        unit = max(1, budget // resolution)
-        exact = False
-    else:
-        unit = 0
-        for i in cand:
-            unit = math.gcd(unit, t_dw[i])
-        for g in used:
-            for _, wo, _ in g.options:
-                unit = math.gcd(unit, wo)
-        unit = unit or max(1, budget)
-        exact = True
-    cap = lambda d: (budget - depth[d][0] - t_dw[d]) // unit  # noqa: E731
-    C = max(cap(d) for d in deepest_ok)
-    if C * len(cand) > MAX_TABLE_CELLS:  # coarsen conservatively rather than run out of memory
-        unit = -(-budget * len(cand) // MAX_TABLE_CELLS)
-        exact = False
-        C = max(cap(d) for d in deepest_ok)
-    q = lambda x: -(-x // unit)  # noqa: E731  (exact when unit divides x)
-    # rounding up: each of a selection's at most len(cand) weights by < unit, the capacity by < unit
-    bound = max(0, min(budget, slack + (0 if exact else unit * (len(cand) + 1))))
-    exact = exact and not slack
+    grid, cap = _grid(budget, resolution, cand, used, t_dw, depth, deepest_ok, slack)
+    best = _search(n, grid, cap, imp, ok, depth, deepest_ok, last_tie, _Ties(cache, t_dw, imp, depth, deepest_ok,
+                                                                             last_tie))
+    if best is None:
+        return Selection([], 0.0, 0, budget, grid.exact, grid.unit, grid.bound)
+    chosen = sorted(best)
+    cost = selection_cost(t_dw, t_dy, chosen, branches)
+    assert cost <= budget, "selector exceeded its budget"
+    return Selection(chosen, float(imp[chosen].sum()), cost, budget, grid.exact, grid.unit, grid.bound)
+
+
+def _search(n, grid, cap, imp, ok, depth, deepest_ok, last_tie, ties) -> list[int] | None:
+    """The dynamic programme over the deepest selected tensor d, from the output down; returns the best
+    selection's tensors (None: nothing is worth selecting).
+
+    A group (often one tensor) tied unchanged at every depth until its tensors settle, for at least LONG_TIE
+    more depths (T5's cross-attention K/V, tied over the whole decoder, and its decoder bottom, tied over the
+    whole encoder), goes into a second table, ``long``, grown like the first and rebuilt from it when one of
+    its groups settles, instead of being re-added at every d."""
+    C, q, tables = grid.C, grid.q, _Table(grid)
     table = np.zeros(C + 1)
-    keep = np.zeros((len(cand), C + 1), dtype=np.int8)
+    keep = np.zeros((sum(ok), C + 1), dtype=np.int8)
     settled: list[tuple[int, int]] = []  # (tensor, weight) in the order they entered ``table``
-
-    def add(tab, opts, row):
-        """Knapsack step for a group of options (weight, value), at most one taken; row[c] = option + 1.
-        A single option is a plain 0/1 item."""
-        old = tab.copy() if len(opts) > 1 else tab  # one option: ``shifted`` below is already a copy
-        for k, (wo, v) in enumerate(opts):
-            if wo <= C:
-                shifted = old[: C + 1 - wo] + v
-                better = shifted > tab[wo:]
-                row[wo:][better] = k + 1
-                tab[wo:] = np.where(better, shifted, tab[wo:])
-
-    def qopts(g):  # the group's options with quantised weights
-        if g.q is None:
-            g.q = [(sub, q(wo), v) for sub, wo, v in g.options]
-        return g.q
-
-    def grow(tab, log, g):
-        log.append((qopts(g), _row(len(g.options), C)))
-        add(tab, [(wo, v) for _, wo, v in log[-1][0]], log[-1][1])
-
-    # A group (often one tensor) tied unchanged at every depth until its tensors settle, for at least
-    # LONG_TIE more depths (T5's cross-attention K/V, tied over the whole decoder, and its decoder bottom,
-    # tied over the whole encoder), goes into a second table, ``long``, grown like the first and rebuilt from
-    # it when one of its groups settles, instead of being re-added at every d.
-    ok_d = set(deepest_ok)
-    group_at = {d: {m: g for g in depth[d][1] for m in g.members} for d in deepest_ok}
+    ok_d = ties.ok_d
     next_ok = [None] * n  # the next deepest candidate after d
     for d in range(n - 2, -1, -1):
         next_ok[d] = d + 1 if d + 1 in ok_d else next_ok[d + 1]
-
-    def single(j):
-        return _group(cache, (j,), (), t_dw, imp)
-
-    def group_of(d, j):  # j's group when d is the deepest (j pending: above d, tied at d or deeper)
-        return group_at[d].get(j) or single(j)
-
-    def steady_from(g):  # the first depth from which g is unchanged until its first tensor settles
-        if g.start is None:
-            g.last = min(last_tie[m] for m in g.members)
-            g.start = g.last + 1
-            for d in range(g.last, max(g.members), -1):
-                if d in ok_d and group_of(d, g.members[0]) is not g:
-                    break
-                g.start = d
-        return g.start
-
     long_groups: dict[_Group, None] = {}  # groups in ``long`` (insertion-ordered)
     long_members: set[int] = set()
     long_tab, long_log, long_count = None, [], 0  # table, its additions since built, settled count then
@@ -294,12 +345,12 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
             if imp[d] + base_tab[c] + sum(imp[j] for j in short) > best[0]:  # else it cannot win
                 groups = [g for g in depth[d][1] if g not in long_groups]
                 tied = {m for g in groups for m in g.members}
-                groups += [single(j) for j in short if j not in tied]
+                groups += [ties.single(j) for j in short if j not in tied]
                 tab, rows = base_tab, []
                 if groups:
                     tab = base_tab.copy()
                     for g in groups:
-                        grow(tab, rows, g)
+                        tables.grow(tab, rows, g)
                 v = imp[d] + tab[c]
                 if v > best[0]:
                     count = len(settled) if long_tab is None else long_count
@@ -309,8 +360,8 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
         if ok[d]:
             (newly if last_tie[d] <= d else pending).append(d)
         for j in newly:
-            wj = q(t_dw[j])
-            add(table, [(wj, imp[j])], keep[len(settled)])
+            wj = q(ties.t_dw[j])
+            tables.add(table, [(wj, imp[j])], keep[len(settled)])
             settled.append((j, wj))
         gone = set(newly)
         left = [g for g in long_groups if gone.intersection(g.members)]
@@ -322,25 +373,31 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
         if nd is not None:
             for j in pending:
                 if j not in long_members:
-                    g = group_of(nd, j)
-                    if steady_from(g) <= d + 1 and g.last - d >= LONG_TIE:
+                    g = ties.group_of(nd, j)
+                    if ties.steady_from(g) <= d + 1 and g.last - d >= LONG_TIE:
                         fresh[g] = None
         if left or (long_tab is None and fresh):
             long_tab, long_log, long_count = table.copy(), [], len(settled)  # (re)build from the settled table
             for g in long_groups:
-                grow(long_tab, long_log, g)
+                tables.grow(long_tab, long_log, g)
         elif long_tab is not None:
             for j in newly:
-                grow(long_tab, long_log, single(j))
+                tables.grow(long_tab, long_log, ties.single(j))
         for g in fresh:
             long_groups[g] = None
             long_members.update(g.members)
-            grow(long_tab, long_log, g)
+            tables.grow(long_tab, long_log, g)
         if not long_groups:
             long_tab, long_log = None, []
+    return _backtrack(best, keep, settled)
+
+
+def _backtrack(best, keep, settled) -> list[int] | None:
+    """The tensors of the best entry: d itself, the groups' options recorded in their rows, then the settled
+    tensors from the knapsack table's keep bits."""
     value, d, c, count, added, rows = best
     if d < 0:
-        return Selection([], 0.0, 0, budget, exact, unit, bound)
+        return None
     chosen = [d]
     for opts, row in reversed(added + rows):
         o = row[c]
@@ -352,10 +409,7 @@ def select_tensors(t_dw, t_dy, importance, budget: int, resolution: int | None =
         if keep[k, c]:
             chosen.append(settled[k][0])
             c -= settled[k][1]
-    chosen.sort()
-    cost = selection_cost(t_dw, t_dy, chosen, branches)
-    assert cost <= budget, "selector exceeded its budget"
-    return Selection(chosen, float(imp[chosen].sum()), cost, budget, exact, unit, bound)
+    return chosen
 
 
 def rho_to_backward_budget(rho: float, t_fp: int, t_full: int, overhead_per_step: float = 0.0) -> int:

@@ -9,7 +9,7 @@ repeats: full fine-tuning (no callback); the callback at ρ 0.5 with the deselec
 Memory: resident-set size above the RSS after loading the model, sampled every 5 ms, with
 MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB so that freed tensors leave the resident set at once.
 
-python bench/callback_memory.py [--quick] [--repeats 2] [--steps 8] [--select-every 4]
+python bench/callback_memory.py [--quick] [--repeats 2] [--steps 16] [--select-every 8]
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def child(setting: str, steps: int, select_every: int, quick: bool) -> dict:
     fmt = resolve_prompt_format("auto", tok, False, spec.instruction)
     ex = load_examples("scitldr", "train", 4 * steps * 2, 0, None)
     data = [dict(input_ids=e.input_ids, labels=e.labels)
-            for e in encode_all(ex, tok, spec.task, False, 256 if not quick else 48, fmt)]
+            for e in encode_all(ex, tok, spec.task, False, 1024 if quick else 256, fmt)]
     rss0 = PeakMemory.rss()
 
     class Probe(TrainerCallback):  # peak RSS from the first step to the end of training
@@ -85,8 +85,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a tiny random model (the test suite's smoke run)")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--select-every", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--select-every", type=int, default=8)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:

@@ -1,7 +1,32 @@
 import json
+import os
 
 import pytest
 import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the slow end-to-end tests (the benchmarks' --quick modes; CI runs them)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end test of a minute or more (a benchmark's --quick mode); "
+                                       "skipped unless --slow, GREENTRAINER_SLOW_TESTS=1 or CI is set")
+
+
+def _run_slow(config) -> bool:
+    return bool(config.getoption("--slow") or os.environ.get("GREENTRAINER_SLOW_TESTS") == "1"
+                or os.environ.get("CI", "").lower() not in ("", "0", "false"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if _run_slow(config):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end test: run with --slow (CI runs it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def make_tiny(arch="llama"):

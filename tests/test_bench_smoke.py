@@ -20,6 +20,7 @@ def run(script, tmp_path):
     return json.loads((tmp_path / f"{name}.json").read_text())["rows"]
 
 
+@pytest.mark.slow
 def test_selector_bench_quick(tmp_path):
     rows = run("selector.py", tmp_path)
     exact = [r for r in rows if r["solver"] == "exact (ours)"]
@@ -28,12 +29,14 @@ def test_selector_bench_quick(tmp_path):
     assert all(r["objective_%_of_exact"] <= 100 + 1e-9 for r in rows if r["solver"].startswith("ours"))
 
 
+@pytest.mark.slow
 def test_flops_accuracy_bench_quick(tmp_path):
     rows = run("flops_accuracy.py", tmp_path)
     assert all(r["under_predictions"] == 0 for r in rows)
     assert all(r["max_rel_error_%"] == 0 for r in rows)  # side branches make the prediction exact
 
 
+@pytest.mark.slow
 def test_time_vs_flops_bench_quick(tmp_path):
     rows = run("time_vs_flops.py", tmp_path)
     full = next(r for r in rows if r["setting"] == "full")
@@ -41,6 +44,7 @@ def test_time_vs_flops_bench_quick(tmp_path):
     assert all(r["flops_ratio"] < 1 for r in rows if r["setting"] != "full")
 
 
+@pytest.mark.slow
 def test_methods_bench_quick(tmp_path):
     rows = run("methods.py", tmp_path)
     by = {r["method"]: r for r in rows}
@@ -51,12 +55,14 @@ def test_methods_bench_quick(tmp_path):
     assert (tmp_path / "methods_quick.png").exists()
 
 
+@pytest.mark.slow
 def test_prefix_init_bench_quick(tmp_path):
     rows = {r["prefix"].split("--prefix-init ")[-1]: r["val_loss"] for r in run("prefix_init.py", tmp_path)}
     base = rows["none (base model)"]
     assert abs(rows["data"] - base) < 0.5 < rows["random"] - base  # the data prefix starts near the base model
 
 
+@pytest.mark.slow
 def test_smt_memory_bench_quick(tmp_path):
     rows = run("smt_memory.py", tmp_path)
     pairs = list(zip(rows[::2], rows[1::2]))
@@ -66,21 +72,32 @@ def test_smt_memory_bench_quick(tmp_path):
     assert dense and dense[0]["smt_saved_ratio"] > 2  # (2 layers: every q/k/v block is chosen, ratio 3)
 
 
+@pytest.mark.slow
 def test_counting_bench_quick(tmp_path):
     rows = {r["counting"]: r for r in run("counting.py", tmp_path)}
     assert set(rows) == {"none", "live", "cached"} and all(r["median_step_s"] > 0 for r in rows.values())
 
 
+@pytest.mark.slow
 def test_attention_bench_quick(tmp_path):
     rows = run("attention.py", tmp_path)
     assert rows and all(r["flops_equal"] for r in rows)
 
 
+@pytest.mark.slow
+def test_callback_memory_bench_quick(tmp_path):
+    rows = {r["setting"].split(",")[0].split(" (")[0]: r for r in run("callback_memory.py", tmp_path)}
+    full, drop = rows["full FT"], rows["callback ρ 0.5"]
+    assert drop["optimizer_state_MB"] < full["optimizer_state_MB"] and 0 < drop["flops_fraction"] <= 0.505
+
+
+@pytest.mark.slow
 def test_memory_bench_quick(tmp_path):
     rows = run("memory.py", tmp_path)
     assert rows and all(r["peak_MB"] > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
     """bench/accuracy.py's two stages on 8 steps and 4 items: one JSON per run, a rerun skips them, the report
     has a bootstrap interval around each mean and a Pareto plot; the untrained model is scored on the same items."""

@@ -97,7 +97,7 @@ class RunHandle:
     optimizer: torch.optim.Optimizer | None = None  # the one in use (a method may have rebuilt it)
 
 
-def train(model, tokenizer, method, train_data, val_data, cfg, device=None, log=print, progress=True,
+def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, log=print, progress=True,
           on_epoch_end=None, accelerator=None, resume: dict | None = None, on_checkpoint=None,
           live_counting: bool = False, handle: RunHandle | None = None, grid=None, energy_meter="auto") -> dict:
     """Train ``model`` with ``method``; returns per-epoch history and totals (FLOPs, time, memory), the

@@ -303,7 +303,8 @@ def fit(parts: RunParts, record: RunRecord, handle, progress: bool):
             _write_checkpoint(parts.out, state)
 
     result = train(parts.model, parts.tok, parts.method, parts.train_enc, parts.val_enc, parts.cfg, parts.acc.device,
-                   parts.log, progress and parts.main, epoch_done, accelerator=parts.acc, resume=parts.resume,
+                   log=parts.log, progress=progress and parts.main, on_epoch_end=epoch_done, accelerator=parts.acc,
+                   resume=parts.resume,
                    on_checkpoint=checkpoint, handle=handle, grid=parts.grid, energy_meter=parts.meter)
     record.metrics.update({"history": result["history"], "totals": result["totals"],
                            "profile_shape": result["profile_shape"], "grid": parts.grid.describe()})

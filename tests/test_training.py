@@ -509,3 +509,29 @@ def test_callback_reports_energy_and_co2_against_full_fine_tuning(tmp_path):
     assert "energy_kwh" not in off.report and off.report["flops_fraction_of_full"] <= 0.7
     with pytest.raises(UsageError):
         GreenTrainerCallback(carbon_intensity="nowhere")
+
+
+def test_max_steps_runs_the_first_n_steps_of_the_longer_run_with_its_own_schedule(monkeypatch):
+    """--max-steps N: the first N optimizer steps of the run --epochs would make, in its data order, with the
+    learning-rate schedule spanning N (full fine-tuning at another run's FLOPs, for a fair comparison)."""
+    import greentrainer.loop as loop
+    seen = []
+    real = loop.reference_step_flops
+
+    def record(meta, batch, gc, cache):
+        seen.append(batch["input_ids"].clone())
+        return real(meta, batch, gc, cache)
+    monkeypatch.setattr(loop, "reference_step_flops", record)
+    runs = {}
+    for max_steps in (None, 6):
+        seen.clear()
+        cfg = TrainConfig(method="full", epochs=3, batch_size=4, lr=1e-3, seed=0, max_steps=max_steps)
+        out = train(make_tiny("llama"), TOK, build_method(cfg), encoded(make_tiny("llama")), [], cfg,
+                    torch.device("cpu"), log=lambda *a: None, progress=False)
+        runs[max_steps] = (out, list(seen))
+    long, cut = runs[None], runs[6]
+    assert long[0]["totals"]["steps"] == 12 and cut[0]["totals"]["steps"] == 6
+    assert [h["steps"] for h in cut[0]["history"]] == [4, 2]
+    assert len(cut[1]) == 6 and all(torch.equal(a, b) for a, b in zip(cut[1], long[1][:6]))
+    with pytest.raises(UsageError, match="max-steps"):
+        TrainConfig(method="full", max_steps=0).validate()

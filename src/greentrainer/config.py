@@ -35,6 +35,9 @@ class TrainConfig(Options):
     output_dir: str | None = option(None, "the run folder (default: runs/METHOD-DATASET-TIME)")
     overwrite: bool = option(False, "replace the run folder of an earlier run (only a greentrainer run folder)")
     epochs: int = option(5, "passes over the training set")
+    max_steps: int | None = option(None, "stop after N optimizer steps, the learning-rate schedule spanning them "
+                                         "(default: --epochs passes); the first N steps of the longer run, in its "
+                                         "data order (e.g. full fine-tuning at ρ × another run's FLOPs)")
     batch_size: int = option(4, "examples per micro-batch and process")
     lr: float | None = option(None, "peak learning rate (AdamW, linear decay); default: the method's, chosen on "
                                     "the validation split (bench/results/accuracy_sweep_scitldr.md); the "
@@ -115,7 +118,7 @@ class TrainConfig(Options):
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0")
         if self.max_input_length < 8:
             raise UsageError(f"--max-input-length must be at least 8, got {self.max_input_length}")
-        for name in ("max_train", "max_eval", "max_new_tokens", "save_every", "eval_steps"):
+        for name in ("max_train", "max_eval", "max_new_tokens", "save_every", "eval_steps", "max_steps"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UsageError(f"{dashed(name)} must be positive, got {v}")
@@ -210,3 +213,8 @@ def option_names() -> list[str]:
         if spec.config_cls is not None:
             names += [o.name for o in option_specs(spec.config_cls) if o.name not in names]
     return names
+
+
+def total_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """Optimizer steps of a run: ``epochs`` passes, cut at ``max_steps`` when given."""
+    return min(steps_per_epoch * epochs, max_steps or steps_per_epoch * epochs)

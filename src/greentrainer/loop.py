@@ -30,6 +30,7 @@ from .engine.memory import PeakMemory, enable_checkpointing
 from .engine.metric_logging import ENERGY_KEYS, epoch_energy, grid_of, log_step
 from .engine.precision import precision_of
 from .engine.reference import reference_step_flops, run_profile
+from .config import total_steps
 from .errors import NonFiniteError
 from .flops import meta_model_from_config
 from .interrupts import critical
@@ -125,7 +126,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
     generator = torch.Generator().manual_seed(cfg.seed)
     world, accum = acc.num_processes, ctx.micro_batches_per_step
     ctx.steps_per_epoch = -(-len(train_data) // (cfg.batch_size * world * accum))
-    ctx.total_steps = ctx.steps_per_epoch * cfg.epochs
+    ctx.total_steps = total_steps(ctx.steps_per_epoch, cfg.epochs, cfg.max_steps)
     model = method.prepare(model, ctx)
     if precision_of(cfg) == "bf16-true":
         model.to(torch.bfloat16)
@@ -219,7 +220,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
             meter=None):
     acc = ctx.accelerator
     save_every = cfg.save_every
-    for epoch in range(resume.epoch if resume else 0, cfg.epochs):
+    epochs = -(-ctx.total_steps // ctx.steps_per_epoch)  # --max-steps may end the run inside an epoch
+    for epoch in range(resume.epoch if resume else 0, epochs):
         ctx.epoch = epoch
         if resume is not None and resume.epoch == epoch:
             ep, resume = resume, None
@@ -229,6 +231,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                reference_before=ctx.flops_reference)
         steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
                                ctx.micro_batches_per_step, acc.process_index, generator)
+        steps = steps[: ctx.total_steps - epoch * ctx.steps_per_epoch]  # the same order, cut at --max-steps
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
             ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
         t0, bookkeeping = time.perf_counter(), 0.0
@@ -239,7 +242,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         with PeakMemory(ctx.device) as mem:
             if ep.steps_done == 0:
                 method.on_epoch_start(ctx)
-            bar = tqdm(steps, desc=f"epoch {epoch + 1}/{cfg.epochs} [{method.name}]", disable=not progress,
+            bar = tqdm(steps, desc=f"epoch {epoch + 1}/{epochs} [{method.name}]", disable=not progress,
                        leave=False, dynamic_ncols=True, initial=ep.steps_done)
             for i, micro in enumerate(bar):
                 if i < ep.steps_done:  # resumed: these steps are in the checkpoint
@@ -302,7 +305,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     step=ctx.global_step)
         if on_epoch_end is not None and acc.is_main_process:
             on_epoch_end(history)
-        if on_checkpoint is not None and not save_every and epoch + 1 < cfg.epochs:
+        if on_checkpoint is not None and not save_every and epoch + 1 < epochs:
             on_checkpoint(training_state(ctx, method, EpochProgress(epoch + 1, generator.get_state(),
                                                                     flops_before=dict(ctx.flops),
                                                                     reference_before=ctx.flops_reference),

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import TrainConfig, config_from_dict, items_seed
+from .config import TrainConfig, config_from_dict, items_seed, total_steps
 from .run_folder import check_output_dir, is_run_folder, prepare_output_dir
 from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, recorded_prompt_format,
                    resolve_dataset, resolve_prompt_format)
@@ -246,7 +246,7 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
     steps_per_epoch = -(-len(train_enc) // (cfg.batch_size * acc.num_processes * cfg.grad_accum))
     method.check(model, run_profile(model.config, typical_shape(train_enc, cfg.batch_size, seq2seq),
                                     cfg.gradient_checkpointing),
-                 steps_per_epoch, steps_per_epoch * cfg.epochs, cfg.grad_accum)
+                 steps_per_epoch, total_steps(steps_per_epoch, cfg.epochs, cfg.max_steps), cfg.grad_accum)
     out = Path(out_dir)
     resume = _load_checkpoint(out) if resume_dir is not None else None
     return RunParts(cfg, spec, fmt, train_ex, val_ex, test_ex, train_enc, val_enc, model, tok, seq2seq, method,

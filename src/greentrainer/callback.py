@@ -1,20 +1,22 @@
 """GreenTrainer for your own ``transformers.Trainer`` script, as a ``TrainerCallback``.
 
-    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator,
-                      callbacks=[GreenTrainerCallback(rho=0.5)])
+    trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+    GreenTrainerCallback(rho=0.5).attach(trainer)
+
+It drives the same :class:`~greentrainer.methods.greentrainer.GreenTrainerController` as the CLI's loop, so
+every decision (when to select, the full fine-tuning warm-up, the FLOPs ledger, the ρ in force, what happens
+to deselected tensors' optimizer state) is the loop's; this module only adapts the Trainer's events and
+objects to it (:class:`TrainerHost`) and measures FLOPs and energy around the Trainer's own steps.
 
 The Trainer builds its optimizer before ``on_train_begin``, while every tensor still requires grad, so
-tensors selected later have optimizer state and really train. Selection runs at every epoch start (or
-every ``select_every`` steps); its probe averages ``probe_batches`` optimizer steps' batches, paid within ρ.
-As the CLI, the first 1/8 of the run is full fine-tuning (``full_warmup_steps``; 0: the paper's method), repaid
-by the selections after it, so the run as a whole stays within ρ.
+tensors selected later have optimizer state and really train; after each selection the state of tensors that
+left it is freed (``deselected_state="drop"``).
 
 What it reports (in the Trainer's logs, under ``greentrainer/``, and in :attr:`GreenTrainerCallback.report`
 with one summary line at the end): the measured FLOPs against full fine-tuning's on the same batches and,
 with ``energy`` on (the default), the training's energy (CodeCarbon, as the CLI measures it; the Trainer's
-own evaluations during training are included), its CO2 at ``carbon_intensity``, and what full fine-tuning
-would have used and emitted (this run's energy per FLOP × full fine-tuning's FLOPs). A carbon trace and
-carbon-aware ρ are the CLI's (``greentrainer train --carbon-trace``).
+own evaluations during training are included), its CO2 at ``carbon_intensity`` (or along ``carbon_trace``),
+and what full fine-tuning would have used and emitted (this run's energy per FLOP × full fine-tuning's FLOPs).
 """
 from __future__ import annotations
 

@@ -91,6 +91,13 @@ def test_callback_memory_bench_quick(tmp_path):
     assert drop["optimizer_state_MB"] < full["optimizer_state_MB"] and 0 < drop["flops_fraction"] <= 0.505
 
 
+def test_step_anatomy_bench_quick(tmp_path):
+    """The forward is a third of a full step at every shape, so ρ 0.5 leaves a quarter of the backward."""
+    row = run("step_anatomy.py", tmp_path)[0]
+    assert row["forward_%"] == pytest.approx(100 / 3, abs=1) and row["backward_left_%_at_0.5"] == pytest.approx(25)
+    assert 0 < row["reach_%_at_0.5"] < row["reach_%_at_0.7"] <= 100 and 0 < row["min_rho"] < 0.5
+
+
 @pytest.mark.slow
 def test_memory_bench_quick(tmp_path):
     rows = run("memory.py", tmp_path)

@@ -98,6 +98,14 @@ def test_step_anatomy_bench_quick(tmp_path):
     assert 0 < row["reach_%_at_0.5"] < row["reach_%_at_0.7"] <= 100 and 0 < row["min_rho"] < 0.5
 
 
+def test_padding_bench_quick(tmp_path):
+    """Right-padded batches spend FLOPs on pad tokens; the FLOPs share follows the token share (attention makes
+    it a little larger) and padded batches never cost less than the same items unpadded."""
+    row = run("padding.py", tmp_path)[0]
+    assert 0 < row["padding_%_of_tokens"] < 100 and row["padding_%_of_flops"] >= row["padding_%_of_tokens"]
+    assert row["padded_over_unpadded_flops"] >= 1
+
+
 @pytest.mark.slow
 def test_memory_bench_quick(tmp_path):
     rows = run("memory.py", tmp_path)

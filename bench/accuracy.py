@@ -66,7 +66,7 @@ VARIANTS = {
     # of a run of at most ρ·steps optimizer steps (see fewer_steps), its linear schedule over those steps;
     # ``each_item_once``: the data-budget setting, one epoch over ρ·steps·batch items
     "full@0.5": ("full", {"fewer_steps": 0.5}),
-    "full@0.7": ("full", {"fewer_steps": 0.7}),
+    "full@0.7": ("full", {"fewer_steps": 0.7}),  # the long run cut at step 179 (--max-steps)
     "full@0.7-once": ("full", {"fewer_steps": 0.7, "each_item_once": True}),
 }
 # whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
@@ -457,10 +457,9 @@ def fewer_steps(a, fraction: float, each_item_once: bool = False) -> dict:
     The long run makes ``a.epochs`` passes over n = steps·batch/epochs items (seed s: the same items and, epoch
     by epoch, the same shuffles). Where the target is a whole number of its epochs, the run is the long run's
     first epochs exactly: the same n items, the same seed, so the same batches in the same order (ρ 0.5 of
-    256 steps in 2 epochs: 1 epoch of the 512 items, 128 steps). Otherwise the tool cannot stop mid-epoch (it
-    has no --max-steps), so the run keeps the long run's epochs over fewer items, as many steps as fit the
-    budget (ρ 0.7: 179 steps → 2 epochs of 89 steps, 356 items, 178 steps; the items are a subset of the long
-    run's, drawn with the same seed, in other shuffles).
+    256 steps in 2 epochs: 1 epoch of the 512 items, 128 steps). Otherwise the long run is cut at exactly that
+    many steps with ``--max-steps`` (ρ 0.7: its 2 epochs over its 512 items, stopped at step 179: the same
+    batches in the same order, the schedule over 179 steps).
 
     ``each_item_once``: the data-budget setting, no item seen twice: one epoch over round(fraction·steps)·batch
     items (ρ 0.7: 716 items, 179 steps; the 512 the long run sees and more)."""
@@ -471,15 +470,15 @@ def fewer_steps(a, fraction: float, each_item_once: bool = False) -> dict:
     per_epoch = -(-n // a.batch_size)
     if target % per_epoch == 0:
         return {"epochs": target // per_epoch, "max_train": n}
-    per_epoch = max(1, target // a.epochs)
-    return {"epochs": a.epochs, "max_train": per_epoch * a.batch_size}
+    return {"epochs": a.epochs, "max_train": n, "max_steps": target}
 
 
 def run_steps(a, opts: dict) -> int:
     """The optimizer steps of a run with these options (its epochs and items, or the study's), as the tool counts
     them: epochs × ⌈items / batch⌉."""
     items = opts.get("max_train", a.steps * a.batch_size // a.epochs)
-    return opts.get("epochs", a.epochs) * -(-items // a.batch_size)
+    steps = opts.get("epochs", a.epochs) * -(-items // a.batch_size)
+    return min(steps, opts.get("max_steps") or steps)
 
 
 def pace(a) -> tuple[float, float]:
@@ -702,12 +701,12 @@ def fewer_shown(a, row: dict) -> str:
     what = f"{row['optimizer_steps']} optimizer steps, {epochs} over {s['max_train']} items"
     if o.get("each_item_once"):
         return what + " (each seen once; the long run's items and more)"
+    if "max_steps" in s:
+        return what + f": the long run's first {s['max_steps']} steps exactly (--max-steps; its items, its order)"
     if s["max_train"] == n_long:
         first = "first epoch" if s["epochs"] == 1 else f"first {s['epochs']} epochs"
         return what + f": the long run's {first} exactly (its items, its order)"
-    return (what + f" (round({o['fewer_steps']} × {a.steps}) = {round(o['fewer_steps'] * a.steps)} steps ends "
-            "mid-epoch, which the tool cannot express: the long run's epochs over a subset of its items, as many "
-            "steps as fit the budget)")
+    return what
 
 
 def val_loss_difference(x: list[dict], y: list[dict]) -> tuple[float, float | None, float | None]:

@@ -275,7 +275,7 @@ def test_accuracy_final_plan_runs_each_variant_at_its_setting(tmp_path, monkeypa
 def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_paired_with_it(tmp_path, monkeypatch):
     """Issue 34: full FT for fewer steps at GreenTrainer ρ 0.5/0.7's FLOPs, 3 seeds at full FT's swept lr, each a
     run of its own (epochs × items) whose linear schedule is over its own steps: ρ 0.5 the long run's first epoch
-    exactly (its 512 items, its seed), ρ 0.7 the most steps within 179 the tool can express (178); the data-budget
+    exactly (its 512 items, its seed), ρ 0.7 the long run cut at step 179 (--max-steps); the data-budget
     setting one epoch of 716 items. The report pairs GreenTrainer ρ with each, ROUGE-L and validation loss, from
     whatever runs are done."""
     monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
@@ -294,14 +294,15 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
     a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
                         test_items=200, methods=["full", "full@0.5", "full@0.7", "full@0.7-once"])
     accuracy.final(a, log=logged.append)
-    half, most, once = {"epochs": 1, "max_train": 512}, {"epochs": 2, "max_train": 356}, {"epochs": 1, "max_train": 716}
+    half, most = {"epochs": 1, "max_train": 512}, {"epochs": 2, "max_train": 512, "max_steps": 179}
+    once = {"epochs": 1, "max_train": 716}
     assert calls == [("full", {}, 3e-5, 0), ("full", half, 3e-5, 0), ("full", most, 3e-5, 0), ("full", once, 3e-5, 0),
                      ("full", {}, 3e-5, 1), ("full", half, 3e-5, 1), ("full", most, 3e-5, 1),
                      ("full", {}, 3e-5, 2), ("full", half, 3e-5, 2), ("full", most, 3e-5, 2)]
-    assert [accuracy.run_steps(a, o) for o in ({}, half, most, once)] == [256, 128, 178, 179]
+    assert [accuracy.run_steps(a, o) for o in ({}, half, most, once)] == [256, 128, 179, 179]
     # the cost is said before anything trains: 10 runs at the default pace (no full FT run measured one here)
     per_step, overhead = accuracy.PACE_S_PER_STEP, accuracy.PACE_OVERHEAD_S
-    minutes = ((3 * 256 + 3 * 128 + 3 * 178 + 179) * per_step + 10 * overhead) / 60
+    minutes = ((3 * 256 + 3 * 128 + 3 * 179 + 179) * per_step + 10 * overhead) / 60
     assert logged[0].startswith("final stage: 10 run(s) to train (full ×3, full@0.5 ×3, full@0.7 ×3, "
                                 "full@0.7-once ×1), about " + f"{minutes:.0f} min")
     # the run's own configuration: the variant's epochs and items replace the study's, the schedule's length
@@ -354,7 +355,8 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
     assert "| +0.0500 (+0.0500 to +0.0500) | selection against full FT for fewer steps, equal FLOPs (ρ 0.5) |" in table
     assert "| GreenTrainer ρ=0.7 − Full FT, 70% of the steps | 3, 2 | +3.00 (" in table
     assert "128 optimizer steps, 1 epoch over 512 items: the long run's first epoch exactly" in table
-    assert "178 optimizer steps, 2 epochs over 356 items" in table and "tuned at the sweep's 64 steps" in table
+    assert "179 optimizer steps, 2 epochs over 512 items: the long run's first 179 steps exactly" in table
+    assert "tuned at the sweep's 64 steps" in table
     assert "each of its 2 epochs (mean over seeds): 2.4100 → 2.4010" in table  # the long runs only
     paired = json.loads((tmp_path / "accuracy_scitldr.json").read_text())["paired"]
     assert {(p["variant"], p["against"]) for p in paired} >= {("gt0.5", "full@0.5"), ("gt0.7", "full@0.7")}

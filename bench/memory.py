@@ -108,6 +108,7 @@ def child(spec: dict) -> dict:
     from greentrainer.loop import _optimizer_step
     from greentrainer.methods.full import FullFineTuning
     from greentrainer.methods.greentrainer import GreenTrainerMethod
+    from greentrainer.methods.greentrainer.controller import state_bytes
     torch.manual_seed(0)
     model, tok, data = load(spec["quick"])
     selections, per_selection = spec["selections"], spec["steps"]
@@ -134,7 +135,7 @@ def child(spec: dict) -> dict:
         for s in range(selections):
             if not full:
                 peaks.set("select")
-                method.select(ctx)
+                method.controller.select(ctx)
             peaks.set("steps" if s < selections - 1 else "last_steps")
             for k in range(per_selection):
                 _optimizer_step(ctx, method, [batches[(s * per_selection + k) % len(batches)]])
@@ -144,7 +145,7 @@ def child(spec: dict) -> dict:
     seconds = time.perf_counter() - t0
     state = ctx.optimizer.state.values()
     res = {"base_rss": base, "after_rss": after, "seconds": seconds, "peaks": peaks.peaks,
-           "state_bytes": GreenTrainerMethod.state_bytes(state),
+           "state_bytes": state_bytes(state),
            "state_tensors": len(ctx.optimizer.state),
            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
            "flops_fraction": sum(ctx.flops.values()) / ctx.flops_reference}

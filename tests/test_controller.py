@@ -103,6 +103,8 @@ def test_the_callback_takes_every_option_of_the_cli_or_refuses_it_in_one_line(tm
         GreenTrainerCallback(over="blocks")
     with pytest.raises(UsageError, match="carbon_trace"):
         GreenTrainerCallback(carbon_aware=True)
+    with pytest.raises(UsageError, match="skips batches"):
+        GreenTrainerCallback(step_policy="frontier")
     with pytest.raises(UsageError, match="unknown option 'rhoo'"):
         GreenTrainerCallback(rhoo=0.5)
     # every GreenTrainer option of the command line is a keyword of the callback (by the option's name)

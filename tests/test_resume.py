@@ -12,12 +12,14 @@ from greentrainer.cli import main
 
 
 def args(model, data, out, method):
-    extra = ["--rho", "0.8"] if method == "greentrainer" else ["--smt-warmup", "4", "--smt-block", "16"]
+    extra = {"greentrainer": ["--rho", "0.8"], "frontier": ["--rho", "0.8", "--step-policy", "frontier"],
+             "smt": ["--smt-warmup", "4", "--smt-block", "16"]}[method]
+    method = "greentrainer" if method == "frontier" else method
     return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "12",
             "--save-every", "3", "--no-progress", "--no-eval", "--method", method, "--lr", "1e-3", *extra]
 
 
-@pytest.mark.parametrize("method", ["greentrainer", "smt"])
+@pytest.mark.parametrize("method", ["greentrainer", "smt", "frontier"])  # frontier: GreenTrainer mixing steps
 def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, jsonl,
                                                                               small_rows, method):
     data = jsonl(small_rows)
@@ -51,9 +53,12 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tmp
     # energy and carbon carry over the checkpoint: every step of the resumed epoch is in its timeline
     steps = [[p["step"] for h in m["history"] for p in h["timeline"]] for m in (a, b)]
     assert steps[0] == steps[1] and all(h["energy_kwh"] > 0 and h["co2_g"] > 0 for h in b["history"])
-    if method == "greentrainer":
+    if method != "smt":
         sa, sb = (json.loads((d / "selections.json").read_text())["selections"] for d in (straight, killed))
         assert [s["selected"] for s in sa] == [s["selected"] for s in sb]
+        if method == "frontier":  # each window's mix of steps was taken up where the checkpoint left it
+            assert [s["step_policy"] for s in sa if "step_policy" in s] == \
+                [s["step_policy"] for s in sb if "step_policy" in s] != []
     assert not (killed / "checkpoint").exists()  # a complete run keeps its model, not the checkpoint
 
 

@@ -56,7 +56,7 @@ class GreenTrainerCallback(TrainerCallback):
     keyword argument (``rho``, ``select_every``, ``select_once``, ``rho_schedule``, ``importance``,
     ``probe_batches``, ``full_warmup_steps``, ``selector_resolution``, ``carbon_aware``/``rho_min``/``rho_max``
     with ``carbon_trace``, ``deselected_state``); ``over="blocks"`` is refused (it swaps layers and rebuilds the
-    optimizer, which the Trainer owns), and a peft LoRA model is selected over its adapters (``over="lora"``).
+    optimizer, which the Trainer owns), and so is ``step_policy="frontier"`` (it skips batches), and a peft LoRA model is selected over its adapters (``over="lora"``).
     ``config``: a ready GreenTrainerConfig instead of the keywords."""
 
     STATE_FILE = "greentrainer_callback.pt"  # next to each Trainer checkpoint (read with weights_only)
@@ -72,6 +72,10 @@ class GreenTrainerCallback(TrainerCallback):
             raise UsageError("GreenTrainerCallback: over='blocks' swaps in SMT's block layers and rebuilds the "
                              "optimizer at each selection, which the Trainer owns; use `greentrainer train --over "
                              "blocks`, or over='tensors' / a peft LoRA model here")
+        if self.config.step_policy != "select":
+            raise UsageError(f"GreenTrainerCallback: step_policy={self.config.step_policy!r} skips batches, which a "
+                             f"callback cannot do in the Trainer's loop; use `greentrainer train --step-policy "
+                             f"{self.config.step_policy}`, or step_policy='select' here")
         if seq_len is not None and seq_len <= 0:
             raise UsageError(f"seq_len must be positive, got {seq_len}")
         self.seq_len, self.log, self.energy = seq_len, log, energy

@@ -181,8 +181,15 @@ def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
 
     Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
     gradient is that of the mean over all target tokens of the step, however the items are split over
-    processes and micro-batches."""
+    processes and micro-batches. A step the method skips (GreenTrainer's frontier policy) runs nothing but
+    the schedule: (0.0, 0)."""
     model = ctx.model
+    if method.skips_step(ctx):
+        with critical():
+            ctx.scheduler.step()
+            ctx.global_step += 1
+            method.after_optimizer_step(ctx)
+        return 0.0, 0
     local = [target_tokens(b, ctx.seq2seq) for b in batches]
     total = max(int(ctx.reduce_sum(sum(local))), 1)
     loss_sum = 0.0
@@ -260,14 +267,17 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                                                 ref_cache)
                 ep.step_log.append([ctx.global_step, ctx.train_seconds, r0 - s0, sum(ctx.flops.values()) - flops0,
                                     ctx.flops_reference - ref0])
-                ep.losses.append(ctx.reduce_sum(loss_sum) / max(ctx.reduce_sum(n_tokens), 1))
+                tokens = ctx.reduce_sum(n_tokens)
+                if tokens:  # (a skipped batch has no loss)
+                    ep.losses.append(ctx.reduce_sum(loss_sum) / tokens)
                 ep.steps_done = i + 1
-                if acc.trackers and ctx.global_step % cfg.logging_steps == 0:
+                if acc.trackers and ctx.global_step % cfg.logging_steps == 0 and ep.losses:
                     log_step(ctx, ep.losses[-cfg.logging_steps:])
                 if cfg.eval_steps and val_data and ctx.global_step % cfg.eval_steps == 0 \
                         and ep.steps_done < len(steps):  # (the epoch's end computes it anyway)
                     ep.val_curve.append([ctx.global_step, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
-                bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
+                if ep.losses:
+                    bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
                 if on_checkpoint is not None and save_every and ctx.global_step % save_every == 0 \
                         and ep.steps_done < len(steps):
                     if meter is not None:
@@ -285,7 +295,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ep.reference_before))
         total = sum(spent.values())
         peak = ctx.reduce_sum(float(mem.peak)) / acc.num_processes
-        rec = {"epoch": epoch + 1, "steps": len(steps), "train_loss": float(np.mean(ep.losses)), "val_loss": val,
+        rec = {"epoch": epoch + 1, "steps": len(steps), "train_loss": float(np.mean(ep.losses)) if ep.losses else None, "val_loss": val,
                "flops_forward": spent["forward"], "flops_backward": spent["backward"],
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
@@ -296,7 +306,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
             rec["val_curve"] = ep.val_curve
         history.append(rec)
         val_text = f"{val:.4f}" if val is not None else "n/a"
-        ctx.log(f"epoch {epoch + 1}: train loss {rec['train_loss']:.4f}  val loss {val_text}  "
+        train_text = f"{rec['train_loss']:.4f}" if rec["train_loss"] is not None else "n/a (every batch skipped)"
+        ctx.log(f"epoch {epoch + 1}: train loss {train_text}  val loss {val_text}  "
                 f"{fmt_flops(total)} ({100 * rec['flops_fraction_of_full']:.1f}% of full FT)  "
                 f"{elapsed:.1f} s  peak mem {peak / 2**20:.0f} MiB"
                 + (f" (mean of {acc.num_processes} processes)" if acc.num_processes > 1 else ""))

@@ -43,6 +43,10 @@ class Method:
 
     def on_step_start(self, ctx) -> None: ...
 
+    def skips_step(self, ctx) -> bool:
+        """Whether the step about to run skips its batch (no forward, no update; the schedule still advances)."""
+        return False
+
     def after_optimizer_step(self, ctx) -> None: ...
 
     def epoch_report(self) -> dict:

@@ -81,6 +81,17 @@ def budget_for(profile, rho: float, steps_per_selection: int, debt: float = 0.0,
     return budget, upto
 
 
+def step_allowance(profile, rho: float, steps_per_selection: int, debt: float = 0.0, step_scale: float = 1.0,
+                   repay_steps: int | None = None) -> float:
+    """FLOPs each of the next steps may spend, as a fraction of a full fine-tuning step: ρ less the share of the
+    overspend (``debt``, the probe's measured FLOPs included) they repay and the safety margin; 0 when skipping
+    every step is what repays it (the frontier step policy can skip; a selection cannot)."""
+    scale = min(max(step_scale, 0.05), 1.0)
+    repay = max(steps_per_selection if repay_steps is None else repay_steps, 1) * scale
+    overhead = max(debt, 0.0) / repay + SAFETY_MARGIN * profile.t_full
+    return max(rho - overhead / profile.t_full, 0.0)
+
+
 def steps_governed(step: int, total_steps: int, window: int) -> int:
     """Steps a selection made at ``step`` governs, so its probe is paid by those alone: to the next selection
     point (one every ``window`` steps) or the run's end, whichever comes first."""
@@ -156,9 +167,12 @@ def warmup_steps(profile, rho: float, total_steps: int, requested: int | None = 
     return requested
 
 
-def probe_within_budget(profile, rho, steps_per_selection, debt, batch, step_scale, repay_steps, run_probe):
+def probe_within_budget(profile, rho, steps_per_selection, debt, batch, step_scale, repay_steps, run_probe,
+                        probe_all: bool = False):
     """(backward budget, probe depth, probe result): the probe runs as deep as ρ allows once the overspend
-    (``debt``) is repaid, then the budget is computed again with the probe's measured FLOPs.
+    (``debt``) is repaid, then the budget is computed again with the probe's measured FLOPs. ``probe_all``: it
+    scores every tensor (a full backward; the frontier step policy weighs full steps too), its measured cost
+    paid the same way.
 
     ``debt``: a number, or a callable asked again after the probe (the probe batch's length varies, so its
     measured cost is paid rather than its prediction). ``run_probe(depth)`` runs the probe on ``batch``."""
@@ -169,6 +183,8 @@ def probe_within_budget(profile, rho, steps_per_selection, debt, batch, step_sca
     cheapest = min(profile.single_costs)  # the backward of the cheapest useful selection
     if upto < 0:  # cannot repay the overspend yet: train the cheapest useful selection, which repays the most
         budget, upto = cheapest, deepest_reachable(profile, cheapest)
+    if probe_all:
+        upto = len(profile.tensors) - 1
     probe = run_probe(upto)
     if callable(debt):  # overspend (no credit for underspend, as before the probe) plus the measured probe
         paid = max(before, 0.0) + (debt() - before)

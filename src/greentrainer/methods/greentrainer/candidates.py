@@ -33,20 +33,21 @@ def lora_profile(config, lora_config, shape, t_full: int, gradient_checkpointing
 
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, *, importance="dw_grad",
                 resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0,
-                step_scale=1.0, reduce_grads=None, agree=None, repay_steps=None):
+                step_scale=1.0, reduce_grads=None, agree=None, repay_steps=None, probe_all=False):
     """Probe importance, select within ρ, and make exactly the selected tensors trainable.
 
     ``debt``: FLOPs measured above ρ × full fine-tuning so far, or a callable giving it; a callable is asked
     again after the probe, so the budget pays the probe's measured cost rather than its prediction (the
     probe batch's length varies). ``steps_per_selection`` counts profiled batches (micro-batches).
     Several processes: ``reduce_grads`` sums the probe's gradients, ``agree`` makes every process take the
-    first one's selection. Returns (selected names, a record of the selection for logs)."""
+    first one's selection. ``probe_all``: the probe scores every tensor (a full backward, paid within ρ).
+    Returns (selected names, a record of the selection for logs)."""
     names = profile.names
     t0 = time.perf_counter()
     budget, upto, probe = probe_within_budget(
         profile, rho, steps_per_selection, debt, batch, step_scale, repay_steps,
         lambda upto: probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast,
-                                      reduce_grads))
+                                      reduce_grads), probe_all)
     t1 = time.perf_counter()
     imp = probe["importance"]
     dw, dy, br = profile.t_dws, profile.t_dys, profile.branch_tuples
@@ -118,9 +119,13 @@ class Tensors:
                                   resolution=cfg.resolution, previous=previous, count=host.count,
                                   autocast=host.autocast, log=host.log, debt=debt, step_scale=scale,
                                   reduce_grads=host.reduce_gradients if host.world_size > 1 else None,
-                                  agree=host.broadcast, repay_steps=repay)
-        rec.update(controller.follow_selection(host.model, host.optimizer, chosen))
+                                  agree=host.broadcast, repay_steps=repay,
+                                  probe_all=cfg.step_policy == "frontier")
         return chosen, rec
+
+    def keep_state(self, controller, host, names) -> dict:
+        """After a selection: optimizer state only for ``names`` (``deselected_state``); the bytes held."""
+        return controller.follow_selection(host.model, host.optimizer, names)
 
     def installed(self, selections, current) -> dict | None:
         """What a checkpoint must install again before its weights load (blocks: their layers)."""
@@ -245,6 +250,9 @@ class Blocks(Tensors):
                  f"{len(whole)} small tensors, of {len(c.members)} candidates; predicted "
                  f"{100 * predicted / prof.t_full:.1f}% of a full step (selector {1000 * (t2 - t1):.0f} ms)")
         return chosen, rec
+
+    def keep_state(self, controller, host, names) -> dict:
+        return {}  # the optimizer was rebuilt over the chosen blocks
 
     def installed(self, selections, current) -> dict | None:
         """The blocks and small tensors training now (the layers to put back on resume)."""

@@ -48,6 +48,11 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
     deselected_state: str = option("drop", "optimizer state of tensors that leave the selection: drop it (a "
                                            "re-selected tensor starts afresh; frees memory), keep a host copy "
                                            "(cpu), or keep it in place", choices=("drop", "cpu", "keep"))
+    step_policy: str = option("select", "what each step spends: select (every step trains the selection within "
+                                        "ρ, the paper) or frontier (each selection also weighs skipping the batch "
+                                        "and (nearly) full steps by the probe's importances, and mixes the two kinds "
+                                        "of step that gain most at ρ on average; --over tensors, the loop only)",
+                              choices=("select", "frontier"))
 
     def validate(self) -> None:
         self.check_options()
@@ -55,6 +60,9 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
             self.check_lora()
         if self.over == "blocks":
             self.check_blocks()
+        if self.step_policy == "frontier" and self.over != "tensors":
+            raise UsageError(f"--step-policy frontier weighs the model's own tensors; it does not work with "
+                             f"--over {self.over}")
         if self.select_once and self.select_every is not None:
             raise UsageError("--select-once and --select-every contradict each other; give one of them")
         if not 0 < self.rho <= 1:

@@ -26,9 +26,10 @@ from __future__ import annotations
 from ...errors import UsageError
 from ...selection import rho_to_backward_budget
 from .budget import (FlopsLedger, can_pay_probe, check_budget, deepest_reachable, smallest_feasible_rho,
-                     steps_governed, warmup_steps)
+                     step_allowance, steps_governed, warmup_steps)
 from .candidates import CANDIDATES
 from .config import load_rho_schedule
+from .step_policy import Mix, frontier, mix_at
 
 DESELECTED_STATE = ("drop", "cpu", "keep")
 
@@ -70,6 +71,9 @@ class GreenTrainerController:
         self.offloaded: dict[str, dict] = {}  # "cpu": name -> {state key: (host tensor, original device)}
         self.ledger = FlopsLedger(cfg.rho)
         self.rho_range = (cfg.rho, cfg.rho)  # carbon-aware: (ρ at the dirtiest grid, ρ at the cleanest)
+        self.mix: Mix | None = None  # step_policy "frontier": the two kinds of step this window mixes
+        self.skip = False            # the step about to run skips its batch
+        self.steps_by_kind = {"skip": 0, "partial": 0, "full": 0}  # this epoch's steps (frontier policy)
 
     def flag(self, name: str) -> str:
         return "--" + name.replace("_", "-") if self.flags == "cli" else name
@@ -131,6 +135,7 @@ class GreenTrainerController:
 
     def on_epoch_start(self, host) -> None:
         self.epoch_selections = []
+        self.steps_by_kind = dict.fromkeys(self.steps_by_kind, 0)
         if self.cfg.select_every is None and (not self.cfg.select_once or self.current is None):
             self._select_or_warm_up(host)
 
@@ -140,6 +145,18 @@ class GreenTrainerController:
             self.select(host)  # the first selection, right after the warm-up
         elif self.cfg.select_every is not None and host.global_step % self.cfg.select_every == 0:
             self._select_or_warm_up(host)
+        self.skip = False
+        if self.mix is not None:
+            self._take(self.mix.next())
+
+    def _take(self, option) -> None:
+        """Make this step train ``option``'s tensors, or skip its batch."""
+        self.skip = option.skip
+        kind = "skip" if option.skip else "full" if len(option.names) == len(self.names) else "partial"
+        self.steps_by_kind[kind] += 1
+        keep = set(option.names)
+        for n, p in self.params.items():
+            p.requires_grad_(n in keep)
 
     def after_optimizer_step(self, host) -> None:
         self.candidates.after_optimizer_step()
@@ -152,6 +169,7 @@ class GreenTrainerController:
 
     def _train_everything(self, host) -> None:
         """The full fine-tuning warm-up: every tensor trains, no probe (its extra FLOPs are repaid later)."""
+        self.mix = None
         for p in self.params.values():
             p.requires_grad_(True)
         rec = warmup_record(self.names, host.global_step, epoch=host.epoch + 1)
@@ -205,6 +223,11 @@ class GreenTrainerController:
             return self.current
         chosen, rec = self.candidates.select(self, host, rho, debt, governs * micro, scale, repay,
                                              None if warm_up_ended else self.current)
+        self.mix, trains = None, chosen
+        if self.cfg.step_policy == "frontier" and "importance" in rec:
+            self.mix = self._mix(host, rec, step_allowance(self.profile, rho, governs * micro, debt(), scale, repay))
+            trains = sorted(set(self.mix.lo.names) | set(self.mix.hi.names), key=self.names.index)
+        rec.update(self.candidates.keep_state(self, host, trains))
         rec["debt_flops"] = rec_debt
         rec["kind"] = "probe"  # every selection record has a kind: "probe" (probed and selected) or "warm-up"
         if self.cfg.carbon_aware:
@@ -218,13 +241,30 @@ class GreenTrainerController:
         self.epoch_selections.append({k: v for k, v in rec.items() if k != "importance"})
         return chosen
 
+    def _mix(self, host, rec, per_step: float) -> Mix:
+        """The frontier policy's mix for the steps this selection governs: the two kinds of step on the upper
+        hull of (FLOPs, predicted gain) around ``per_step``, what ρ allows each step once the probe and any
+        overspend are repaid (skipped steps can repay what no selection could)."""
+        import numpy as np
+        p = self.profile
+        options = frontier(p, np.asarray(rec["importance"]), rec["backward_budget"], self.cfg.resolution)
+        lo, hi, share = host.broadcast(mix_at(options, per_step))
+        rec["step_policy"] = {"per_step": per_step, "share_hi": share,
+                              "frontier": [[o.cost, o.value, len(o.names)] for o in options],
+                              "lo": [lo.cost, lo.value, len(lo.names)], "hi": [hi.cost, hi.value, len(hi.names)]}
+        kind = lambda o: "skip" if o.skip else f"{len(o.names)} tensors ({100 * o.cost:.0f}% of a full step)"  # noqa: E731
+        host.log(f"GreenTrainer: step policy: {kind(hi)} on {100 * share:.0f}% of the steps, "
+                 f"{kind(lo)} on the rest")
+        return Mix(lo, hi, share)
+
     # -- checkpoints -------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"selections": self.selections, "epoch_selections": self.epoch_selections,
                 "current": self.current, "allowance": self.ledger.state(),
                 "offloaded": {n: {k: [v, str(dev) if dev is not None else None] for k, (v, dev) in s.items()}
                               for n, s in self.offloaded.items()},  # "cpu": the host copies
-                "installed": self.candidates.installed(self.selections, self.current)}
+                "installed": self.candidates.installed(self.selections, self.current),
+                "mix": None if self.mix is None else self.mix.state(), "steps_by_kind": dict(self.steps_by_kind)}
 
     def load_state_dict(self, state: dict) -> None:
         """The decisions so far; :meth:`reinstate` then makes the model train what they chose."""
@@ -236,6 +276,8 @@ class GreenTrainerController:
         self.offloaded = {n: {k: (v, torch.device(dev) if dev is not None else None) for k, (v, dev) in s.items()}
                           for n, s in state.get("offloaded", {}).items()}
         self._installed = state.get("installed")
+        self.mix = Mix.from_state(state["mix"]) if state.get("mix") else None
+        self.steps_by_kind.update(state.get("steps_by_kind", {}))
 
     def reinstate(self, model, host) -> None:
         """After :meth:`load_state_dict` and :meth:`setup`: the trainable set the checkpoint was training."""

@@ -44,8 +44,6 @@ class GreenTrainerMethod(Method):
     default_lr = 1e-4  # the validation sweep's winner at rho 0.5 (bench/results/accuracy_sweep_scitldr.md)
     DESELECTED_STATE = ("drop", "cpu", "keep")
 
-    default_lr = 1e-4  # the validation sweep's winner at rho 0.5 (bench/results/accuracy_sweep_scitldr.md)
-
     def __init__(self, cfg, deselected_state: str | None = None, base_model: str | None = None,
                  gradient_checkpointing: bool = False):
         self.cfg = cfg
@@ -87,11 +85,17 @@ class GreenTrainerMethod(Method):
     def on_step_start(self, ctx):
         self.controller.on_step_start(ctx)
 
+    def skips_step(self, ctx) -> bool:
+        return self.controller.skip
+
     def after_optimizer_step(self, ctx):
         self.controller.after_optimizer_step(ctx)
 
     def epoch_report(self):
-        return {"selections": self.controller.epoch_selections}
+        out = {"selections": self.controller.epoch_selections}
+        if self.cfg.step_policy != "select":
+            out["steps_by_kind"] = dict(self.controller.steps_by_kind)
+        return out
 
     def state_dict(self) -> dict:
         return self.controller.state_dict()

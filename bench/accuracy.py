@@ -91,7 +91,9 @@ SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "to
              "smt": [1e-4, 3e-4, 1e-3]}
 SWEEP_KNOB = {"lora": [{"lora_r": 16, "lora_alpha": 32}], "dora": [{"lora_r": 16, "lora_alpha": 32}],
               "prefix": [{"prefix_tokens": 40}], "smt": [{"smt_params": 5.0}]}
-SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer"]
+# variants swept on their own (their lr is not the method's): the frontier step policy mostly trains full steps
+SWEEP_VARIANTS = {"gt-frontier0.5": [3e-5, 1e-4, 3e-4]}
+SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer", *SWEEP_VARIANTS]
 # Ablations of GreenTrainer ρ 0.5 at its swept lr on the validation split (the sweep's protocol), one change each
 SCHEDULES = Path(__file__).parent / "schedules"
 ABLATIONS = {
@@ -303,10 +305,11 @@ def per_item_rouge(preds: list[dict]) -> list[float]:
 def sweep(a, log) -> dict:
     """Each method's winning setting: the lowest final validation loss over its lrs, then its knob."""
     winners = {}
-    for method in SWEEP_ORDER if a.methods is None else [m for m in a.methods if m in SWEEP_LRS]:
-        opts = {"rho": a.sweep_rho} if method == "greentrainer" else {}
+    for label in SWEEP_ORDER if a.methods is None else [m for m in a.methods if m in SWEEP_ORDER]:
+        method, opts = VARIANTS[label] if label in SWEEP_VARIANTS else (label, {})
+        opts = {"rho": a.sweep_rho} if method == "greentrainer" and not opts else dict(opts)
         scores = {}
-        lrs = list(SWEEP_LRS[method][: 1 if a.quick else None])
+        lrs = list((SWEEP_VARIANTS.get(label) or SWEEP_LRS[method])[: 1 if a.quick else None])
         for lr in lrs:
             r = one_run(a, "sweep", method, opts, lr, 0, log)
             if "val_loss" in r:
@@ -323,12 +326,12 @@ def sweep(a, log) -> dict:
             if "val_loss" in r:
                 scores[(lr, json.dumps(opts))] = r["val_loss"][-1]
             best_lr = min(scores, key=scores.get)[0]
-        for knob in SWEEP_KNOB.get(method, []) if not a.quick else []:
+        for knob in SWEEP_KNOB.get(label, []) if not a.quick else []:
             r = one_run(a, "sweep", method, {**opts, **knob}, best_lr, 0, log)
             if "val_loss" in r:
                 scores[(best_lr, json.dumps({**opts, **knob}))] = r["val_loss"][-1]
         (lr, o), loss = min(scores.items(), key=lambda kv: kv[1])
-        winners[method] = {"lr": lr, "options": {k: v for k, v in json.loads(o).items() if k != "rho"},
+        winners[label] = {"lr": lr, "options": {k: v for k, v in json.loads(o).items() if k not in ("rho", *opts)},
                            "val_loss": loss,
                            "tried": [{"lr": k[0], "options": json.loads(k[1]), "val_loss": v} for k, v in scores.items()]}
     return winners
@@ -352,7 +355,8 @@ def write_sweep(a, winners: dict) -> None:
              "| method | lr | options | validation loss |", "|---|---|---|---|"]
     for method, w in winners.items():
         for t in sorted(w["tried"], key=lambda t: t["val_loss"]):
-            win = t["lr"] == w["lr"] and {k: v for k, v in t["options"].items() if k != "rho"} == w["options"]
+            own = {"rho", *(VARIANTS[method][1] if method in SWEEP_VARIANTS else ())}  # not knobs: the variant's
+            win = t["lr"] == w["lr"] and {k: v for k, v in t["options"].items() if k not in own} == w["options"]
             b = "**" if win else ""
             lines.append(f"| {b}{method}{b} | {t['lr']:g} | {json.dumps(t['options']) if t['options'] else ''} | "
                          f"{b}{t['val_loss']:.4f}{b} |")
@@ -438,11 +442,11 @@ def setting(a, label: str, winners: dict) -> tuple[str, dict, float] | None:
     naming a method becomes the FLOPs fraction that method's seed-0 final run measured."""
     method, opts = VARIANTS[label]
     opts = dict(opts)
-    source = SETTING_FROM.get(label, method)
+    source = label if label in SWEEP_VARIANTS else SETTING_FROM.get(label, method)
     if source not in winners:
         return None
     w = winners[source]
-    knobs = w["options"] if source == method else {k: v for k, v in w["options"].items()
+    knobs = w["options"] if source in (method, label) else {k: v for k, v in w["options"].items()
                                                     if k in ("lora_r", "lora_alpha")}
     lr = opts.pop("lr", w["lr"])
     if "fewer_steps" in opts:

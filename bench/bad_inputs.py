@@ -132,7 +132,7 @@ def cases(env: Env) -> list[dict]:
 
     bad_json = e.write("bad.jsonl", ['{"source": "a", "target": "b"}', "{broken"])
     not_obj = e.write("list.jsonl", ["[1, 2]"])
-    no_src = e.write("nosrc.jsonl", ['{"text": "x", "target": "y"}'])
+    no_src = e.write("nosrc.jsonl", ['{"src": "x", "target": "y"}'])
     empty_tgt = e.write("emptytgt.jsonl", ['{"source": "x", "target": ""}'])
     bad_tgts = e.write("badtgts.jsonl", ['{"source": "x", "targets": [1, 2]}'])
     empty = e.write("empty.jsonl", [])
@@ -171,7 +171,38 @@ def cases(env: Env) -> list[dict]:
     add("data", "dataset file missing", e.train(data=str(e.root / "missing.jsonl")), needle="not found")
     add("data", "invalid JSON line", e.train(data=bad_json), needle="line 2")
     add("data", "line is not a JSON object", e.train(data=not_obj), needle="line 1")
-    add("data", "row without 'source'", e.train(data=no_src), needle="source")
+    add("data", "columns of no known format", e.train(data=no_src), needle="columns (src, target)")
+    # users' formats (issue 33): a bad row is named by its number, before anything is written
+    turn = lambda role, content: {"role": role, "content": content}  # noqa: E731
+    good = [{"messages": [turn("user", f"question {i}"), turn("assistant", f"answer {i}")]} for i in range(8)]
+    for what, row, needle in [
+            ("conversation: a message without a role", {"messages": [{"content": "hi"}, turn("assistant", "x")]},
+             "row 3: message 1 of 'messages' has no role"),
+            ("conversation: an empty assistant turn", {"messages": [turn("user", "hi"), turn("assistant", " ")]},
+             "row 3: message 2 of 'messages' is an empty assistant turn"),
+            ("conversation: no assistant turn", {"messages": [turn("user", "hi")]}, "row 3: the conversation has no "
+                                                                                    "assistant turn"),
+            ("conversation: non-string content", {"messages": [turn("user", "hi"), turn("assistant", 5)]},
+             "row 3: message 2 of 'messages' (assistant) has no string content"),
+            ("conversation: unknown role", {"messages": [turn("bot", "hi"), turn("assistant", "x")]}, "role 'bot'"),
+            ("conversation whose assistant part --max-input-length would cut entirely",
+             {"messages": [turn("user", "word " * 400), turn("assistant", "x")]},
+             "row 3: the conversation is longer than --max-input-length"),
+            ("prompt/completion: an empty completion", {"prompt": "p", "completion": ""}, "row 3: 'completion'"),
+            ("alpaca: output not a string", {"instruction": "say", "output": 3}, "row 3: 'output'")]:
+        rows = good[:2] + [row] + good[2:] if "messages" in row else \
+            [dict(row, **({"completion": f"c{i}", "prompt": f"p{i}"} if "prompt" in row else
+                          {"output": f"o{i}", "instruction": f"i{i}"})) for i in range(2)] + [row] + \
+            [dict(row, **({"completion": f"c{i}", "prompt": f"p{i}"} if "prompt" in row else
+                          {"output": f"o{i}", "instruction": f"i{i}"})) for i in range(2, 8)]
+        add("data", what, e.train(data=e.write(f"fmt{len(C)}.jsonl", [json.dumps(r) for r in rows])), needle=needle)
+    add("data", "--dataset-format that the rows do not have", e.train("--dataset-format", "messages"),
+        needle="'messages' must be a non-empty list")
+    add("data", "a hub dataset name while offline", e.train(data="nobody-xyz/no-such-dataset"),
+        needle="cannot load 'nobody-xyz/no-such-dataset' from the Hugging Face Hub")
+    add("data", "unknown file type", e.train(data=e.write("data.xlsx", ["x"])), needle="unknown file type")
+    add("data", "CSV with a ragged row", e.train(data=e.write("ragged.csv", ["source,target", "a,b", "c,d,e,f"])),
+        needle="cannot read")
     add("data", "empty target", e.train(data=empty_tgt), needle="target")
     add("data", "'targets' not a list of strings", e.train(data=bad_tgts), needle="targets")
     add("data", "empty file", e.train(data=empty), needle="empty")

@@ -62,8 +62,10 @@ def test_user_jsonl_and_errors(jsonl, small_rows):
     assert not {e.source for e in train} & ({e.source for e in test} | {e.source for e in val})
     with pytest.raises(UsageError, match="line 2"):
         load_examples(jsonl(['{"source": "a", "target": "b"}', '{oops'], "bad.jsonl"), "train")
-    with pytest.raises(UsageError, match="line 1"):
-        load_examples(jsonl([{"text": "no source"}], "nosrc.jsonl"), "train")
+    with pytest.raises(UsageError, match="line 2"):
+        load_examples(jsonl([{"source": "a", "target": "b"}, {"target": "no source"}], "nosrc.jsonl"), "train")
+    with pytest.raises(UsageError, match=r"columns \(foo\); accepted: messages"):
+        load_examples(jsonl([{"foo": "x"}], "nocols.jsonl"), "train")
     with pytest.raises(UsageError, match="empty"):
         load_examples(jsonl([], "empty.jsonl"), "train")
     with pytest.raises(UsageError, match="not found"):

@@ -28,9 +28,15 @@ class TrainConfig(Options):
     ``method_config`` is the chosen method's own config dataclass (None: its defaults)."""
 
     model: str = option("smollm2-135m", "smollm2-135m (packaged), a local HF folder, or a hub name")
-    dataset: str = option("scitldr", "scitldr, dialogsum, webquestions, piqa, samsum or a .jsonl file")
-    eval_dataset: str | None = option(None, "your own test set (.jsonl) for a .jsonl --dataset (default: a fixed "
-                                            "10%% held out of it)")
+    dataset: str = option("scitldr", "scitldr, dialogsum, webquestions, piqa, samsum; or your data: a .jsonl, "
+                                     ".json, .csv or .parquet file, a save_to_disk folder or a hub dataset name")
+    eval_dataset: str | None = option(None, "your own test set (any --dataset file type) for your --dataset "
+                                            "(default: a fixed 10%% held out of it)")
+    dataset_format: str = option("auto", "how your data's rows read: messages (conversations, the loss on every "
+                                         "assistant turn), prompt-completion (TRL's), alpaca (instruction, input, "
+                                         "output), text (the loss on every token), source-target; auto: from the "
+                                         "columns", choices=("auto", "messages", "prompt-completion", "alpaca",
+                                                             "text", "source-target"))
     method: str = option("greentrainer", "the training method", choices=_method_names)
     output_dir: str | None = option(None, "the run folder (default: runs/METHOD-DATASET-TIME)")
     overwrite: bool = option(False, "replace the run folder of an earlier run (only a greentrainer run folder)")

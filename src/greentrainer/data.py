@@ -58,6 +58,12 @@ class Example:
     choices: list[str] | None = None
     label: int | None = None
     id: str = ""
+    # users' formats (greentrainer.formats): a conversation and which of its messages carry the loss; plain
+    # text (the loss on every token); a prompt/completion pair used as it is (no instruction, no template)
+    messages: list[dict] | None = None
+    trained: list[bool] | None = None
+    text: str | None = None
+    raw: bool = False
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -103,16 +109,20 @@ def _split_file(name: str, split: str) -> tuple[Path, slice]:
     return DATA_DIR / name / f"{split}.jsonl.gz", sl
 
 
-def resolve_dataset(name: str) -> tuple[DatasetSpec, Path | None]:
-    """A bundled dataset name, or a user JSONL file (summarization format) with source/target(s)."""
+def resolve_dataset(name: str, data_format: str = "auto") -> tuple[DatasetSpec, Path | None]:
+    """A bundled dataset name, or a user's file, folder or hub dataset in one of :mod:`greentrainer.formats`'
+    formats (task ``summarization``: ROUGE against the last trained turn; ``lm`` for plain text: loss only)."""
     if name in DATASETS:
         return DATASETS[name], None
-    p = Path(name)
-    if p.suffix in (".jsonl", ".gz", ".json") or "/" in name:
-        if not p.is_file():
-            raise UsageError(f"dataset file not found: {name}")
-        return DatasetSpec(p.stem, "summarization", "file", "file", 64, "user data"), p
-    raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or give a .jsonl file")
+    from .formats import detect_format, is_user_data, rows_of
+    if is_user_data(name):
+        rows = rows_of(name)
+        if not rows:
+            raise UsageError(f"dataset {name!r} is empty")
+        task = "lm" if detect_format(rows, name, data_format) == "text" else "summarization"
+        return DatasetSpec(Path(name).stem or name, task, "file", "file", 64, "user data"), Path(name)
+    raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} or give a file (.jsonl, .json, "
+                     f".csv, .parquet), a save_to_disk folder or a hub dataset name")
 
 
 def held_out(exs: list[Example], frac: float = 0.1, minimum: int = 1) -> tuple[list[Example], list[Example]]:
@@ -128,15 +138,13 @@ def held_out(exs: list[Example], frac: float = 0.1, minimum: int = 1) -> tuple[l
     return [e for i, e in enumerate(exs) if i not in held], [e for i, e in enumerate(exs) if i in held]
 
 
-def _user_splits(path: Path, eval_file: str | None) -> dict[str, list[Example]]:
-    exs = [_to_example(path, ln, r) for ln, r in _read_jsonl(path)]
-    if not exs:
-        raise UsageError(f"dataset {str(path)!r} is empty")
+def _user_splits(path: Path, eval_file: str | None, data_format: str = "auto") -> dict[str, list[Example]]:
+    from .formats import is_user_data, load_user_examples
+    _, exs = load_user_examples(str(path), data_format)
     if eval_file is not None:
-        ep = Path(eval_file)
-        if not ep.is_file():
+        if not is_user_data(eval_file) or (not Path(eval_file).exists() and Path(eval_file).suffix):
             raise UsageError(f"eval dataset file not found: {eval_file}")
-        test = [_to_example(ep, ln, r) for ln, r in _read_jsonl(ep)]
+        _, test = load_user_examples(eval_file, data_format)
         if not test:
             raise UsageError(f"eval dataset {eval_file!r} is empty")
         train = exs
@@ -152,21 +160,28 @@ def _user_splits(path: Path, eval_file: str | None) -> dict[str, list[Example]]:
     return {"train": train, "validation": val, "test": test}
 
 
-def _norm(text: str) -> str:
+def _norm(text) -> str:
     return " ".join(text.split())
+
+
+def _key(e: Example) -> str:
+    """What makes two items the same for the overlap check: the source, or a whole conversation or text."""
+    if e.messages is not None:
+        return _norm(" ".join(m["content"] for m in e.messages[: max(i for i, t in enumerate(e.trained) if t)]))
+    return _norm(e.text if e.text is not None else e.source)
 
 
 def check_no_overlap(train: list[Example], test: list[Example], train_name: str, test_name: str) -> None:
     """Refuse to evaluate on items the model was trained on (same source text)."""
-    seen = {_norm(e.source) for e in train}
-    both = [e for e in test if _norm(e.source) in seen]
+    seen = {_key(e) for e in train}
+    both = [e for e in test if _key(e) in seen]
     if both:
         raise UsageError(f"{len(both)} of {len(test)} evaluation item(s) in {test_name} also appear in the "
                          f"training data {train_name} (e.g. id {both[0].id!r}); evaluation must use unseen data")
 
 
 def load_examples(name: str, split: str = "train", limit: int | None = None, seed: int = 42,
-                  eval_file: str | None = None) -> list[Example]:
+                  eval_file: str | None = None, data_format: str = "auto") -> list[Example]:
     """Examples of a split, sub-sampled to ``limit`` with a fixed seed.
 
     ``split``: "train", "validation" (steers training: per-epoch loss, model choice) or "test" (final report;
@@ -176,9 +191,9 @@ def load_examples(name: str, split: str = "train", limit: int | None = None, see
     split = "test" if split == "eval" else split
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}")
-    spec, path = resolve_dataset(name)
+    spec, path = resolve_dataset(name, data_format)
     if path is not None:
-        exs = _user_splits(path, eval_file)[split]
+        exs = _user_splits(path, eval_file, data_format)[split]
     else:
         if eval_file is not None:
             raise UsageError("--eval-dataset is for your own JSONL training file; bundled datasets use their test split")
@@ -301,6 +316,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]          # -100 where the loss is off (prompt), for decoder-only; target ids for seq2seq
     prompt_ids: list[int]      # what generation starts from
+    truncated: bool = False    # cut to --max-input-length (its source, prompt or the conversation's end)
 
 
 def _token_parts(ex: Example, tok, task: str, seq2seq: bool, fmt: PromptFormat = PLAIN):
@@ -315,7 +331,10 @@ def _token_parts(ex: Example, tok, task: str, seq2seq: bool, fmt: PromptFormat =
 
 def encode_example(ex: Example, tok, task: str, seq2seq: bool, max_len: int, max_target_len: int = 256,
                    fmt: PromptFormat = PLAIN) -> Encoded:
-    """Tokenise one example; truncate only the source so the input fits ``max_len``."""
+    """Tokenise one example; truncate only the source so the input fits ``max_len`` (a conversation or a text:
+    its end; a prompt/completion pair: the prompt's beginning)."""
+    if ex.messages is not None or ex.text is not None or ex.raw:
+        return _encode_user(ex, tok, seq2seq, max_len, fmt)
     head, src_ids, suf_ids, tgt_ids = _token_parts(ex, tok, task, seq2seq, fmt)
     if seq2seq:
         eos = [tok.eos_token_id]
@@ -325,17 +344,98 @@ def encode_example(ex: Example, tok, task: str, seq2seq: bool, max_len: int, max
                              f"({len(suf_ids) + 2} tokens needed)")
         prompt = src_ids[:room] + suf_ids + eos
         labels = tgt_ids[: max_target_len - 1] + eos
-        return Encoded(prompt, labels, prompt)
+        return Encoded(prompt, labels, prompt, len(src_ids) > room)
     room = max_len - len(head) - len(suf_ids) - len(tgt_ids)
     if room < 1:
         raise UsageError(f"--max-input-length {max_len} is too small to hold the prompt and target of "
                          f"example {ex.id!r} ({len(head) + len(suf_ids) + len(tgt_ids) + 1} tokens needed)")
     prompt = head + src_ids[:room] + suf_ids
-    return Encoded(prompt + tgt_ids, [-100] * len(prompt) + tgt_ids, prompt)
+    return Encoded(prompt + tgt_ids, [-100] * len(prompt) + tgt_ids, prompt, len(src_ids) > room)
+
+
+def render_plain(messages: list[dict], add_generation_prompt: bool = False, eos: str = "") -> str:
+    """A conversation for a tokenizer without a chat template: "### Role:" blocks, each assistant turn ended by
+    EOS (the format of Alpaca-style instruction tuning)."""
+    out = "".join(f"### {m['role'].capitalize()}:\n{m['content']}" + (eos if m["role"] == "assistant" else "")
+                  + "\n\n" for m in messages)
+    return out + ("### Assistant:\n" if add_generation_prompt else "")
+
+
+def conversation_segments(ex: Example, tok, fmt: PromptFormat = PLAIN, upto: int | None = None):
+    """A conversation as (text, carries the loss) pieces in order: the template's text up to each trained
+    assistant turn, then that turn's content through its end-of-turn. ``upto``: stop before message ``upto``
+    and end with the generation prompt (what evaluation generates from)."""
+    def render(msgs, gen=False):
+        if fmt.kind == "chat":
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return render_plain(msgs, gen, tok.eos_token or "")
+    msgs, out, done = ex.messages, [], ""
+    last = len(msgs) if upto is None else upto
+    for i, m in enumerate(msgs[:last]):
+        if m["role"] != "assistant" or not ex.trained[i]:
+            continue
+        prompt, full = render(msgs[:i], True), render(msgs[: i + 1])
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise UsageError("this tokenizer's chat template does not render a conversation as a growing prefix "
+                             "(turn by turn); use --prompt-format plain")
+        turn = full[len(prompt):].rstrip()  # whitespace after the end of turn belongs to the next prompt
+        out += [(prompt[len(done):], False), (turn, True)]
+        done = prompt + turn
+    if upto is not None:
+        prompt = render(msgs[:upto], True)
+        out.append((prompt[len(done):] if prompt.startswith(done) else prompt, False))
+    return out
+
+
+def _encode_user(ex: Example, tok, seq2seq: bool, max_len: int, fmt: PromptFormat) -> Encoded:
+    """A conversation (loss on its trained turns), a plain text (loss on every token) or a prompt/completion
+    pair (loss on the completion), cut at ``max_len``; refused when nothing to train on would remain."""
+    if seq2seq:
+        raise UsageError("conversations, plain text and prompt/completion data train decoder-only models; this "
+                         "model is an encoder-decoder (use source/target data)")
+    ids = lambda text: tok(text, add_special_tokens=False).input_ids if text else []  # noqa: E731
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    if ex.text is not None:
+        toks = _bos(tok) + ids(ex.text) + eos
+        kept = toks[:max_len]
+        return Encoded(kept, list(kept), kept[:1], len(toks) > max_len)
+    if ex.raw:
+        prompt, target = _bos(tok) + ids(ex.source), ids(ex.target) + eos
+        room = max_len - len(target)
+        if room < 1:
+            raise UsageError(f"row {ex.id}: the completion alone ({len(target)} tokens) does not fit "
+                             f"--max-input-length {max_len}; raise it or shorten the completion")
+        cut = prompt[-room:]  # the prompt's end, next to the completion, stays
+        return Encoded(cut + target, [-100] * len(cut) + target, cut, len(prompt) > room)
+    toks, labels = (_bos(tok) if fmt.kind != "chat" else []), []
+    labels += [-100] * len(toks)
+    for text, trains in conversation_segments(ex, tok, fmt):
+        t = ids(text)
+        toks += t
+        labels += t if trains else [-100] * len(t)
+    if all(x == -100 for x in labels[:max_len]):
+        raise UsageError(f"row {ex.id}: the conversation is longer than --max-input-length {max_len} "
+                         f"({len(toks)} tokens) and its first assistant turn would be cut entirely; raise "
+                         f"--max-input-length or shorten the conversation")
+    return Encoded(toks[:max_len], labels[:max_len], prompt_ids(ex, tok, fmt, max_len), len(toks) > max_len)
+
+
+def prompt_ids(ex: Example, tok, fmt: PromptFormat, max_len: int) -> list[int]:
+    """What generation starts from for a conversation: every turn before the last trained one and the
+    generation prompt, its most recent ``max_len`` tokens."""
+    last = max(i for i, t in enumerate(ex.trained) if t)
+    toks = (_bos(tok) if fmt.kind != "chat" else [])
+    for text, _ in conversation_segments(ex, tok, fmt, upto=last):
+        toks = toks + (tok(text, add_special_tokens=False).input_ids if text else [])
+    return toks[-max_len:]
 
 
 def encode_prompt(ex: Example, tok, task: str, seq2seq: bool, max_len: int, fmt: PromptFormat = PLAIN) -> list[int]:
     """Prompt ids for generation, the source truncated so the prompt fits ``max_len``."""
+    if ex.messages is not None:
+        return prompt_ids(ex, tok, fmt, max_len)
+    if ex.raw:
+        return (_bos(tok) + tok(ex.source, add_special_tokens=False).input_ids)[-max_len:]
     head, src_ids, suf_ids, _ = _token_parts(ex, tok, task, seq2seq, fmt)
     tail = suf_ids + ([tok.eos_token_id] if seq2seq else [])
     return head + src_ids[: max(1, max_len - len(tail) - len(head))] + tail

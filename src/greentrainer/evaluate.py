@@ -125,10 +125,32 @@ def choice_loglik_accuracy(model, tok, examples, seq2seq: bool, max_input_length
     return 100 * correct / max(len(examples), 1)
 
 
+@torch.no_grad()
+def token_loss(model, tok, examples, max_input_length: int, batch_size: int = 8) -> float:
+    """Mean loss per target token over the examples (plain text: every token)."""
+    from .data import collate
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    enc = [encode_example(e, tok, "lm", False, max_input_length) for e in examples]
+    for i in range(0, len(enc), batch_size):
+        batch = {k: v.to(device) for k, v in collate(enc[i: i + batch_size], tok.pad_token_id, False).items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(model(**batch).loss) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def evaluate(model, tok, examples, task: str, seq2seq: bool, max_input_length: int, max_new_tokens: int,
              num_beams: int = 4, batch_size: int = 8, progress=True,
              fmt: PromptFormat = PLAIN) -> tuple[dict, list[dict]]:
-    """Metrics for the task and the per-example predictions."""
+    """Metrics for the task and the per-example predictions (plain text, task ``lm``: the loss and perplexity
+    on the examples instead, nothing generated)."""
+    if task == "lm":
+        loss = token_loss(model, tok, examples, max_input_length, batch_size)
+        return {"loss": loss, "perplexity": float(np.exp(loss))}, []
     preds = generate(model, tok, examples, task, seq2seq, max_input_length, max_new_tokens, num_beams,
                      batch_size, progress=progress, fmt=fmt)
     refs = [e.targets for e in examples]

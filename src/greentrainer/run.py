@@ -216,14 +216,14 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
     cfg.validate()
     from .engine.metric_logging import grid_of
     grid = grid_of(cfg)
-    spec, _ = resolve_dataset(cfg.dataset)
+    spec, _ = resolve_dataset(cfg.dataset, cfg.dataset_format)
     out_dir = cfg.output_dir or default_output_dir(cfg)
     if resume_dir is None:
         check_output_dir(out_dir, cfg.overwrite)
-    train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed, cfg.eval_dataset)
+    train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed, cfg.eval_dataset, cfg.dataset_format)
     eval_seed = items_seed(cfg.seed, cfg.eval_seed)
-    val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, eval_seed, cfg.eval_dataset)
-    test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, eval_seed, cfg.eval_dataset)
+    val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, eval_seed, cfg.eval_dataset, cfg.dataset_format)
+    test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, eval_seed, cfg.eval_dataset, cfg.dataset_format)
     check_input_length(load_config(cfg.model), cfg.max_input_length)  # fails fast, before the weights load
     from .energy import EnergyMeter
     meter = EnergyMeter(pick_device(cfg.device)) if cfg.track_energy else None  # detects hardware meanwhile
@@ -234,7 +234,12 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
                                 spec.instruction if cfg.instruction is None else cfg.instruction)
     train_enc = encode_all(train_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)
     val_enc = encode_all(val_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)
-    encode_all(test_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)  # every prompt fits, or stop now
+    test_enc = encode_all(test_ex, tok, spec.task, seq2seq, cfg.max_input_length, fmt)  # every prompt fits, or stop
+    for name, enc in (("training", train_enc), ("validation", val_enc), ("test", test_enc)):
+        cut = sum(e.truncated for e in enc)
+        if cut:
+            log(f"{cut} of {len(enc)} {name} rows are longer than --max-input-length {cfg.max_input_length}: "
+                f"{'their source or prompt is cut' if spec.task != 'lm' else 'their end is cut'}")
     from .methods import build_method
     method = build_method(cfg)
     from .engine.distributed import build_accelerator
@@ -402,9 +407,11 @@ def run_eval(model_dir: str, dataset: str, max_eval: int | None, num_beams: int,
              eval_dataset: str | None = None, prompt_format: str = "auto", instruction: str | None = None) -> dict:
     """Evaluate a saved model (full model folder or PEFT adapter folder) or a model name on the test split
     (a user file's held-out part, or every row of ``eval_dataset``)."""
-    spec, _ = resolve_dataset(dataset)
     trained = recorded_train_config(model_dir)
-    exs = load_examples(dataset, "test", max_eval, run_eval_seed(trained) if seed is None else seed, eval_dataset)
+    data_format = (trained or {}).get("dataset_format") or "auto"  # as the run read it
+    spec, _ = resolve_dataset(dataset, data_format)
+    exs = load_examples(dataset, "test", max_eval, run_eval_seed(trained) if seed is None else seed, eval_dataset,
+                        data_format)
     status = run_status(model_dir)
     if status is not None and trained is not None:
         _check_unseen(trained, exs, eval_dataset or dataset)

@@ -85,7 +85,9 @@ def read_rows(name: str) -> list[tuple[int, dict]]:
             raise UsageError(f"cannot load {name!r} from the Hugging Face Hub (offline, or no such dataset: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}); give a local file") from None
         raise UsageError(f"cannot read {name}: {e}") from None
-    except Exception as e:  # a table pyarrow cannot read (mixed types in a column, bad CSV, …)
+    except Exception as e:  # a table pyarrow cannot read (mixed types in a column, bad CSV, …): its first cause
+        while (e.__cause__ or e.__context__) is not None and "generating the dataset" in str(e):
+            e = e.__cause__ or e.__context__
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"cannot read {name}: {first[:300]}") from None
     return [(i, dict(row)) for i, row in enumerate(table, 1)]

@@ -13,13 +13,15 @@ from greentrainer.cli import main
 
 def args(model, data, out, method):
     extra = {"greentrainer": ["--rho", "0.8"], "frontier": ["--rho", "0.8", "--step-policy", "frontier"],
-             "smt": ["--smt-warmup", "4", "--smt-block", "16"]}[method]
-    method = "greentrainer" if method == "frontier" else method
+             "smt": ["--smt-warmup", "4", "--smt-block", "16"],
+             "grouped": ["--rho", "0.8", "--group-by-length"]}[method]
+    method = "greentrainer" if method in ("frontier", "grouped") else method
     return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "12",
             "--save-every", "3", "--no-progress", "--no-eval", "--method", method, "--lr", "1e-3", *extra]
 
 
-@pytest.mark.parametrize("method", ["greentrainer", "smt", "frontier"])  # frontier: GreenTrainer mixing steps
+@pytest.mark.parametrize("method", ["greentrainer", "smt", "frontier", "grouped"])  # frontier: mixing steps;
+# grouped: --group-by-length
 def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, jsonl,
                                                                               small_rows, method):
     data = jsonl(small_rows)

@@ -6,7 +6,6 @@ Every record has ``source``, ``target`` and ``targets`` (all references); PIQA a
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import random
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .formats import Example, _read_jsonl, _to_example  # noqa: F401  (rows -> examples; Example re-exported)
 
 DATA_DIR = Path(__file__).parent / "datasets"
 
@@ -49,56 +49,7 @@ DATASETS = {
                         instruction="Which solution reaches the goal? Answer 0 or 1."),
 }
 SPLITS = ("train", "validation", "test")
-
-@dataclasses.dataclass
-class Example:
-    source: str
-    target: str
-    targets: list[str]
-    choices: list[str] | None = None
-    label: int | None = None
-    id: str = ""
-    # users' formats (greentrainer.formats): a conversation and which of its messages carry the loss; plain
-    # text (the loss on every token); a prompt/completion pair used as it is (no instruction, no template)
-    messages: list[dict] | None = None
-    trained: list[bool] | None = None
-    text: str | None = None
-    raw: bool = False
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    rows = []
-    try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise UsageError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise UsageError(f"{path}: line {lineno} is not a JSON object")
-                rows.append((lineno, row))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    return rows
-
-
-def _to_example(path, lineno, row) -> Example:
-    src = row.get("source")
-    targets = row.get("targets")
-    if targets is None and "target" in row:
-        targets = [row["target"]]
-    if not isinstance(src, str) or not src.strip():
-        raise UsageError(f"{path}: line {lineno} has no non-empty string field 'source'")
-    if (not isinstance(targets, list) or not targets
-            or not all(isinstance(t, str) and t.strip() for t in targets)):
-        raise UsageError(f"{path}: line {lineno} needs 'target' (a string) or 'targets' (a list of strings)")
-    return Example(source=src, target=row.get("target") or targets[0], targets=targets,
-                   choices=row.get("choices"), label=row.get("label"), id=str(row.get("id", lineno)))
-
+GROUP_SPAN = 50  # --group-by-length sorts runs of this many global batches by length (transformers' choice)
 
 def _split_file(name: str, split: str) -> tuple[Path, slice]:
     sl = slice(None)
@@ -487,13 +438,19 @@ def typical_shape(data, batch_size: int, seq2seq: bool) -> tuple[int, int, int |
     return batch_size, seq, tgt
 
 
-def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, seed: int = 0) -> float:
+def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, seed: int = 0,
+                     grouped: bool = False) -> float:
     """Expected padded length per batch (input + target for seq2seq) over random shuffles of the data, a
-    short last batch counted by its share of a full one (its FLOPs are that much smaller)."""
+    short last batch counted by its share of a full one (its FLOPs are that much smaller); ``grouped``: batched
+    as --group-by-length batches them."""
     rng = random.Random(seed)
     idx, sizes = list(range(len(data))), []
+    size_of = [len(e.input_ids) + (len(e.labels) if seq2seq else 0) for e in data]
     for _ in range(rounds):
         rng.shuffle(idx)
+        if grouped:
+            span = batch_size * GROUP_SPAN
+            idx = [i for t in range(0, len(idx), span) for i in sorted(idx[t: t + span], key=lambda i: -size_of[i])]
         for i in range(0, len(idx), batch_size):
             items = [data[j] for j in idx[i: i + batch_size]]
             size = max(len(e.input_ids) for e in items)

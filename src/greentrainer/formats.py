@@ -17,7 +17,10 @@ the run before anything is written, in one line naming the row.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import gzip
+import json
 from pathlib import Path
 
 from .errors import UsageError
@@ -27,6 +30,56 @@ ROLES = ("system", "user", "assistant", "tool")
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".gz": "json"}
 ACCEPTED = ("messages (a list of {role, content}); prompt and completion; instruction, input and output (alpaca); "
             "text; source and target(s)")
+
+
+@dataclasses.dataclass
+class Example:
+    source: str
+    target: str
+    targets: list[str]
+    choices: list[str] | None = None
+    label: int | None = None
+    id: str = ""
+    # users' formats (greentrainer.formats): a conversation and which of its messages carry the loss; plain
+    # text (the loss on every token); a prompt/completion pair used as it is (no instruction, no template)
+    messages: list[dict] | None = None
+    trained: list[bool] | None = None
+    text: str | None = None
+    raw: bool = False
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise UsageError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise UsageError(f"{path}: line {lineno} is not a JSON object")
+                rows.append((lineno, row))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    return rows
+
+
+def _to_example(path, lineno, row) -> Example:
+    src = row.get("source")
+    targets = row.get("targets")
+    if targets is None and "target" in row:
+        targets = [row["target"]]
+    if not isinstance(src, str) or not src.strip():
+        raise UsageError(f"{path}: line {lineno} has no non-empty string field 'source'")
+    if (not isinstance(targets, list) or not targets
+            or not all(isinstance(t, str) and t.strip() for t in targets)):
+        raise UsageError(f"{path}: line {lineno} needs 'target' (a string) or 'targets' (a list of strings)")
+    return Example(source=src, target=row.get("target") or targets[0], targets=targets,
+                   choices=row.get("choices"), label=row.get("label"), id=str(row.get("id", lineno)))
 
 
 def is_user_data(name: str) -> bool:
@@ -50,7 +103,6 @@ def read_rows(name: str) -> list[tuple[int, dict]]:
     """Every row with its number (1-based: a JSONL's line number, else its place in the table)."""
     p = Path(name)
     if p.suffix in (".jsonl", ".gz") and p.is_file():
-        from .data import _read_jsonl
         return _read_jsonl(p)
     try:
         import datasets
@@ -152,7 +204,6 @@ def _string(row, key, name, n, required=True) -> str:
 
 def to_example(row: dict, fmt: str, name: str, n: int):
     """One row as an :class:`~greentrainer.data.Example` (the reference for evaluation: the last trained turn)."""
-    from .data import Example, _to_example
     if fmt == "source-target":
         return _to_example(name, n, row)
     if fmt == "text":
@@ -187,7 +238,6 @@ def to_example(row: dict, fmt: str, name: str, n: int):
 
 
 def _conversation(messages, trained, row, n):
-    from .data import Example
     last = max(i for i, t in enumerate(trained) if t)
     user = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
     return Example(source=user or messages[0]["content"], target=messages[last]["content"],

@@ -156,6 +156,9 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
               ("flops_forward", "flops_backward", "flops_overhead", "flops_total", "flops_full_ft_reference",
                "time_s")}
     totals["flops_fraction_of_full"] = totals["flops_total"] / totals["flops_full_ft_reference"]
+    if cfg.group_by_length:  # the saving from grouping, next to the saving from the method
+        totals["flops_full_ft_random_batches"] = sum(h["flops_full_ft_random_batches"] for h in history)
+        totals["flops_fraction_of_full_random_batches"] = totals["flops_total"] / totals["flops_full_ft_random_batches"]
     totals["steps"] = ctx.global_step
     spent, reference = ctx.global_flops()
     totals.update(method.budget_report(spent, reference))  # a method with a FLOPs budget: was it kept?
@@ -222,6 +225,12 @@ def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
     return loss_sum, sum(local)
 
 
+def _reference_of(ctx, cfg, ref_cache, steps) -> float:
+    """Full fine-tuning's FLOPs on these steps' batches (this process's share), by their padded shapes."""
+    return sum(reference_step_flops(ctx.meta_model, ctx.collate([ctx.train_data[j] for j in idx]),
+                                    cfg.gradient_checkpointing, ref_cache) for micro in steps for idx in micro if idx)
+
+
 def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end,
             resume: EpochProgress | None = None, on_checkpoint=None, handle: RunHandle | None = None,
             meter=None):
@@ -236,9 +245,17 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         else:
             ep = EpochProgress(epoch, generator.get_state(), flops_before=dict(ctx.flops),
                                reference_before=ctx.flops_reference)
+        cut = ctx.total_steps - epoch * ctx.steps_per_epoch  # the same order, cut at --max-steps
         steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
-                               ctx.micro_batches_per_step, acc.process_index, generator)
-        steps = steps[: ctx.total_steps - epoch * ctx.steps_per_epoch]  # the same order, cut at --max-steps
+                               ctx.micro_batches_per_step, acc.process_index, generator)[:cut]
+        padded_reference = None
+        if cfg.group_by_length:  # the same draw grouped; the random batches' cost is what grouping saved
+            after = generator.get_state()  # the next epoch draws as an ungrouped run would
+            generator.set_state(ep.generator_state)
+            padded_reference = _reference_of(ctx, cfg, ref_cache, steps)
+            steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
+                                   ctx.micro_batches_per_step, acc.process_index, generator, ctx.lengths)[:cut]
+            generator.set_state(after)
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
             ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
         t0, bookkeeping = time.perf_counter(), 0.0
@@ -302,6 +319,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                "time_s": elapsed, "peak_memory_bytes": peak, **method.epoch_report()}
         if meter is not None:
             rec.update(epoch_energy(ctx, ep, history, rec))
+        if padded_reference is not None:
+            rec["flops_full_ft_random_batches"] = ctx.reduce_sum(float(padded_reference))
         if cfg.eval_steps:
             rec["val_curve"] = ep.val_curve
         history.append(rec)

@@ -48,13 +48,19 @@ class TrainContext:
         return self.accelerator.num_processes if self.accelerator is not None else 1
 
     @property
+    def lengths(self) -> list[int]:
+        """Each training item's tokens (input and target for seq2seq): what --group-by-length sorts by."""
+        return [len(e.input_ids) + (len(e.labels) if self.seq2seq else 0) for e in self.train_data]
+
+    @property
     def gradient_checkpointing(self) -> bool:
         return bool(self.cfg.gradient_checkpointing)
 
     def expected_step_scale(self) -> float:
         """A step's expected size (its data's mean padded batch) over the profiled batch shape's."""
         p = self.profile
-        return mean_padded_size(self.train_data, p.batch_size, self.seq2seq) / (p.seq_len + p.target_len)
+        return mean_padded_size(self.train_data, p.batch_size, self.seq2seq,
+                                grouped=bool(getattr(self.cfg, "group_by_length", False))) / (p.seq_len + p.target_len)
 
     @property
     def micro_batches_per_step(self) -> int:

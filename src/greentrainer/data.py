@@ -312,17 +312,15 @@ def render_plain(messages: list[dict], add_generation_prompt: bool = False, eos:
     return out + ("### Assistant:\n" if add_generation_prompt else "")
 
 
-def conversation_segments(ex: Example, tok, fmt: PromptFormat = PLAIN, upto: int | None = None):
+def conversation_segments(ex: Example, tok, fmt: PromptFormat = PLAIN):
     """A conversation as (text, carries the loss) pieces in order: the template's text up to each trained
-    assistant turn, then that turn's content through its end-of-turn. ``upto``: stop before message ``upto``
-    and end with the generation prompt (what evaluation generates from)."""
+    assistant turn (its generation prompt included), then that turn's content through its end-of-turn."""
     def render(msgs, gen=False):
         if fmt.kind == "chat":
             return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
         return render_plain(msgs, gen, tok.eos_token or "")
     msgs, out, done = ex.messages, [], ""
-    last = len(msgs) if upto is None else upto
-    for i, m in enumerate(msgs[:last]):
+    for i, m in enumerate(msgs):
         if m["role"] != "assistant" or not ex.trained[i]:
             continue
         prompt, full = render(msgs[:i], True), render(msgs[: i + 1])
@@ -332,10 +330,21 @@ def conversation_segments(ex: Example, tok, fmt: PromptFormat = PLAIN, upto: int
         turn = full[len(prompt):].rstrip()  # whitespace after the end of turn belongs to the next prompt
         out += [(prompt[len(done):], False), (turn, True)]
         done = prompt + turn
-    if upto is not None:
-        prompt = render(msgs[:upto], True)
-        out.append((prompt[len(done):] if prompt.startswith(done) else prompt, False))
     return out
+
+
+def _conversation_tokens(ex: Example, tok, fmt: PromptFormat) -> tuple[list[int], list[int], int]:
+    """(tokens, labels, where the last trained turn's content starts) of a whole conversation, the loss on its
+    trained turns; the tokens before that start are what generation starts from."""
+    toks = _bos(tok) if fmt.kind != "chat" else []
+    labels, start = [-100] * len(toks), 0
+    for text, trains in conversation_segments(ex, tok, fmt):
+        t = tok(text, add_special_tokens=False).input_ids if text else []
+        if trains:
+            start = len(toks)
+        toks += t
+        labels += t if trains else [-100] * len(t)
+    return toks, labels, start
 
 
 def _encode_user(ex: Example, tok, seq2seq: bool, max_len: int, fmt: PromptFormat) -> Encoded:
@@ -358,27 +367,19 @@ def _encode_user(ex: Example, tok, seq2seq: bool, max_len: int, fmt: PromptForma
                              f"--max-input-length {max_len}; raise it or shorten the completion")
         cut = prompt[-room:]  # the prompt's end, next to the completion, stays
         return Encoded(cut + target, [-100] * len(cut) + target, cut, len(prompt) > room)
-    toks, labels = (_bos(tok) if fmt.kind != "chat" else []), []
-    labels += [-100] * len(toks)
-    for text, trains in conversation_segments(ex, tok, fmt):
-        t = ids(text)
-        toks += t
-        labels += t if trains else [-100] * len(t)
+    toks, labels, start = _conversation_tokens(ex, tok, fmt)
     if all(x == -100 for x in labels[:max_len]):
         raise UsageError(f"row {ex.id}: the conversation is longer than --max-input-length {max_len} "
                          f"({len(toks)} tokens) and its first assistant turn would be cut entirely; raise "
                          f"--max-input-length or shorten the conversation")
-    return Encoded(toks[:max_len], labels[:max_len], prompt_ids(ex, tok, fmt, max_len), len(toks) > max_len)
+    return Encoded(toks[:max_len], labels[:max_len], toks[:start][-max_len:], len(toks) > max_len)
 
 
 def prompt_ids(ex: Example, tok, fmt: PromptFormat, max_len: int) -> list[int]:
-    """What generation starts from for a conversation: every turn before the last trained one and the
-    generation prompt, its most recent ``max_len`` tokens."""
-    last = max(i for i, t in enumerate(ex.trained) if t)
-    toks = (_bos(tok) if fmt.kind != "chat" else [])
-    for text, _ in conversation_segments(ex, tok, fmt, upto=last):
-        toks = toks + (tok(text, add_special_tokens=False).input_ids if text else [])
-    return toks[-max_len:]
+    """What generation starts from for a conversation: every turn before the last trained one and its
+    generation prompt, the most recent ``max_len`` tokens."""
+    toks, _, start = _conversation_tokens(ex, tok, fmt)
+    return toks[:start][-max_len:]
 
 
 def encode_prompt(ex: Example, tok, task: str, seq2seq: bool, max_len: int, fmt: PromptFormat = PLAIN) -> list[int]:

@@ -439,6 +439,21 @@ def typical_shape(data, batch_size: int, seq2seq: bool) -> tuple[int, int, int |
     return batch_size, seq, tgt
 
 
+def group_by_length(perm: list[int], lengths, g: int, generator) -> list[int]:
+    """``perm`` cut into runs of ``GROUP_SPAN`` global batches of ``g`` items, each run sorted by length into
+    global batches whose order is then shuffled (so no run trains its long items first: the measured step size,
+    which the FLOPs budget plans with, is the epoch's average from the first steps on). A short last batch stays
+    last."""
+    out, span = [], g * GROUP_SPAN
+    for t in range(0, len(perm), span):
+        run = sorted(perm[t: t + span], key=lambda i: -lengths[i])
+        batches = [run[k: k + g] for k in range(0, len(run), g)]
+        full = [b for b in batches if len(b) == g]
+        order = torch.randperm(len(full), generator=generator).tolist()
+        out += [i for k in order for i in full[k]] + [i for b in batches if len(b) < g for i in b]
+    return out
+
+
 def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, seed: int = 0,
                      grouped: bool = False) -> float:
     """Expected padded length per batch (input + target for seq2seq) over random shuffles of the data, a
@@ -447,11 +462,11 @@ def mean_padded_size(data, batch_size: int, seq2seq: bool, rounds: int = 20, see
     rng = random.Random(seed)
     idx, sizes = list(range(len(data))), []
     size_of = [len(e.input_ids) + (len(e.labels) if seq2seq else 0) for e in data]
+    order = torch.Generator().manual_seed(seed)  # the order of grouped batches: no effect on the mean
     for _ in range(rounds):
         rng.shuffle(idx)
         if grouped:
-            span = batch_size * GROUP_SPAN
-            idx = [i for t in range(0, len(idx), span) for i in sorted(idx[t: t + span], key=lambda i: -size_of[i])]
+            idx = group_by_length(idx, size_of, batch_size, order)
         for i in range(0, len(idx), batch_size):
             items = [data[j] for j in idx[i: i + batch_size]]
             size = max(len(e.input_ids) for e in items)

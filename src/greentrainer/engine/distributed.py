@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..data import GROUP_SPAN
+from ..data import group_by_length
 from ..errors import UsageError
 
 
@@ -36,27 +36,12 @@ def global_batches(n_items: int, batch_size: int, world: int, accum: int, rank: 
     (``--group-by-length``): the random order is cut into runs of ``GROUP_SPAN`` global batches and each run is
     sorted by length into global batches, shuffled, so a global batch holds items of similar length (less
     padding) and the order stays random: transformers' LengthGroupedSampler, over global batches so every
-    process count makes the same steps (:func:`grouped`)."""
+    process count makes the same steps (:func:`~greentrainer.data.group_by_length`)."""
     perm = torch.randperm(n_items, generator=generator).tolist()
     g = batch_size * world * accum
     if lengths is not None:
-        perm = grouped(perm, lengths, g, generator)
+        perm = group_by_length(perm, lengths, g, generator)
     return [shard(perm[t: t + g], world, accum, rank) for t in range(0, n_items, g)]
-
-
-def grouped(perm: list[int], lengths, g: int, generator) -> list[int]:
-    """``perm`` cut into runs of ``GROUP_SPAN`` global batches of ``g`` items, each run sorted by length into
-    global batches whose order is then shuffled (so no run trains its long items first: the measured step size,
-    which the FLOPs budget plans with, is the epoch's average from the first steps on). A short last batch stays
-    last."""
-    out, span = [], g * GROUP_SPAN
-    for t in range(0, len(perm), span):
-        run = sorted(perm[t: t + span], key=lambda i: -lengths[i])
-        batches = [run[k: k + g] for k in range(0, len(run), g)]
-        full = [b for b in batches if len(b) == g]
-        order = torch.randperm(len(full), generator=generator).tolist()
-        out += [i for k in order for i in full[k]] + [i for b in batches if len(b) < g for i in b]
-    return out
 
 
 def shard(items: list, world: int, accum: int, rank: int) -> list[list]:

@@ -130,15 +130,19 @@ def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
     assert (tmp_path / "accuracy_scitldr.png").exists()
 
 
+def accuracy_module(tmp_path, monkeypatch):
+    """bench/accuracy.py imported afresh, its results under ``tmp_path``."""
+    import importlib
+    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
+    monkeypatch.syspath_prepend(str(BENCH))
+    importlib.reload(importlib.import_module("common"))
+    return importlib.reload(importlib.import_module("accuracy"))
+
+
 def test_accuracy_sweep_table_keeps_the_methods_an_earlier_sweep_decided(tmp_path, monkeypatch):
     """A sweep over some --methods adds its winners to the committed table instead of replacing it; a table of
     another protocol (steps, validation items) is not merged."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     a = SimpleNamespace(dataset="scitldr", steps=64, val_items=64, batch_size=4, epochs=2)
     won = lambda lr, loss: {"lr": lr, "options": {}, "val_loss": loss, "tried": [{"lr": lr, "options": {},
                                                                                    "val_loss": loss}]}
@@ -154,12 +158,7 @@ def test_accuracy_sweep_table_keeps_the_methods_an_earlier_sweep_decided(tmp_pat
 def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     """The report reads the final runs on disk: a row per variant with seeds pooled, its interval around the
     mean, the FLOPs range over seeds and the selector's slowest solve (GreenTrainer rows only)."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
         m: {"lr": 1e-4, "options": {}} for m in ("full", "greentrainer", "lora")}}))
     folder = tmp_path / "accuracy" / "scitldr" / "final"
@@ -210,12 +209,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
 def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path, monkeypatch):
     """--stage ablate: GreenTrainer at its swept lr with each ablation's one change (its schedule file exists
     and loads), a table against the defaults' and full FT's validation loss."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     from greentrainer.config import config_from_options
     (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
         "full": {"lr": 3e-5, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
@@ -248,12 +242,7 @@ def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path
 def test_accuracy_final_plan_runs_each_variant_at_its_setting(tmp_path, monkeypatch):
     """--stage final: each variant at its sweep winner's lr and knobs; "at LoRA's FLOPs" at the ρ LoRA's seed-0
     run measured; the paper-lr rows at 2e-5 whatever the sweep chose."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
         "lora": {"lr": 3e-3, "options": {"lora_r": 16}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
     folder = tmp_path / "accuracy" / "scitldr" / "final"
@@ -278,14 +267,9 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
     exactly (its 512 items, its seed), ρ 0.7 the long run cut at step 179 (--max-steps); the data-budget
     setting one epoch of 716 items. The report pairs GreenTrainer ρ with each, ROUGE-L and validation loss, from
     whatever runs are done."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
     import greentrainer.run
     from greentrainer.config import config_from_options
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
         "full": {"lr": 3e-5, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
     calls, logged = [], []
@@ -313,7 +297,7 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
                "eval": {"rougeL_first_ref": 30.0}}
     monkeypatch.setattr(greentrainer.run, "run_training", lambda cfg, log=None, progress=True:
                         configs.append(cfg) or metrics)
-    accuracy = importlib.reload(accuracy)  # its own one_run again
+    accuracy = accuracy_module(tmp_path, monkeypatch)  # its own one_run again
     monkeypatch.setattr(accuracy, "per_item_rouge", lambda preds: [])
     b = SimpleNamespace(**{**vars(a), "val_items": 4, "test_items": 4, "max_input_length": 160})
     for opts in ({}, half):
@@ -366,12 +350,7 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
 def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_path, monkeypatch):
     """A run's lock holds the pid training it: a second process skips the run while that process lives, takes it
     over once it is gone, and the lock goes when the run ends."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     trained = []
     monkeypatch.setattr(accuracy, "_train_one", lambda *args: trained.append(args[-1].name) or {"val_loss": [1.0]})
     a = SimpleNamespace(dataset="scitldr", steps=8)
@@ -401,12 +380,7 @@ def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_pa
 
 def test_accuracy_report_refuses_runs_scored_on_other_items(tmp_path, monkeypatch):
     """Pooling seeds and pairing methods compare item by item: runs on other test items stop the report."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     same = [{"method": "full", "seed": 0}, {"method": "full", "seed": 1, "test_ids": ["a", "b"]},
             {"method": "lora", "seed": 2, "test_ids": ["a", "b"]}]
     accuracy.check_same_items(same)  # ids kept from seed 1 on; the runs before them are seed 0's items
@@ -419,13 +393,8 @@ def test_accuracy_report_refuses_runs_scored_on_other_items(tmp_path, monkeypatc
 def test_accuracy_run_stopped_with_its_session_continues_from_its_checkpoint(tmp_path, monkeypatch):
     """A run trains in its own run folder with checkpoints; one whose checkpoint is there is resumed (not
     started again) and the folder goes once the run's JSON is written."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
     import greentrainer.run
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
     calls = []
     metrics = {"totals": {"flops_fraction_of_full": 0.5, "flops_total": 1.0, "time_s": 1.0}, "n_train": 8,
                "n_validation": 4, "history": [{"val_loss": 2.0, "train_loss": 2.1}], "config": {}}
@@ -454,14 +423,9 @@ def test_accuracy_keeps_a_refused_setting_but_not_a_refused_resume(tmp_path, mon
     """A setting the tool refuses (ρ below the smallest feasible) is kept as an error JSON, so the report says so
     and it is not tried again; a refusal while continuing from a checkpoint says nothing of the setting: the
     checkpoint stays and no JSON is written, so the run is tried again."""
-    monkeypatch.setenv("GREENTRAINER_BENCH_RESULTS", str(tmp_path))
-    monkeypatch.syspath_prepend(str(BENCH))
-    import importlib
-    import common
     import greentrainer.run
     from greentrainer.errors import UsageError
-    importlib.reload(common)
-    accuracy = importlib.reload(importlib.import_module("accuracy"))
+    accuracy = accuracy_module(tmp_path, monkeypatch)
 
     def refuse(*args, **kw):
         raise UsageError("refused")

@@ -6,12 +6,12 @@ import re
 
 import pytest
 
-from conftest import make_tiny, train_args
+from conftest import train_args
 from greentrainer.cli import main
-from greentrainer.data import PLAIN, Example, PromptFormat, encode_example, encode_prompt, load_examples
+from greentrainer.data import PLAIN, PromptFormat, encode_example, encode_prompt, load_examples
 from greentrainer.errors import UsageError
 from greentrainer.formats import detect_format, load_user_examples
-from test_prompt_format import chat_tokenizer
+from test_prompt_format import chat_model_dir, chat_tokenizer  # noqa: F401  (a fixture)
 
 CHAT = PromptFormat("chat", "")
 
@@ -144,7 +144,7 @@ def test_a_conversation_whose_assistant_part_would_be_cut_entirely_is_refused():
     ex = load_examples_from([long])[0]
     with pytest.raises(UsageError, match="row 1: the conversation is longer than --max-input-length 64"):
         encode_example(ex, tok, "summarization", False, 64, fmt=CHAT)
-    ex = load_examples_from([_conversation(0) | {}])[0]
+    ex = load_examples_from([_conversation(0)])[0]
     enc = encode_example(ex, tok, "summarization", False, 60, fmt=CHAT)  # the second turn cut: kept, counted
     assert enc.truncated and len(enc.input_ids) == 60 and any(t != -100 for t in enc.labels)
 
@@ -159,14 +159,6 @@ def test_a_hub_name_offline_is_one_clear_line(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UsageError, match="cannot load 'no-such-org/no-such-set' from the Hugging Face Hub"):
         load_examples("no-such-org/no-such-set", "train")
-
-
-@pytest.fixture(scope="module")
-def chat_model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_chat")
-    make_tiny("llama").save_pretrained(d)
-    chat_tokenizer().save_pretrained(d)
-    return str(d)
 
 
 @pytest.mark.parametrize("fmt,kind", [("messages", "jsonl"), ("messages", "parquet"), ("messages", "disk"),

@@ -85,11 +85,11 @@ def step_allowance(profile, rho: float, steps_per_selection: int, debt: float = 
                    repay_steps: int | None = None) -> float:
     """FLOPs each of the next steps may spend, as a fraction of a full fine-tuning step: ρ less the share of the
     overspend (``debt``, the probe's measured FLOPs included) they repay and the safety margin; 0 when skipping
-    every step is what repays it (the frontier step policy can skip; a selection cannot)."""
-    scale = min(max(step_scale, 0.05), 1.0)
-    repay = max(steps_per_selection if repay_steps is None else repay_steps, 1) * scale
-    overhead = max(debt, 0.0) / repay + SAFETY_MARGIN * profile.t_full
-    return max(rho - overhead / profile.t_full, 0.0)
+    every step is what repays it (the frontier step policy can skip; a selection cannot). :func:`budget_for`'s
+    backward budget with the forward added back."""
+    budget, _ = budget_for(profile, rho, steps_per_selection, debt, probe_paid=True, step_scale=step_scale,
+                           repay_steps=repay_steps)
+    return max((profile.t_fp + budget) / profile.t_full, 0.0)
 
 
 def steps_governed(step: int, total_steps: int, window: int) -> int:

@@ -333,6 +333,8 @@ def sweep(a, log) -> dict:
         (lr, o), loss = min(scores.items(), key=lambda kv: kv[1])
         winners[label] = {"lr": lr, "options": {k: v for k, v in json.loads(o).items() if k not in ("rho", *opts)},
                            "val_loss": loss,
+                           **({"method": method, "variant": {k: v for k, v in opts.items() if k != "rho"}}
+                              if label in SWEEP_VARIANTS else {}),  # a variant: the method and what it sets
                            "tried": [{"lr": k[0], "options": json.loads(k[1]), "val_loss": v} for k, v in scores.items()]}
     return winners
 

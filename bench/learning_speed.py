@@ -81,7 +81,7 @@ def run(label: str, opts: dict, a, log) -> dict:
            "date": time.strftime("%Y-%m-%d %H:%M")}
     OUT.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, res)
-    log(f"{label}: " + ", ".join(f"{s}:{v:.3f}" for s, v in curve))
+    log(f"{label}: " + ", ".join(f"{s}:{v:.3f}" for s, v, *_ in curve))
     return res
 
 
@@ -90,7 +90,7 @@ def report(a) -> None:
     ref = runs.get("full lr1e-4")
     if not runs:
         return
-    steps = sorted({s for r in runs.values() for s, _ in r["curve"]})
+    steps = sorted({s for r in runs.values() for s, *_ in r["curve"]})
     cols = ["variant", "what it tests", "FLOPs % of full"] + [f"step {s}" for s in steps] + ["% of full FT's drop"]
     lines = ["# Learning speed: validation loss per optimizer step", "",
              "`python bench/learning_speed.py` — " + machine(), "",
@@ -104,7 +104,7 @@ def report(a) -> None:
         r = runs.get(label)
         if r is None:
             continue
-        by = dict((s, v) for s, v in r["curve"])
+        by = {s: v for s, v, *_ in r["curve"]}
         share = ""
         if ref is not None:
             d_ref = ref["curve"][0][1] - ref["curve"][-1][1]
@@ -118,7 +118,7 @@ def report(a) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, r in runs.items():
-        xs, ys = zip(*r["curve"])
+        xs, ys = zip(*[(s, v) for s, v, *_ in r["curve"]])
         ax.plot(xs, ys, "o-" if label.startswith("full") else ".-", label=label, lw=2 if label.startswith("full") else 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (SciTLDR)")

@@ -319,8 +319,11 @@ def test_eval_steps_records_a_validation_curve_without_changing_training():
         weights.append({n: p.detach().clone() for n, p in out["model"].named_parameters()})
     curve = [pt for h in out["history"] for pt in h["val_curve"]]
     steps_per_epoch = out["history"][0]["steps"]
-    assert [s for s, _ in curve] == [0] + list(range(2, 2 * steps_per_epoch + 1, 2))
+    assert [s for s, *_ in curve] == [0] + list(range(2, 2 * steps_per_epoch + 1, 2))
     assert curve[-1][1] == out["history"][-1]["val_loss"]
+    flops = [f for _, _, f, _ in curve]  # the FLOPs spent by each point, and full FT's on the same batches
+    assert flops[0] == 0 and flops == sorted(flops) and flops[-1] == out["totals"]["flops_total"]
+    assert curve[-1][3] == out["totals"]["flops_full_ft_reference"]
     assert all(torch.equal(weights[0][n], weights[1][n]) for n in weights[0])
 
 

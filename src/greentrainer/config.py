@@ -78,7 +78,8 @@ class TrainConfig(Options):
     logging_steps: int = option(10, "log loss, lr, measured FLOPs, the fraction of full FT and the trainable set "
                                     "every N steps")
     eval_steps: int | None = option(None, "also compute the validation loss every N optimizer steps (and before "
-                                          "the first): each epoch's val_curve in metrics.json")
+                                          "the first): each epoch's val_curve in metrics.json, [step, loss, FLOPs spent, "
+                                          "full FT's FLOPs on the same batches]")
     track_energy: bool = option(True, "do not measure energy and carbon (CodeCarbon's offline tracker)",
                                 flag="no_energy", negate=True)
     carbon_intensity: str | None = option(None, "grid intensity for CO2: gCO2eq/kWh, or a 3-letter country code "

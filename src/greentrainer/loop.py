@@ -257,7 +257,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                                    ctx.micro_batches_per_step, acc.process_index, generator, ctx.lengths)[:cut]
             generator.set_state(after)
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
-            ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
+            ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size), *ctx.global_flops()])
         t0, bookkeeping = time.perf_counter(), 0.0
         trained_before = sum(h["time_s"] for h in history) + ep.elapsed
         ctx.train_seconds = trained_before
@@ -292,7 +292,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     log_step(ctx, ep.losses[-cfg.logging_steps:])
                 if cfg.eval_steps and val_data and ctx.global_step % cfg.eval_steps == 0 \
                         and ep.steps_done < len(steps):  # (the epoch's end computes it anyway)
-                    ep.val_curve.append([ctx.global_step, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size)])
+                    ep.val_curve.append([ctx.global_step, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size),
+                                         *ctx.global_flops()])
                 if ep.losses:
                     bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
                 if on_checkpoint is not None and save_every and ctx.global_step % save_every == 0 \
@@ -307,7 +308,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
             ep.energy = add_readings(ep.energy, meter.stop())
         val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size) if val_data else None
         if cfg.eval_steps and val is not None:
-            ep.val_curve.append([ctx.global_step, val])
+            ep.val_curve.append([ctx.global_step, val, *ctx.global_flops()])
         spent = {k: ctx.reduce_sum(float(ctx.flops[k] - ep.flops_before.get(k, 0))) for k in ctx.flops}
         ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ep.reference_before))
         total = sum(spent.values())

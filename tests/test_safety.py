@@ -206,6 +206,17 @@ def test_val_loss_uses_the_validation_split_and_the_splits_are_labelled(tmp_path
     assert set(m["splits"]) == {"train", "validation", "eval"}
 
 
+def test_max_val_bounds_the_validation_items_only(tmp_path, tiny_model_dir, jsonl):
+    """--max-val N: the validation loss (each epoch's end, --eval-steps) runs on N items; the test items stay
+    --max-eval's, so a quick run can bound the validation pass without changing what is tested."""
+    rows = [{"source": f"row {i} of the file, a short text", "target": f"row {i}"} for i in range(80)]
+    out = tmp_path / "run"
+    assert main(train_args(tiny_model_dir, jsonl(rows), out, "--max-train", "8", "--max-eval", "3", "--max-val",
+                           "2", "--no-eval")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["n_validation"], m["n_eval"]) == (2, 3) and m["history"][0]["val_loss"] is not None
+
+
 # ------------------------------------------------------------------ no silent surprises
 
 def test_missing_weights_are_refused_and_unexpected_ones_reported(capsys, tmp_path, tiny_model_dir, data):

@@ -59,6 +59,8 @@ class TrainConfig(Options):
                                           "run also reports what full fine-tuning on random batches would cost")
     max_train: int | None = option(None, "use only the first N training examples")
     max_eval: int | None = option(None, "validate and test on N examples of each split, sampled with --eval-seed")
+    max_val: int | None = option(None, "validate on N examples instead (default: --max-eval's): the validation "
+                                       "loss runs at every epoch's end and with --eval-steps; bound it for quick runs")
     seed: int = option(42, "random seed (data order, probes, initialisation)")
     eval_seed: int | None = option(None, "seed that samples the --max-eval items (default: --seed); give every "
                                          "seed of a comparison the same one to score them on the same items")
@@ -128,7 +130,7 @@ class TrainConfig(Options):
             raise UsageError("--weight-decay and --warmup-steps must be ≥ 0")
         if self.max_input_length < 8:
             raise UsageError(f"--max-input-length must be at least 8, got {self.max_input_length}")
-        for name in ("max_train", "max_eval", "max_new_tokens", "save_every", "eval_steps", "max_steps"):
+        for name in ("max_train", "max_eval", "max_val", "max_new_tokens", "save_every", "eval_steps", "max_steps"):
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UsageError(f"{dashed(name)} must be positive, got {v}")

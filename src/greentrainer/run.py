@@ -222,7 +222,8 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
         check_output_dir(out_dir, cfg.overwrite)
     train_ex = load_examples(cfg.dataset, "train", cfg.max_train, cfg.seed, cfg.eval_dataset, cfg.dataset_format)
     eval_seed = items_seed(cfg.seed, cfg.eval_seed)
-    val_ex = load_examples(cfg.dataset, "validation", cfg.max_eval, eval_seed, cfg.eval_dataset, cfg.dataset_format)
+    max_val = cfg.max_eval if cfg.max_val is None else cfg.max_val
+    val_ex = load_examples(cfg.dataset, "validation", max_val, eval_seed, cfg.eval_dataset, cfg.dataset_format)
     test_ex = load_examples(cfg.dataset, "test", cfg.max_eval, eval_seed, cfg.eval_dataset, cfg.dataset_format)
     check_input_length(load_config(cfg.model), cfg.max_input_length)  # fails fast, before the weights load
     from .energy import EnergyMeter

@@ -22,6 +22,11 @@ python bench/accuracy.py --dataset scitldr --stage sweep
 python bench/accuracy.py --dataset scitldr --stage ablate
 python bench/accuracy.py --dataset scitldr --stage final
 python bench/accuracy.py --dataset scitldr --stage report     # tables and plot from the runs done so far
+
+A study of another length (issue 34: a task where more compute still helps) has its own folder, report and
+per-FLOP curves (validation loss every steps/8 against the FLOPs spent, probes included):
+python bench/accuracy.py --dataset dialogsum --stage final --steps 512 --epochs 1 \
+    --methods full,full@0.5,gt0.5,gt-frontier0.5          # 2048 items, each seen once
 """
 from __future__ import annotations
 
@@ -151,9 +156,28 @@ def run_id(method: str, opts: dict, lr: float, seed: int, steps: int) -> str:
     return f"{method}{knobs}-lr{lr:g}-s{seed}-{steps}steps"
 
 
+def long_study(a) -> bool:
+    """A final study of another length than the table's (256 steps in 2 epochs): its own folder and report."""
+    return (getattr(a, "stage", "final") not in ("sweep", "ablate") and not getattr(a, "quick", False)
+            and (a.steps, a.epochs) != (256, 2))
+
+
+def final_dir(a) -> Path:
+    """The final runs' folder: final/ for the table's 256 steps in 2 epochs, final-<steps>steps-<epochs>epochs/
+    for a study of another length (issue 34's long runs), so the two never pool."""
+    name = f"final-{a.steps}steps-{a.epochs}epochs" if long_study(a) else "final"
+    return RESULTS / "accuracy" / a.dataset / name
+
+
+def report_name(a) -> str:
+    """accuracy_<dataset>, with the study's length where it is not the table's."""
+    return f"accuracy_{a.dataset}" + (f"_{a.steps}steps_{a.epochs}epochs" if long_study(a) else "")
+
+
 def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -> dict:
     """Train (and for the final stage evaluate) one setting; its result file, or the one already there."""
-    path = RESULTS / "accuracy" / a.dataset / stage / f"{run_id(method, opts, lr, seed, a.steps)}.json"
+    folder = final_dir(a) if stage == "final" else RESULTS / "accuracy" / a.dataset / stage
+    path = folder / f"{run_id(method, opts, lr, seed, a.steps)}.json"
     return claimed(path, log, lambda: _train_one(a, stage, method, opts, lr, seed, log, path))
 
 
@@ -229,7 +253,9 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
                 max_train=n_train, max_eval=a.test_items if final else a.val_items,
                 max_input_length=a.max_input_length, num_beams=1, do_eval=final, output_dir=str(work),
                 eval_seed=0,  # every seed validated and tested on the same items (seed 0's), so they pair
-                overwrite=True, save_every=own_steps // 8 if own_steps >= 64 else None), **extra})  # not --quick
+                overwrite=True, save_every=own_steps // 8 if own_steps >= 64 else None,
+                **(dict(eval_steps=a.eval_steps, max_val=a.val_items) if getattr(a, "eval_steps", None) else {})),
+             **extra})
             m = run_training(cfg, log=lambda *x: None, progress=False)
     except UsageError as e:  # a setting this model cannot run (ρ below the smallest feasible): kept, so the
         log(f"  {path.name}: {e}")  # report can say so and the next session does not try again
@@ -256,6 +282,8 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
                                              "step_policy") if k in s}
                           for h in m["history"] for s in h.get("selections", [])],  # what trained
            "steps_by_kind": [h["steps_by_kind"] for h in m["history"] if "steps_by_kind" in h],  # frontier policy
+           # --eval-steps: [step, validation loss, FLOPs spent so far (probes included), full FT's on those batches]
+           "val_curve": [pt for h in m["history"] for pt in h.get("val_curve", [])],
            "config": m["config"], "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
     if final:
         res["eval"] = m["eval"]
@@ -455,7 +483,7 @@ def setting(a, label: str, winners: dict) -> tuple[str, dict, float] | None:
         opts.update(fewer_steps(a, opts.pop("fewer_steps"), opts.pop("each_item_once", False)))
     if isinstance(opts.get("rho"), str):
         other = setting(a, opts["rho"], winners)
-        path = None if other is None else (RESULTS / "accuracy" / a.dataset / "final"
+        path = None if other is None else (final_dir(a)
                                            / f"{run_id(*other, seed=0, steps=a.steps)}.json")
         if path is None or not path.is_file() or "error" in (run := json.loads(path.read_text())):
             return None
@@ -498,7 +526,7 @@ def run_steps(a, opts: dict) -> int:
 def pace(a) -> tuple[float, float]:
     """Seconds per full FT optimizer step and per run besides training (loading, validation, test generation),
     measured by the final runs of full FT on disk (not those continued from a checkpoint), else the default."""
-    folder = RESULTS / "accuracy" / a.dataset / "final"
+    folder = final_dir(a)
     runs = [json.loads(p.read_text()) for p in folder.glob("full-lr*.json")] if folder.is_dir() else []
     runs = [r for r in runs if not r.get("options") and "wall_s" in r and "train_time_s" in r
             and not r.get("resumed")]
@@ -539,7 +567,7 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
             continue
         s = setting(a, label, winners)
         for seed in range(seeds[label]):
-            if s is not None and (RESULTS / "accuracy" / a.dataset / "final"
+            if s is not None and (final_dir(a)
                                   / f"{run_id(*s, seed=seed, steps=a.steps)}.json").is_file():
                 continue
             n = run_steps(a, s[1]) if s is not None else a.steps
@@ -582,8 +610,11 @@ def check_same_items(runs: list[dict]) -> None:
 
 
 def report(a) -> list[dict]:
-    folder = RESULTS / "accuracy" / a.dataset / "final"
+    folder = final_dir(a)
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    zs_path = RESULTS / "accuracy" / a.dataset / "final" / "zeroshot.json"  # every study's test items are the same
+    if folder.name != "final" and zs_path.is_file():
+        runs.append(json.loads(zs_path.read_text()))
     rows, refused, items = [], [], {}
     check_same_items(runs)
     zs = next((r for r in runs if r["method"] == "zeroshot"), None)
@@ -685,16 +716,96 @@ def report(a) -> list[dict]:
             vl_shown = f"{vl[0]:+.4f}" + (f" ({vl[1]:+.4f} to {vl[2]:+.4f})" if vl[1] is not None else "")
             lines.append(f"| {LABELS[v]} − {LABELS[w]} | {seeds[v]}, {seeds[w]} | {d:+.2f} ({lo:+.2f} to {hi:+.2f}) "
                          f"| {'' if target is None else f'≥ {target:+.1f}'} | {met} | {vl_shown} | {why} |")
-    write_text_atomic(RESULTS / f"accuracy_{a.dataset}.md", "\n".join(lines) + "\n")
-    write_json_atomic(RESULTS / f"accuracy_{a.dataset}.json", {"rows": rows, "paired": [
+    curves = mean_curves(pooled, full_flops)
+    if curves:
+        lines += curve_lines(curves, rows)
+    write_text_atomic(RESULTS / f"{report_name(a)}.md", "\n".join(lines) + "\n")
+    write_json_atomic(RESULTS / f"{report_name(a)}.json", {"rows": rows, "paired": [
         {"variant": v, "against": w, "difference": d, "ci_low": lo, "ci_high": hi, "target": target,
          "val_loss_difference": vl[0], "val_loss_difference_seed_range": vl[1:]}
-        for d, lo, hi, v, w, target, _, vl in pairs]})
-    plot(rows, RESULTS / f"accuracy_{a.dataset}.png", a.dataset)
+        for d, lo, hi, v, w, target, _, vl in pairs], "curves": curves})
+    if curves:
+        plot_curves(curves, rows, RESULTS / f"{report_name(a)}_curves.png", a.dataset)
+    plot(rows, RESULTS / f"{report_name(a)}.png", a.dataset)
     if any(r["variant"] in FAMILIES["GT over LoRA"] + FAMILIES["GT over blocks"] for r in rows):
-        plot(rows, RESULTS / f"accuracy_{a.dataset}_over.png", a.dataset, FAMILIES)
+        plot(rows, RESULTS / f"{report_name(a)}_over.png", a.dataset, FAMILIES)
     print("\n".join(lines))
     return rows
+
+
+def mean_curves(pooled: dict, full_flops: dict) -> dict:
+    """Each variant's validation loss against cumulative measured FLOPs (--eval-steps), the mean over its seeds
+    at each evaluated step: {variant: [[step, val loss, FLOPs % of full FT's whole run]]}. The FLOPs are what the
+    run spent up to that step, probes included, over the long full FT run's total (the same seed's, else the mean
+    over seeds); without a full FT run yet, over the run's own full FT reference at its end."""
+    out = {}
+    for label, runs in pooled.items():
+        runs = [r for r in runs if r.get("val_curve")]
+        if not runs or len({len(r["val_curve"]) for r in runs}) != 1:
+            continue
+        pts = []
+        for i in range(len(runs[0]["val_curve"])):
+            denominators = [full_flops.get(r["seed"]) or (sum(full_flops.values()) / len(full_flops) if full_flops
+                                                          else r["val_curve"][-1][3]) for r in runs]
+            pts.append([runs[0]["val_curve"][i][0], sum(r["val_curve"][i][1] for r in runs) / len(runs),
+                        100 * sum(r["val_curve"][i][2] / d for r, d in zip(runs, denominators)) / len(runs)])
+        out[label] = pts
+    return out
+
+
+def at_flops(curve: list, x: float) -> float | None:
+    """A curve's validation loss at x % of full FT's FLOPs, linear between its points (None outside them)."""
+    for (_, l0, x0), (_, l1, x1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return l0 if x1 == x0 else l0 + (l1 - l0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def curve_lines(curves: dict, rows: list) -> list[str]:
+    """The per-FLOP section: each curve's points, full FT's own curve at each variant's end (what full FT had
+    reached with the same FLOPs, mid-schedule), and whether full FT's loss still fell over its last stretch."""
+    lines = ["", "## Validation loss against measured FLOPs", "",
+             "Each variant's validation loss at every evaluated step (mean over seeds) and the FLOPs it had spent by "
+             "then, probes included, as % of the long full FT run's whole FLOPs; the plot "
+             "(_curves.png) draws them. \"Full FT's curve there\": the long full FT run's own validation loss at the "
+             "same FLOPs (between its points, linearly), mid-schedule; lower is better.", "",
+             "| method | seeds | points (step: val loss @ FLOPs %) | end: val loss @ FLOPs % | full FT's curve there |",
+             "|---|---|---|---|---|"]
+    seeds = {r["variant"]: r["seeds"] for r in rows}
+    for label, pts in curves.items():
+        there = at_flops(curves["full"], pts[-1][2]) if "full" in curves and label != "full" else None
+        lines.append(f"| {LABELS[label]} | {seeds.get(label, '')} | "
+                     + ", ".join(f"{s}: {v:.3f} @ {x:.0f}" for s, v, x in pts)
+                     + f" | {pts[-1][1]:.4f} @ {pts[-1][2]:.1f} | {'' if there is None else f'{there:.4f}'} |")
+    if "full" in curves and len(curves["full"]) > 2:
+        (s0, l0, _), (s1, l1, _) = curves["full"][-2:]
+        lines += ["", f"Full FT's validation loss from step {s0} to its last step {s1}: {l0:.4f} → {l1:.4f} "
+                  f"({100 * (l1 - l0) / l0:+.2f} %): "
+                  + ("still falling at the run's end." if l1 < l0 else "no longer falling at the run's end.")]
+    return lines
+
+
+def plot_curves(curves: dict, rows: list, path: Path, dataset: str) -> None:
+    """Validation loss against measured FLOPs, one line per variant (mean over seeds), its test ROUGE-L in the
+    legend: accuracy per FLOP at a glance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by = {r["variant"]: r for r in rows}
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for label, pts in curves.items():
+        r = by.get(label, {})
+        name = f"{LABELS[label]} (ROUGE-L {r['rougeL']:.1f}, {r['seeds']} seeds)" if "rougeL" in r else LABELS[label]
+        ax.plot([x for _, _, x in pts], [v for _, v, _ in pts], marker="o", ms=3,
+                ls="--" if label.startswith("full") else "-", label=name)
+    ax.set_xlabel("measured training FLOPs so far (probes included), % of full fine-tuning's whole run")
+    ax.set_ylabel("validation loss (mean over seeds)")
+    ax.set_title(f"{dataset}: validation loss per FLOP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def fewer_fraction(a, run: dict, full_flops: dict) -> float:
@@ -827,13 +938,20 @@ def main() -> int:
     ap.add_argument("--sweep-from", default="scitldr", help="whose validation sweep gives the settings (the "
                                                               "defaults in code come from SciTLDR's)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per method (default: 3 for the main ones, 1 else)")
+    ap.add_argument("--eval-steps", type=int, default=None,
+                    help="final runs: the validation loss (on --val-items items) every N steps, with the FLOPs spent "
+                         "by then: the report adds loss against FLOPs (default: steps/8 for a study of another "
+                         "length than 256 steps in 2 epochs, none for that table, whose runs had none)")
     a = ap.parse_args()
     if a.quick:  # 8 steps in one epoch: GreenTrainer's probe must be paid by the steps it governs
         a.steps, a.epochs, a.val_items, a.test_items, a.max_input_length, a.seeds = 8, 1, 4, 4, 160, 1
         a.sweep_rho = 0.7
+        a.eval_steps = 4  # the per-FLOP curves too
         a.methods = a.methods or ("full,greentrainer" if a.stage == "sweep" else "full,gt0.7,zeroshot")
     a.methods = a.methods.split(",") if a.methods else None
     a.steps = a.steps or (64 if a.stage in ("sweep", "ablate") else 256)
+    if a.eval_steps is None and long_study(a):
+        a.eval_steps = max(1, a.steps // 8)
 
     def log(msg):
         print(msg, flush=True)

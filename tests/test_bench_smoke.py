@@ -128,6 +128,10 @@ def test_accuracy_bench_quick_sweeps_then_reports_with_intervals(tmp_path):
     assert {r["label"] for r in rows} == {"Zero-shot (untrained)", "Full FT", "GreenTrainer ρ=0.7"}
     assert all(r["ci_low"] <= r["rougeL"] <= r["ci_high"] for r in rows)
     assert (tmp_path / "accuracy_scitldr.png").exists()
+    curves = json.loads((tmp_path / "accuracy_scitldr.json").read_text())["curves"]  # --eval-steps 4 of 8 steps
+    assert [s for s, *_ in curves["full"]] == [0, 4, 8] and curves["full"][-1][2] == pytest.approx(100)
+    assert 0 < curves["gt0.7"][-1][2] <= 70 and (tmp_path / "accuracy_scitldr_curves.png").exists()
+    assert "## Validation loss against measured FLOPs" in (tmp_path / "accuracy_scitldr.md").read_text()
 
 
 def accuracy_module(tmp_path, monkeypatch):
@@ -204,6 +208,40 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
     assert plotted["GreenTrainer ρ=0.5"]["vs_full"] == pytest.approx(-5.0) and "vs_full" not in plotted["Full FT"]
     assert (tmp_path / "accuracy_scitldr_over.png").exists()  # issue 16's plot, once an --over run is in
     assert "each of its 2 epochs (mean over seeds): 2.6000 → 2.5000; the last epoch changed it by -3.85 %" in table
+
+
+def test_accuracy_long_study_has_its_own_folder_report_and_loss_per_flop(tmp_path, monkeypatch):
+    """A study of another length (512 steps in 1 epoch) reads and writes its own folder and report, takes the
+    zero-shot row from the table's folder (the same test items), and draws validation loss against the FLOPs
+    spent, in % of the long full FT run's: full FT's own curve is read at each variant's end."""
+    accuracy = accuracy_module(tmp_path, monkeypatch)
+    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
+        m: {"lr": 1e-4, "options": {}} for m in ("full", "greentrainer")}}))
+    a = SimpleNamespace(dataset="scitldr", batch_size=4, epochs=1, sweep_from="scitldr", steps=512, stage="report")
+    folder = accuracy.final_dir(a)
+    assert folder.name == "final-512steps-1epochs" and accuracy.report_name(a) == "accuracy_scitldr_512steps_1epochs"
+    folder.mkdir(parents=True)
+    common = {"steps": 512, "test_ids": ["a", "b"], "eval": {"rouge1_first_ref": 40.0}, "train_time_s": 1.0}
+    for method, opts, curve, total in (
+            ("full", {}, [[0, 3.0, 0, 0], [256, 2.0, 50, 50], [512, 1.5, 100, 100]], 100),
+            ("greentrainer", {"rho": 0.5}, [[0, 3.0, 0, 0], [256, 2.4, 25, 50], [512, 2.2, 50, 100]], 50)):
+        (folder / f"{method}.json").write_text(json.dumps({
+            "method": method, "options": opts, "seed": 0, "lr": 1e-4, "per_item_rougeL": [30, 40],
+            "flops_fraction_of_full": total / 100, "flops_total": total, "val_loss": [curve[-1][1]],
+            "val_curve": curve, **common}))
+    (tmp_path / "accuracy" / "scitldr" / "final").mkdir()
+    (tmp_path / "accuracy" / "scitldr" / "final" / "zeroshot.json").write_text(json.dumps({
+        "method": "zeroshot", "options": {}, "per_item_rougeL": [10, 20], "test_ids": ["a", "b"],
+        "eval": {"rouge1_first_ref": 25.0}}))
+    rows = {r["variant"]: r for r in accuracy.report(a)}
+    assert set(rows) == {"zeroshot", "full", "gt0.5"}
+    curves = json.loads((tmp_path / "accuracy_scitldr_512steps_1epochs.json").read_text())["curves"]
+    assert curves["gt0.5"] == [[0, 3.0, 0.0], [256, 2.4, 25.0], [512, 2.2, 50.0]]
+    table = (tmp_path / "accuracy_scitldr_512steps_1epochs.md").read_text()
+    assert "| GreenTrainer ρ=0.5 | 1 | 0: 3.000 @ 0, 256: 2.400 @ 25, 512: 2.200 @ 50 | 2.2000 @ 50.0 | 2.0000 |" in table
+    assert "256 to its last step 512: 2.0000 → 1.5000 (-25.00 %): still falling" in table
+    assert (tmp_path / "accuracy_scitldr_512steps_1epochs_curves.png").exists()
+    assert not (tmp_path / "accuracy_scitldr.md").exists()  # the table's report is not touched
 
 
 def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path, monkeypatch):
@@ -353,7 +391,7 @@ def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_pa
     accuracy = accuracy_module(tmp_path, monkeypatch)
     trained = []
     monkeypatch.setattr(accuracy, "_train_one", lambda *args: trained.append(args[-1].name) or {"val_loss": [1.0]})
-    a = SimpleNamespace(dataset="scitldr", steps=8)
+    a = SimpleNamespace(dataset="scitldr", steps=8, epochs=1, quick=True)  # --quick: in final/
     lock = tmp_path / "accuracy" / "scitldr" / "final" / f"{accuracy.run_id('full', {}, 1e-4, 0, 8)}.lock"
     lock.parent.mkdir(parents=True)
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "accuracy.py"])

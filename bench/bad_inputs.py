@@ -68,6 +68,18 @@ class Env:
             edit(d)
         return str(d)
 
+    def arch_model(self, arch: str) -> str:
+        """A tiny random model of another architecture, with the same tokenizer."""
+        import torch
+        from transformers import AutoModelForCausalLM
+        from greentrainer.models import tiny_config, tiny_tokenizer
+        d = self.root / f"tiny_{arch}"
+        if not d.exists():
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(tiny_config(arch)).save_pretrained(d)
+            tiny_tokenizer().save_pretrained(d)
+        return str(d)
+
     def train(self, *extra, out=None, data=None) -> list[str]:
         out = out or self.out()
         return ["train", "--model", str(self.model), "--dataset", data or self.data, "--output-dir", str(out),
@@ -238,6 +250,11 @@ def cases(env: Env) -> list[dict]:
                                                                                  "--rho", "0.3", "--select-once"),
         needle="smallest feasible")
     # -- choices and contradictions
+    add("options", "--packing with --group-by-length", e.train("--packing", "--group-by-length"),
+        needle="contradict each other")
+    add("options", "--packing with prefix tuning", e.train("--packing", "--method", "prefix"), needle="prefix")
+    add("options", "--packing on a model whose attention mixes packed examples (OPT)",
+        e.train("--packing", "--model", e.arch_model("opt")), needle="lets packed examples attend to each other")
     add("options", "unknown --method", e.train("--method", "magic"), needle="invalid choice")
     add("options", "unknown --importance", e.train("--method", "greentrainer", "--importance", "x"),
         needle="invalid choice")

@@ -78,6 +78,16 @@ def data(jsonl, small_rows):
     return jsonl(small_rows)
 
 
+def one_line(capsys, argv, code=2):
+    """Run the CLI: it exits with ``code`` and one error line on stderr (returned)."""
+    from greentrainer.cli import main
+    rc = main(argv)
+    e = capsys.readouterr().err.strip()
+    assert rc == code, e
+    assert len(e.splitlines()) == 1 and e.startswith("greentrainer: error:"), e
+    return e
+
+
 def train_args(model, data, out, *extra):
     """`greentrainer train` arguments for a fast one-epoch full fine-tuning run on a tiny model."""
     return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "1",

@@ -14,14 +14,15 @@ from greentrainer.cli import main
 def args(model, data, out, method):
     extra = {"greentrainer": ["--rho", "0.8"], "frontier": ["--rho", "0.8", "--step-policy", "frontier"],
              "smt": ["--smt-warmup", "4", "--smt-block", "16"],
-             "grouped": ["--rho", "0.8", "--group-by-length"]}[method]
-    method = "greentrainer" if method in ("frontier", "grouped") else method
+             "grouped": ["--rho", "0.8", "--group-by-length"],
+             "packed": ["--rho", "0.8", "--packing", "--max-input-length", "128", "--batch-size", "2"]}[method]
+    method = "greentrainer" if method in ("frontier", "grouped", "packed") else method
     return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "12",
             "--save-every", "3", "--no-progress", "--no-eval", "--method", method, "--lr", "1e-3", *extra]
 
 
-@pytest.mark.parametrize("method", ["greentrainer", "smt", "frontier", "grouped"])  # frontier: mixing steps;
-# grouped: --group-by-length
+@pytest.mark.parametrize("method", ["greentrainer", "smt", "frontier", "grouped", "packed"])  # frontier: mixing
+# steps; grouped: --group-by-length; packed: --packing
 def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(tmp_path, tiny_model_dir, jsonl,
                                                                               small_rows, method):
     data = jsonl(small_rows)

@@ -14,17 +14,9 @@ import torch
 from greentrainer.cli import main
 from greentrainer.data import load_examples
 
-from conftest import train_args
+from conftest import one_line, train_args
 
 
-
-
-def one_line(capsys, argv, code=2):
-    rc = main(argv)
-    e = capsys.readouterr().err.strip()
-    assert rc == code, e
-    assert len(e.splitlines()) == 1 and e.startswith("greentrainer: error:"), e
-    return e
 
 
 # ------------------------------------------------------------------ never destroy data

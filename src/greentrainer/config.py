@@ -57,6 +57,10 @@ class TrainConfig(Options):
     group_by_length: bool = option(False, "batch items of similar length together (random runs of 50 global batches, "
                                           "each sorted by length): less padding, fewer FLOPs and less time; the "
                                           "run also reports what full fine-tuning on random batches would cost")
+    packing: bool = option(False, "pack several training examples into each row of up to --max-input-length "
+                                  "tokens (each with its own positions; attention never crosses an example): no "
+                                  "FLOPs or time on padding, fewer and fuller steps per epoch; decoder-only models "
+                                  "whose attention keeps packed examples apart (checked at the start)")
     max_train: int | None = option(None, "use only the first N training examples")
     max_eval: int | None = option(None, "validate and test on N examples of each split, sampled with --eval-seed")
     max_val: int | None = option(None, "validate on N examples instead (default: --max-eval's): the validation "
@@ -120,6 +124,13 @@ class TrainConfig(Options):
                 raise UsageError(f"{dashed(name)} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
             raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.packing and self.group_by_length:
+            raise UsageError("--packing and --group-by-length contradict each other: packed rows have no padding "
+                             "to save; give one of them")
+        if self.packing and self.method == "prefix":
+            raise UsageError("--packing does not work with --method prefix: its virtual tokens reach every "
+                             "position through the attention mask and cache, so packed examples would see each "
+                             "other; drop one of them")
         if self.eval_before and not self.do_eval:
             raise UsageError("--eval-before and --no-eval contradict each other; give one of them")
         if self.seed < 0:

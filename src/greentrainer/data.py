@@ -268,6 +268,57 @@ class Encoded:
     labels: list[int]          # -100 where the loss is off (prompt), for decoder-only; target ids for seq2seq
     prompt_ids: list[int]      # what generation starts from
     truncated: bool = False    # cut to --max-input-length (its source, prompt or the conversation's end)
+    position_ids: list[int] | None = None  # a packed row (--packing): each example's positions from 0
+    parts: tuple = ()          # a packed row: the examples in it, in order
+
+
+def pack(data: list[Encoded], capacity: int) -> list[Encoded]:
+    """Examples packed into rows of at most ``capacity`` tokens by best-fit decreasing (each example into the
+    fullest row it still fits, longest first; the same rows on every process and at every resume). A row's
+    positions restart at 0 for each example and the first label of each example is off (-100), so no example
+    is predicted from another's last token; the model keeps their attention apart (``keeps_packed_apart``)."""
+    import bisect
+    order = sorted(range(len(data)), key=lambda i: (-len(data[i].input_ids), i))
+    free: list[tuple[int, int]] = []  # (room left, row), sorted: the fullest row that fits is the first ≥ n
+    rows: list[list[int]] = []
+    for i in order:
+        n = len(data[i].input_ids)
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, r = free.pop(k)
+        else:
+            room, r = capacity, len(rows)
+            rows.append([])
+        rows[r].append(i)
+        if room - n > 0:
+            bisect.insort(free, (room - n, r))
+    out = []
+    for members in rows:
+        parts = tuple(data[i] for i in sorted(members))
+        out.append(Encoded(input_ids=[t for e in parts for t in e.input_ids],
+                           labels=[t for e in parts for t in [-100] + e.labels[1:]], prompt_ids=[],
+                           position_ids=[j for e in parts for j in range(len(e.input_ids))], parts=parts))
+    return out
+
+
+def keeps_packed_apart(model) -> bool:
+    """Whether this model keeps packed examples apart: two short random examples in one row (per-example
+    positions, no attention mask) give the second the same logits as alone. transformers' mask builders do this
+    for most decoder models; some (learned positions from the mask, ALiBi: OPT, BLOOM) do not."""
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    vocab = model.get_input_embeddings().num_embeddings
+    a, b = (torch.randint(0, vocab, (1, n), generator=g).to(device) for n in (5, 7))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            row = model(input_ids=torch.cat([a, b], 1), position_ids=torch.cat([torch.arange(5), torch.arange(7)])
+                        [None].to(device), use_cache=False).logits[0, 5:].float()
+            alone = model(input_ids=b, use_cache=False).logits[0].float()
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(row, alone, atol=1e-3 * max(1.0, float(alone.abs().max())), rtol=1e-3))
 
 
 def _token_parts(ex: Example, tok, task: str, seq2seq: bool, fmt: PromptFormat = PLAIN):
@@ -414,12 +465,20 @@ def encode_all(exs, tok, task, seq2seq, max_len, fmt: PromptFormat = PLAIN) -> l
 
 
 def collate(batch: list[Encoded], pad_id: int, seq2seq: bool, pad_to_multiple: int = 8) -> dict:
-    """Right-padded training batch; padded label positions are -100 so the loss ignores them."""
+    """Right-padded training batch; padded label positions are -100 so the loss ignores them. Packed rows
+    (--packing) carry position ids instead of an attention mask (transformers then keeps their examples apart;
+    the padding is a segment of its own) and ``use_cache=False`` (a cache turns that off)."""
     def pad(seqs, value):
         n = max(len(s) for s in seqs)
         n = -(-n // pad_to_multiple) * pad_to_multiple
         return torch.tensor([s + [value] * (n - len(s)) for s in seqs]), [len(s) for s in seqs]
 
+    if any(b.position_ids is not None for b in batch):
+        ids, lens = pad([b.input_ids for b in batch], pad_id)
+        n = ids.shape[1]
+        pos = [(b.position_ids or list(range(len(b.input_ids)))) + list(range(n - k)) for b, k in zip(batch, lens)]
+        labels, _ = pad([b.labels for b in batch], -100)
+        return {"input_ids": ids, "position_ids": torch.tensor(pos), "labels": labels, "use_cache": False}
     ids, lens = pad([b.input_ids for b in batch], pad_id)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lens):

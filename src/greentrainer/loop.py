@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .data import target_tokens, typical_shape
+from .data import collate, target_tokens, typical_shape
 from .energy import EnergyMeter, add_readings
 from .engine.checkpointing import EpochProgress, restore_training_state, training_state
 from .engine.context import TrainContext
@@ -156,7 +156,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
               ("flops_forward", "flops_backward", "flops_overhead", "flops_total", "flops_full_ft_reference",
                "time_s")}
     totals["flops_fraction_of_full"] = totals["flops_total"] / totals["flops_full_ft_reference"]
-    if cfg.group_by_length:  # the saving from grouping, next to the saving from the method
+    if cfg.group_by_length or cfg.packing:  # the saving from grouping or packing, next to the method's
         totals["flops_full_ft_random_batches"] = sum(h["flops_full_ft_random_batches"] for h in history)
         totals["flops_fraction_of_full_random_batches"] = totals["flops_total"] / totals["flops_full_ft_random_batches"]
     totals["steps"] = ctx.global_step
@@ -231,6 +231,17 @@ def _reference_of(ctx, cfg, ref_cache, steps) -> float:
                                     cfg.gradient_checkpointing, ref_cache) for micro in steps for idx in micro if idx)
 
 
+def _unpacked_reference(ctx, cfg, ref_cache, steps, epoch: int) -> float:
+    """--packing: full fine-tuning's FLOPs on the examples of this process's packed rows this epoch, unpacked and
+    shuffled (seeded by the run's seed and the epoch) into padded batches of --batch-size: what padding costs."""
+    items = [e for micro in steps for idx in micro for j in idx for e in ctx.train_data[j].parts]
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.seed * 1009 + epoch)).tolist()
+    pad_id = ctx.tokenizer.pad_token_id
+    return sum(reference_step_flops(ctx.meta_model, collate([items[k] for k in order[i: i + cfg.batch_size]], pad_id,
+                                                            ctx.seq2seq), cfg.gradient_checkpointing, ref_cache)
+               for i in range(0, len(items), cfg.batch_size))
+
+
 def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress, on_epoch_end,
             resume: EpochProgress | None = None, on_checkpoint=None, handle: RunHandle | None = None,
             meter=None):
@@ -256,6 +267,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
             steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
                                    ctx.micro_batches_per_step, acc.process_index, generator, ctx.lengths)[:cut]
             generator.set_state(after)
+        elif cfg.packing:  # what full FT would have spent on these examples unpacked, in random padded batches
+            padded_reference = _unpacked_reference(ctx, cfg, ref_cache, steps, epoch)
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
             ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size), *ctx.global_flops()])
         t0, bookkeeping = time.perf_counter(), 0.0

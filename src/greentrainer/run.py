@@ -241,6 +241,8 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
         if cut:
             log(f"{cut} of {len(enc)} {name} rows are longer than --max-input-length {cfg.max_input_length}: "
                 f"{'their source or prompt is cut' if spec.task != 'lm' else 'their end is cut'}")
+    if cfg.packing:
+        train_enc = packed(train_enc, model, seq2seq, cfg.max_input_length, log)
     from .methods import build_method
     method = build_method(cfg)
     from .engine.distributed import build_accelerator
@@ -257,6 +259,23 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
     resume = _load_checkpoint(out) if resume_dir is not None else None
     return RunParts(cfg, spec, fmt, train_ex, val_ex, test_ex, train_enc, val_enc, model, tok, seq2seq, method,
                     acc, out, resume, grid, meter, log)
+
+
+def packed(train_enc: list, model, seq2seq: bool, capacity: int, log) -> list:
+    """--packing: the training examples in rows of up to ``capacity`` tokens, or one line saying why this model
+    cannot take them."""
+    from .data import keeps_packed_apart, pack
+    if seq2seq:
+        raise UsageError("--packing is for decoder-only models; an encoder-decoder model pads its inputs and "
+                         "targets separately; train without --packing")
+    if not keeps_packed_apart(model):
+        raise UsageError(f"--packing: this model ({model.config.model_type}) lets packed examples attend to each "
+                         "other (its attention ignores per-example positions); train without --packing")
+    rows = pack(train_enc, capacity)
+    tokens = sum(len(e.input_ids) for e in train_enc)
+    log(f"packing: {len(train_enc)} training examples in {len(rows)} rows of up to {capacity} tokens "
+        f"({100 * tokens / (len(rows) * capacity):.0f}% filled)")
+    return rows
 
 
 def open_run_folder(parts: RunParts) -> dict:
@@ -352,8 +371,11 @@ def report_done(parts: RunParts, t: dict) -> None:
     log(f"done: {fmt_flops(t['flops_total'])} measured "
         f"(forward {fmt_flops(t['flops_forward'])}, backward {fmt_flops(t['flops_backward'])}, "
         f"overhead {fmt_flops(t['flops_overhead'])}) = {100 * t['flops_fraction_of_full']:.1f}% of full "
-        f"fine-tuning on the same data; {t['time_s']:.1f} s training; peak memory "
-        f"{t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder {parts.out}")
+        f"fine-tuning on the same {'packed ' if parts.cfg.packing else ''}batches"
+        + (f" ({100 * t['flops_fraction_of_full_random_batches']:.1f}% of full fine-tuning on random padded "
+           "batches)" if "flops_fraction_of_full_random_batches" in t else "")
+        + f"; {t['time_s']:.1f} s training; peak memory {t['peak_memory_bytes'] / 2**20:.0f} MiB; run folder "
+        f"{parts.out}")
     if t.get("within_budget") is False:  # a warning (kept by --quiet; on stderr where logging is not set up)
         import logging
         logging.getLogger("greentrainer").warning(

@@ -99,7 +99,7 @@ class TrainContext:
             self.count_cache[(kind, key)] = counter.total
 
     def collate(self, items):
-        return {k: v.to(self.device) for k, v in
+        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in
                 collate(items, self.tokenizer.pad_token_id, self.seq2seq).items()}
 
     def sample_batches(self, steps: int = 1) -> tuple[list[dict], list[float]]:

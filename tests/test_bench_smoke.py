@@ -30,6 +30,28 @@ def test_selector_bench_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_packing_bench_quick(tmp_path):
+    """bench/packing.py on 8 items: the three settings train on the same items (packed and grouped for fewer FLOPs
+    than padded, packed in fewer steps), then the interleaved timing; a rerun skips what is done."""
+    env = dict(os.environ, GREENTRAINER_BENCH_RESULTS=str(tmp_path))
+    subprocess.run([sys.executable, "packing.py", "--quick"], cwd=BENCH, env=env, check=True, capture_output=True,
+                   timeout=900)
+    out = json.loads((tmp_path / "packing_quick.json").read_text())
+    runs, timing = out["runs"], out["timing"]["settings"]
+    assert {r["items"] for r in runs.values()} == {8}
+    assert runs["packed"]["flops_total"] < runs["padded"]["flops_total"]
+    assert runs["grouped"]["flops_total"] < runs["padded"]["flops_total"]
+    assert runs["packed"]["optimizer_steps"] < runs["padded"]["optimizer_steps"]
+    assert runs["padded"]["flops_full_ft_random_batches"] == runs["padded"]["flops_total"]
+    assert all(t["median_step_s"] > 0 and t["items_per_s"] > 0 for t in timing.values())
+    stamp = (tmp_path / "packing_quick" / "packed.json").stat().st_mtime
+    subprocess.run([sys.executable, "packing.py", "--quick", "--part", "report"], cwd=BENCH, env=env, check=True,
+                   capture_output=True, timeout=300)
+    assert (tmp_path / "packing_quick" / "packed.json").stat().st_mtime == stamp
+    assert "| packed |" in (tmp_path / "packing_quick.md").read_text()
+
+
+@pytest.mark.slow
 def test_flops_accuracy_bench_quick(tmp_path):
     rows = run("flops_accuracy.py", tmp_path)
     assert all(r["under_predictions"] == 0 for r in rows)

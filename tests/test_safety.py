@@ -108,6 +108,34 @@ def test_sigterm_saves_the_model_and_marks_the_run_interrupted(tmp_path, tiny_mo
     assert (out / "model" / "model.safetensors").is_file()
 
 
+def test_a_run_folder_in_use_is_refused_and_a_killed_runs_folder_is_taken_over(capsys, tmp_path, tiny_model_dir,
+                                                                                 data):
+    """A second launch on a live run's folder (with or without --overwrite) and --resume of a run still running
+    are refused in one line naming the process; nothing of the live run changes. Once that run is killed (-9),
+    its lock is gone with it: the folder can be replaced (or resumed)."""
+    out = tmp_path / "live"
+    proc = subprocess.Popen([sys.executable, "-m", "greentrainer",
+                             *train_args(tiny_model_dir, data, out, "--epochs", "500", "--no-eval")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (out / "metrics.json").is_file():
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        config = (out / "train_config.json").read_text()
+        for extra in ([], ["--overwrite"]):
+            said = one_line(capsys, train_args(tiny_model_dir, data, out, *extra))
+            assert f"is in use by a greentrainer run that is still running (pid {proc.pid} on " in said
+        said = one_line(capsys, ["train", "--resume", str(out), "--no-progress"])
+        assert f"the run is still running (pid {proc.pid} on " in said
+        assert (out / "train_config.json").read_text() == config and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert main(train_args(tiny_model_dir, data, out, "--overwrite", "--no-eval")) == 0  # the killed run's lock
+    assert json.loads((out / ".greentrainer-run").read_text())["pid"] == os.getpid()    # went with it
+
+
 # ------------------------------------------------------------------ never call a broken run complete
 
 @pytest.mark.parametrize("extra,needle", [

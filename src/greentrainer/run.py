@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 from .config import TrainConfig, config_from_dict, items_seed, total_steps
-from .run_folder import check_output_dir, is_run_folder, prepare_output_dir
+from .run_folder import (check_output_dir, in_use, is_run_folder, lock_run_folder, prepare_output_dir,
+                         release_run_folder)
 from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, recorded_prompt_format,
                    resolve_dataset, resolve_prompt_format)
 from .errors import RunFailed, UsageError, one_line, warn
@@ -62,6 +63,9 @@ def resume_training(run_dir: str, log=print, progress=True) -> dict:
         status = json.loads((out / "metrics.json").read_text()).get("status")
     except (OSError, ValueError, AttributeError):
         status = None
+    holder = in_use(out)
+    if holder:
+        raise UsageError(f"--resume {run_dir}: the run is still running ({holder}); wait for it to end or stop it")
     if status == "complete":
         raise UsageError(f"--resume {run_dir}: the run is already complete")
     old = out / "checkpoint.old"
@@ -164,6 +168,14 @@ def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | 
     """Run ``cfg`` (or continue it from ``resume_dir``'s checkpoint) in phases — setup, open the run folder,
     fit, save, evaluate — and return the metrics written to ``<output_dir>/metrics.json``."""
     parts = setup(cfg, log, resume_dir)
+    try:
+        return _run_in_folder(parts, progress)
+    finally:
+        release_run_folder(parts.out)  # (the kernel releases it too, if the process is killed)
+
+
+def _run_in_folder(parts: RunParts, progress: bool) -> dict:
+    cfg = parts.cfg
     record = RunRecord(parts, open_run_folder(parts))
     from .loop import RunHandle
     handle = RunHandle()  # the model as the loop left it (after its last completed step)
@@ -282,6 +294,8 @@ def open_run_folder(parts: RunParts) -> dict:
     """Create (or, resuming, reopen) the run folder with its config files, start the trackers, and return the
     metrics the folder records from now on (``status: running``)."""
     cfg, acc, out, resume = parts.cfg, parts.acc, parts.out, parts.resume
+    if parts.main and resume is not None:
+        lock_run_folder(out)  # (a run killed earlier left none: the kernel let its lock go)
     if parts.main and resume is None:  # only the first process writes; the others wait until the folder exists
         parts.out = out = prepare_output_dir(str(out), cfg.overwrite)
         write_json_atomic(out / "train_config.json", cfg.to_dict())

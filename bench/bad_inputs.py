@@ -403,6 +403,15 @@ def cases(env: Env) -> list[dict]:
     add("callback", "GreenTrainerCallback(select_every=0)", {"select_every": 0}, runner="callback",
         needle="--select-every")
     add("callback", "GreenTrainerCallback(seq_len=0)", {"seq_len": 0}, runner="callback", needle="seq_len")
+    # -- a run folder a live run is writing (issue 38): refused, the live run untouched
+    add("run folder", "a second launch on a live run's folder", e.train(out="RUN:live"), setup="live",
+        needle="still running (pid")
+    add("run folder", "a second launch on a live run's folder with --overwrite", e.train("--overwrite", out="RUN:live"),
+        setup="live", needle="still running (pid")
+    add("run folder", "--resume of a run that is still running", ["train", "--resume", "RUN:live", "--no-progress"],
+        setup="live", needle="the run is still running (pid")
+    add("run folder", "--resume after the data file changed", ["train", "--resume", "RUN:changed", "--no-progress"],
+        setup="changed", needle="changed since the run started")
     # -- faults during a run (subprocesses)
     add("fault", "huge lr: non-finite loss → stops naming the step, run failed",
         e.train("--lr", "1e30", "--epochs", "3"), code=1, kind="fault", needle="non-finite", runner="sub")
@@ -461,6 +470,31 @@ def run_case(env: Env, c: dict) -> dict:
             (env.root / "precious" / "keep.txt").write_text("keep")
             (out / "predictions.jsonl").symlink_to(env.root / "precious")
         argv = env.train("--overwrite", "--no-eval", out=out)
+    live = None
+    if c["kw"].get("setup") == "live":  # a run still training in that folder (another process)
+        out = env.out()
+        live = subprocess.Popen([sys.executable, "-m", "greentrainer.cli", *env.train("--epochs", "500", "--no-eval",
+                                                                                      out=out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and not (out / "metrics.json").is_file() and live.poll() is None:
+            time.sleep(0.05)
+        live_config = (out / "train_config.json").read_text()
+        argv = [str(out) if a == "RUN:live" else a for a in argv]
+    if c["kw"].get("setup") == "changed":  # a run killed after a checkpoint, then its data file edited
+        out = env.out()
+        name = f"changing_{out.name}.jsonl"
+        data = env.write(name, [json.dumps(r) for r in ROWS])
+        proc = subprocess.Popen([sys.executable, "-m", "greentrainer.cli",
+                                 *env.train("--epochs", "500", "--no-eval", "--save-every", "2", out=out, data=data)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not (out / "checkpoint" / "meta.json").is_file():
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        env.write(name, [json.dumps(dict(r, target=r["target"] + " edited")) for r in ROWS])
+        argv = [str(out) if a == "RUN:changed" else a for a in argv]
     existed = out is not None and out.exists()
     t0 = time.perf_counter()
     if c["runner"] == "callback":
@@ -503,6 +537,11 @@ def run_case(env: Env, c: dict) -> dict:
             problems.append("a partial model.tmp was left")
         if c["kind"] == "interrupted" and not (out / "model" / "model.safetensors").is_file():
             problems.append("the model was not saved")
+    if live is not None:
+        if live.poll() is not None or (out / "train_config.json").read_text() != live_config:
+            problems.append("the live run was disturbed")
+        live.kill()
+        live.wait()
     if c["kw"].get("setup") == "symlink" and not (env.root / "precious" / "keep.txt").exists():
         problems.append("followed a link out of the run folder")
     if c["kw"].get("setup") == "foreign" and not (out / "my_notes.txt").exists():

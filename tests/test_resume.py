@@ -77,3 +77,45 @@ def test_resume_refuses_what_it_cannot_continue(capsys, tmp_path, tiny_model_dir
     assert "not a greentrainer run folder" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--lr", "1"]) == 2
     assert "saved config" in capsys.readouterr().err
+
+
+def _killed_after_a_checkpoint(model, data, out):
+    proc = subprocess.Popen([sys.executable, "-m", "greentrainer", *args(model, data, out, "greentrainer")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint" / "meta.json").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoint" / "meta.json").is_file()
+
+
+def test_resume_refuses_changed_data_or_model_unless_accepted(capsys, tmp_path, tiny_model_dir, jsonl, small_rows):
+    """The data's and the model's fingerprints are recorded when a run starts; a resume on other data or another
+    model is refused in one line, and goes on with --accept-changed-inputs (recorded in metrics.json)."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    data = jsonl(small_rows)
+    out = tmp_path / "run"
+    _killed_after_a_checkpoint(str(model), data, out)
+    recorded = json.loads((out / "metrics.json").read_text())["fingerprints"]
+    assert set(recorded) == {"data", "model"}
+    jsonl([dict(r, target=r["target"] + " now") if i == 3 else r for i, r in enumerate(small_rows)])  # one row
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the training or evaluation data changed since the run started" in err and len(err.splitlines()) == 1
+    jsonl(small_rows)  # put back: the resume is the run's again ...
+    weights = load_file(model / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 1
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})  # ... but the model changed
+    assert main(["train", "--resume", str(out), "--no-progress"]) == 2
+    assert "the model changed since the run started" in capsys.readouterr().err
+    assert main(["train", "--model", str(model), "--dataset", data, "--accept-changed-inputs"]) == 2
+    assert "goes with --resume" in capsys.readouterr().err
+    assert main(["train", "--resume", str(out), "--no-progress", "--accept-changed-inputs"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["fingerprints"] == recorded
+    assert set(m["inputs_changed_at_resume"]) == {"model"}

@@ -55,6 +55,9 @@ def _add_train_args(p):
                         "every run folder's train_config.yaml re-runs that run")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its checkpoint/, with its saved config")
+    p.add_argument("--accept-changed-inputs", action="store_true",
+                   help="with --resume: continue even though the data or the model changed since the run started "
+                        "(otherwise refused: their fingerprints are recorded in metrics.json)")
     p.add_argument("--quiet", action="store_true", help="errors and warnings only (no progress bars)")
     p.add_argument("--no-progress", action="store_true")
     _add_options(p, option_specs(TrainConfig))
@@ -313,12 +316,15 @@ def _main(argv) -> int:
     if a.command == "train":
         from .run import resume_training, run_training
         if a.resume is not None:
-            extra = given_options(parser, argv) - {"resume", "no_progress", "quiet"}
+            extra = given_options(parser, argv) - {"resume", "no_progress", "quiet", "accept_changed_inputs"}
             if extra:
                 raise UsageError("--resume continues a run with its saved config; drop "
                                  + ", ".join("--" + o.replace("_", "-") for o in sorted(extra)))
-            resume_training(a.resume, log=_logger(a.quiet), progress=not (a.no_progress or a.quiet))
+            resume_training(a.resume, log=_logger(a.quiet), progress=not (a.no_progress or a.quiet),
+                            accept_changed_inputs=a.accept_changed_inputs)
             return 0
+        if a.accept_changed_inputs:
+            raise UsageError("--accept-changed-inputs goes with --resume RUN_DIR (a new run has nothing to compare)")
         given = given_options(parser, argv)
         if a.config is not None:
             train_parser = _subparser(parser, "train")

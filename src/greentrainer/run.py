@@ -13,6 +13,7 @@ from .run_folder import (check_output_dir, in_use, is_run_folder, lock_run_folde
 from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, recorded_prompt_format,
                    resolve_dataset, resolve_prompt_format)
 from .errors import RunFailed, UsageError, one_line, warn
+from .fingerprint import check_unchanged, data_fingerprint, model_fingerprint
 from .files import save_dir_atomic, write_json_atomic, write_text_atomic
 from .loop import fmt_flops
 from .models import check_input_length, is_seq2seq, load_config, load_model, pick_device
@@ -54,8 +55,9 @@ def _save_model(method, model, tok, out: Path, fmt) -> None:
         raise
 
 
-def resume_training(run_dir: str, log=print, progress=True) -> dict:
-    """Continue an interrupted or failed run from its ``checkpoint/`` with the config it was started with."""
+def resume_training(run_dir: str, log=print, progress=True, accept_changed_inputs: bool = False) -> dict:
+    """Continue an interrupted or failed run from its ``checkpoint/`` with the config it was started with, on the
+    same data and model (their fingerprints are checked) unless ``accept_changed_inputs``."""
     out = Path(run_dir)
     if not out.is_dir() or not is_run_folder(out):
         raise UsageError(f"--resume {run_dir}: not a greentrainer run folder")
@@ -79,7 +81,7 @@ def resume_training(run_dir: str, log=print, progress=True) -> dict:
     except (OSError, ValueError) as e:
         raise UsageError(f"--resume {run_dir}: cannot read train_config.json ({e})") from None
     cfg.output_dir = str(out)
-    return run_training(cfg, log, progress, resume_dir=out)
+    return run_training(cfg, log, progress, resume_dir=out, accept_changed_inputs=accept_changed_inputs)
 
 
 def _load_checkpoint(out: Path) -> dict:
@@ -124,6 +126,8 @@ class RunParts:
     grid: object
     meter: object                 # EnergyMeter or None
     log: object
+    fingerprints: dict = dataclasses.field(default_factory=dict)  # of the data and the model (--resume checks)
+    inputs_changed: list = dataclasses.field(default_factory=list)  # what a resume accepted as changed
 
     @property
     def main(self) -> bool:
@@ -164,10 +168,11 @@ class RunRecord:
         self.saved = True
 
 
-def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | None = None) -> dict:
+def run_training(cfg: TrainConfig, log=print, progress=True, resume_dir: Path | None = None,
+                 accept_changed_inputs: bool = False) -> dict:
     """Run ``cfg`` (or continue it from ``resume_dir``'s checkpoint) in phases — setup, open the run folder,
     fit, save, evaluate — and return the metrics written to ``<output_dir>/metrics.json``."""
-    parts = setup(cfg, log, resume_dir)
+    parts = setup(cfg, log, resume_dir, accept_changed_inputs)
     try:
         return _run_in_folder(parts, progress)
     finally:
@@ -222,7 +227,7 @@ def _run_in_folder(parts: RunParts, progress: bool) -> dict:
     return record.metrics
 
 
-def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
+def setup(cfg: TrainConfig, log, resume_dir: Path | None, accept_changed_inputs: bool = False) -> RunParts:
     """Validate, load the data and the model, build the method and the processes, and check the method's
     settings against the run (all before anything is written)."""
     cfg.validate()
@@ -268,9 +273,28 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None) -> RunParts:
                                     cfg.gradient_checkpointing),
                  steps_per_epoch, total_steps(steps_per_epoch, cfg.epochs, cfg.max_steps), cfg.grad_accum)
     out = Path(out_dir)
+    fingerprints = {"data": data_fingerprint({"train": train_ex, "validation": val_ex, "test": test_ex}),
+                    "model": model_fingerprint(model)}
+    changed = []
+    if resume_dir is not None:  # the same data and model as when the run started, or said so deliberately
+        changed = check_unchanged(_recorded(out).get("fingerprints"), fingerprints, str(resume_dir),
+                                  accept_changed_inputs)
+        if changed:
+            import logging
+            logging.getLogger("greentrainer").warning(
+                f"warning: continuing on changed {' and '.join(changed)} (--accept-changed-inputs)")
     resume = _load_checkpoint(out) if resume_dir is not None else None
     return RunParts(cfg, spec, fmt, train_ex, val_ex, test_ex, train_enc, val_enc, model, tok, seq2seq, method,
-                    acc, out, resume, grid, meter, log)
+                    acc, out, resume, grid, meter, log, fingerprints, changed)
+
+
+def _recorded(out: Path) -> dict:
+    """The run folder's metrics.json as it is (empty if unreadable)."""
+    try:
+        m = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
 
 
 def packed(train_enc: list, model, seq2seq: bool, capacity: int, log) -> list:
@@ -316,12 +340,12 @@ def open_run_folder(parts: RunParts) -> dict:
                           "eval": f"{test_name}: the final report (eval, eval_before, predictions.jsonl)"},
                "device": str(acc.device), "world_size": acc.num_processes,
                "effective_batch_size": cfg.batch_size * acc.num_processes * cfg.grad_accum}
+    metrics["fingerprints"] = parts.fingerprints
     if resume is not None:
-        try:
-            previous = json.loads((out / "metrics.json").read_text())
-        except (OSError, ValueError):
-            previous = {}
-        metrics.update({k: v for k, v in previous.items() if k == "eval_before"})
+        previous = _recorded(out)
+        metrics.update({k: v for k, v in previous.items() if k in ("eval_before", "fingerprints")})
+        if parts.inputs_changed:  # accepted: what it continued on
+            metrics["inputs_changed_at_resume"] = {k: parts.fingerprints[k] for k in parts.inputs_changed}
         metrics["resumed_from_step"] = resume["global_step"]
         parts.log(f"resuming {out} from its checkpoint at optimizer step {resume['global_step']}")
     (write_json_atomic if parts.main else _no_write)(out / "metrics.json", metrics)

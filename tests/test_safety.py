@@ -226,7 +226,7 @@ def test_val_loss_uses_the_validation_split_and_the_splits_are_labelled(tmp_path
     assert set(m["splits"]) == {"train", "validation", "eval"}
 
 
-def test_max_val_bounds_the_validation_items_only(tmp_path, tiny_model_dir, jsonl):
+def test_max_val_bounds_the_validation_items_only(capsys, tmp_path, tiny_model_dir, jsonl):
     """--max-val N: the validation loss (each epoch's end, --eval-steps) runs on N items; the test items stay
     --max-eval's, so a quick run can bound the validation pass without changing what is tested."""
     rows = [{"source": f"row {i} of the file, a short text", "target": f"row {i}"} for i in range(80)]
@@ -235,6 +235,11 @@ def test_max_val_bounds_the_validation_items_only(tmp_path, tiny_model_dir, json
                            "2", "--no-eval")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (m["n_validation"], m["n_eval"]) == (2, 3) and m["history"][0]["val_loss"] is not None
+    capsys.readouterr()
+    argv = [a for a in train_args(tiny_model_dir, jsonl(rows), tmp_path / "shown", "--max-train", "8", "--max-val",
+                                  "2", "--no-eval") if a != "--no-progress"]
+    assert main(argv) == 0
+    assert "validation loss (2 items)" in capsys.readouterr().err  # the pass has its progress bar
 
 
 # ------------------------------------------------------------------ no silent surprises

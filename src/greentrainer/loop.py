@@ -57,12 +57,14 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def eval_loss(model, ctx, data, batch_size: int) -> float:
-    """Mean loss per target token over ``data`` (each process takes every world_size-th item)."""
+def eval_loss(model, ctx, data, batch_size: int, progress: bool = False) -> float:
+    """Mean loss per target token over ``data`` (each process takes every world_size-th item); ``progress``: a
+    bar for the pass (bound it with --max-val)."""
     model.eval()
     mine = data[ctx.accelerator.process_index:: ctx.world_size] if ctx.accelerator is not None else data
     total, n = 0.0, 0
-    for i in range(0, len(mine), batch_size):
+    for i in tqdm(range(0, len(mine), batch_size), desc=f"validation loss ({len(data)} items)", leave=False,
+                  disable=not progress, dynamic_ncols=True):
         batch = ctx.collate(mine[i: i + batch_size])
         with ctx.autocast():
             loss = model(**batch).loss
@@ -270,7 +272,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         elif cfg.packing:  # what full FT would have spent on these examples unpacked, in random padded batches
             padded_reference = _unpacked_reference(ctx, cfg, ref_cache, steps, epoch)
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
-            ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size), *ctx.global_flops()])
+            ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress),
+                                 *ctx.global_flops()])
         t0, bookkeeping = time.perf_counter(), 0.0
         trained_before = sum(h["time_s"] for h in history) + ep.elapsed
         ctx.train_seconds = trained_before
@@ -305,7 +308,8 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     log_step(ctx, ep.losses[-cfg.logging_steps:])
                 if cfg.eval_steps and val_data and ctx.global_step % cfg.eval_steps == 0 \
                         and ep.steps_done < len(steps):  # (the epoch's end computes it anyway)
-                    ep.val_curve.append([ctx.global_step, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size),
+                    ep.val_curve.append([ctx.global_step,
+                                         eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress),
                                          *ctx.global_flops()])
                 if ep.losses:
                     bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
@@ -319,7 +323,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         elapsed = ep.elapsed + time.perf_counter() - t0 - bookkeeping
         if meter is not None:
             ep.energy = add_readings(ep.energy, meter.stop())
-        val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size) if val_data else None
+        val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress) if val_data else None
         if cfg.eval_steps and val is not None:
             ep.val_curve.append([ctx.global_step, val, *ctx.global_flops()])
         spent = {k: ctx.reduce_sum(float(ctx.flops[k] - ep.flops_before.get(k, 0))) for k in ctx.flops}

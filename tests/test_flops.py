@@ -31,6 +31,31 @@ def test_prediction_matches_measured_flops_for_random_selections(arch):
     print(f"{arch}: pure chain over-predicts by up to {100 * worst_chain:.3f}%")
 
 
+@pytest.mark.parametrize("experts", ["grouped_mm", "eager"])  # transformers' default kernel and the loop
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "olmoe"])
+def test_moe_prediction_matches_the_measured_step_for_any_routing(arch, experts):
+    """Mixture of experts: an expert's FLOPs follow the tokens routed to it, but every token goes to top-k experts,
+    so a layer's experts together multiply tokens × top-k rows whatever the routing. The meta profile (its experts
+    as batched matmuls) predicts the live step of a real model (random weights: its own routing) exactly, for
+    any trainable set, with the grouped kernel (counted by our formula) or the eager loop over experts."""
+    from transformers import AutoModelForCausalLM
+    cfg = tiny_config(arch)
+    prof = profile_model(meta_model_from_config(cfg), 2, 16)
+    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj",
+            "model.layers.0.mlp.gate.weight"} <= set(prof.names)  # the experts (fused) and the router: candidates
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), experts_implementation=experts)
+    params = unique_named_parameters(model)
+    rng = random.Random(0)
+    for seed, sel in enumerate([prof.names] + [rng.sample(prof.names, rng.randint(1, len(prof.names)))
+                                               for _ in range(12)]):
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(seed))  # other routings
+        with trainable_exactly(params, set(sel)):
+            with FlopCounter() as c:
+                model(input_ids=ids, labels=ids).loss.backward()
+        assert c.total == prof.predict(sel), sel
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "t5"])
 def test_single_tensor_costs_match_measured_flops(arch):
     model = meta_model_from_config(tiny_config(arch))

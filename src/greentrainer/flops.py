@@ -95,13 +95,30 @@ def _raw(formula):
     return f
 
 
-#: Our formulas, over torch's registry: the CPU SDPA kernels (absent there) and eager-equivalent SDPA backwards.
+def _grouped_mm_flop(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """Mixture-of-experts' grouped matmul (transformers' default experts kernel): every token-expert pair's rows
+    once, as a loop over the experts would multiply them. Forward and input gradient: (S, K) by each expert's
+    (K, N) over S = tokens × top-k rows; weight gradient: (K, S) by (S, N) into each expert's (K, N). The rows
+    are read from the shapes: all S rows are real (no expert-parallel padding), whatever the routing."""
+    if len(a_shape) == 2 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 2:
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
+#: Our formulas, over torch's registry: the CPU SDPA kernels (absent there), eager-equivalent SDPA backwards and
+#: the grouped matmul of mixture-of-experts layers (absent there).
 FLOP_OVERRIDES = {**{op: _raw(_sdpa_forward_flop) for op in _SDPA_FORWARD},
-                  **{op: _raw(_sdpa_backward_flop) for op in _SDPA_BACKWARD}}
+                  **{op: _raw(_sdpa_backward_flop) for op in _SDPA_BACKWARD},
+                  aten._grouped_mm: _raw(_grouped_mm_flop)}
 
 # Plain FlopCounterMode users count the CPU kernels too (torch's registry has nothing for them).
 for _op, _f in ((aten._scaled_dot_product_flash_attention_for_cpu, _sdpa_forward_flop),
-                (aten._scaled_dot_product_flash_attention_for_cpu_backward, _sdpa_backward_flop)):
+                (aten._scaled_dot_product_flash_attention_for_cpu_backward, _sdpa_backward_flop),
+                (aten._grouped_mm, _grouped_mm_flop)):
     if _op not in flop_registry:
         register_flop_formula(_op)(_f)
 
@@ -461,8 +478,14 @@ def meta_model_from_config(config, attn_implementation: str = "eager"):
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
     config = copy.deepcopy(config)
     cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    experts = {"experts_implementation": "batched_mm"} if is_moe(config) else {}
     with torch.device("meta"):
-        return cls.from_config(config, attn_implementation=attn_implementation)
+        return cls.from_config(config, attn_implementation=attn_implementation, **experts)
+
+
+def is_moe(config) -> bool:
+    """A mixture-of-experts model: its experts run through transformers' experts kernels."""
+    return any(getattr(config, k, None) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def supports_sdpa(config) -> bool:

@@ -205,12 +205,14 @@ def pick_device(device: str) -> torch.device:
 
 
 def tiny_config(arch: str, size: str = "tiny"):
-    """Randomly initialisable configs built in code: llama, opt, bloom, gpt2, qwen2, t5.
+    """Randomly initialisable configs built in code: llama, opt, bloom, gpt2, qwen2, t5, and the mixture-of-experts
+    mixtral, qwen3_moe and olmoe (4 experts, 2 per token).
 
     ``tiny`` (hidden 64, 2 layers; vocabulary and special ids match :func:`tiny_tokenizer`) trains in
     seconds; ``small`` (hidden 512, 4 layers) has realistic proportions for FLOPs checks on the meta device.
     """
-    from transformers import (BloomConfig, GPT2Config, LlamaConfig, OPTConfig, Qwen2Config, T5Config)
+    from transformers import (BloomConfig, GPT2Config, LlamaConfig, MixtralConfig, OlmoeConfig, OPTConfig,
+                              Qwen2Config, Qwen3MoeConfig, T5Config)
     h, f, n, heads, vocab = (64, 128, 2, 4, 260) if size == "tiny" else (512, 2048, 4, 8, 8192)
     base = dict(vocab_size=vocab, pad_token_id=256, eos_token_id=257, bos_token_id=257)
     if arch == "llama":
@@ -231,6 +233,15 @@ def tiny_config(arch: str, size: str = "tiny"):
     if arch == "t5":
         return T5Config(d_model=h, d_ff=f, d_kv=h // heads, num_layers=n, num_decoder_layers=n, num_heads=heads,
                         decoder_start_token_id=256, **base)
+    moe = dict(num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=heads // 2, hidden_size=h,
+               num_experts_per_tok=2, max_position_embeddings=512, **base)
+    if arch == "mixtral":
+        return MixtralConfig(intermediate_size=f, num_local_experts=4, **moe)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=f, moe_intermediate_size=f // 2, num_experts=4, head_dim=h // heads,
+                              **moe)
+    if arch == "olmoe":
+        return OlmoeConfig(intermediate_size=f // 2, num_experts=4, **moe)
     raise ValueError(f"no tiny config for {arch!r}")
 
 

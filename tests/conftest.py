@@ -53,6 +53,12 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_moe_dir(tmp_path_factory):
+    """A tiny mixture-of-experts model (Qwen3-MoE: 4 experts, 2 per token)."""
+    return _save_tiny(tmp_path_factory, "qwen3_moe")
+
+
+@pytest.fixture(scope="session")
 def tiny_t5_dir(tmp_path_factory):
     return _save_tiny(tmp_path_factory, "t5")
 

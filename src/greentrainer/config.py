@@ -77,6 +77,10 @@ class TrainConfig(Options):
                                           "each epoch)")
     attn_implementation: str = option("sdpa", "sdpa: fused attention where the model has it (its FLOPs are counted "
                                               "exactly); eager", choices=("sdpa", "eager"))
+    experts_implementation: str | None = option(None, "mixture-of-experts models: transformers' experts kernel "
+                                                      "(default: its own, grouped_mm; eager loops over the "
+                                                      "experts); every one is counted exactly",
+                                                choices=("grouped_mm", "eager", "batched_mm"))
     gradient_checkpointing: bool = option(False, "recompute activations in the backward (less memory; the recompute "
                                                  "is counted and budgeted)")
     report_to: str = option("none", "trackers (Accelerate's): none, tensorboard (offline, in the run folder's "

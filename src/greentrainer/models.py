@@ -120,9 +120,12 @@ def is_seq2seq(model_or_config) -> bool:
     return bool(getattr(cfg, "is_encoder_decoder", False))
 
 
-def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"):
+def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa",
+               experts_implementation: str | None = None):
     """Load (model, tokenizer) in float32; fused (SDPA) attention where transformers has it for the model,
-    else eager. Both are counted exactly (greentrainer.flops registers the fused kernels' FLOPs)."""
+    else eager. Both are counted exactly (greentrainer.flops registers the fused kernels' FLOPs), as are the
+    experts kernels of a mixture-of-experts model (``experts_implementation``: transformers' default, else
+    grouped_mm, eager or batched_mm)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
     _check_name(name)
     if name in PACKAGED:
@@ -150,9 +153,10 @@ def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"
         name = str(folder)
     cfg = _from_hub(AutoConfig.from_pretrained, name)
     cls = AutoModelForSeq2SeqLM if is_seq2seq(cfg) else AutoModelForCausalLM
+    experts = {"experts_implementation": experts_implementation} if experts_implementation else {}
     model, info = _from_hub(cls.from_pretrained, name, dtype=dtype,
                             attn_implementation=_attention(cfg, attn_implementation),
-                            output_loading_info=True)
+                            output_loading_info=True, **experts)
     check_loading_info(name, info)
     tok = _from_hub(AutoTokenizer.from_pretrained, name)
     return _finish(model, tok)

@@ -246,7 +246,8 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None, accept_changed_inputs:
     from .energy import EnergyMeter
     meter = EnergyMeter(pick_device(cfg.device)) if cfg.track_energy else None  # detects hardware meanwhile
     log(f"loading model {cfg.model} ...")
-    model, tok = load_model(cfg.model, attn_implementation=cfg.attn_implementation)
+    model, tok = load_model(cfg.model, attn_implementation=cfg.attn_implementation,
+                            experts_implementation=cfg.experts_implementation)
     seq2seq = is_seq2seq(model)
     fmt = resolve_prompt_format(cfg.prompt_format, tok, seq2seq,
                                 spec.instruction if cfg.instruction is None else cfg.instruction)

@@ -29,6 +29,13 @@ def test_selector_bench_quick(tmp_path):
     assert all(r["objective_%_of_exact"] <= 100 + 1e-9 for r in rows if r["solver"].startswith("ours"))
 
 
+def test_moe_flops_bench_quick(tmp_path):
+    """bench/moe_flops.py on tiny models (seconds): every step's measured FLOPs equal the prediction while the
+    routing changes."""
+    rows = run("moe_flops.py", tmp_path)
+    assert len(rows) == 6 and all(r["steps_exact"] == r["steps"] and r["max_abs_error_%"] == 0 for r in rows)
+
+
 @pytest.mark.slow
 def test_packing_bench_quick(tmp_path):
     """bench/packing.py on 8 items: the three settings train on the same items (packed and grouped for fewer FLOPs

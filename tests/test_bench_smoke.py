@@ -29,6 +29,22 @@ def test_selector_bench_quick(tmp_path):
     assert all(r["objective_%_of_exact"] <= 100 + 1e-9 for r in rows if r["solver"].startswith("ours"))
 
 
+@pytest.mark.slow
+def test_gpu_bench_tiny_runs_the_same_code_on_the_cpu(tmp_path):
+    """bench/gpu.py --tiny: every method through the tool on the same batches, the plain-loop anchor, the fused
+    attention counted like eager, labelled as a CPU run."""
+    env = dict(os.environ, GREENTRAINER_BENCH_RESULTS=str(tmp_path))
+    subprocess.run([sys.executable, "gpu.py", "--tiny"], cwd=BENCH, env=env, check=True, capture_output=True,
+                   timeout=900)
+    out = json.loads((tmp_path / "gpu.json").read_text())
+    rows = {r["label"]: r for r in out["rows"]}
+    assert out["tiny"] and "not a GPU result" in (tmp_path / "gpu.md").read_text()
+    assert len(rows) == 6 and rows["full FT"]["flops_fraction_of_full"] == 1.0
+    assert rows["GreenTrainer ρ 0.5"]["flops_fraction_of_full"] <= 0.5 + 1e-9
+    assert rows["full FT"]["plain_step_s"] > 0 and rows["GreenTrainer ρ 0.5"]["plain_step_s"] > 0
+    assert out["attention_flops"]["sdpa"] == out["attention_flops"]["eager"]
+
+
 def test_moe_flops_bench_quick(tmp_path):
     """bench/moe_flops.py on tiny models (seconds): every step's measured FLOPs equal the prediction while the
     routing changes."""

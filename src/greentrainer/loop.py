@@ -334,7 +334,9 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                "flops_forward": spent["forward"], "flops_backward": spent["backward"],
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
-               "time_s": elapsed, "peak_memory_bytes": peak, **method.epoch_report()}
+               "time_s": elapsed, "peak_memory_bytes": peak,
+               "step_time_median_s": float(np.median([x[2] for x in ep.step_log])) if ep.step_log else None,
+               **method.epoch_report()}
         if meter is not None:
             rec.update(epoch_energy(ctx, ep, history, rec))
         if padded_reference is not None:

@@ -251,7 +251,7 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
             cfg = config_from_options({**dict(
                 dataset=a.dataset, method=method, lr=lr, seed=seed, epochs=a.epochs, batch_size=a.batch_size,
                 max_train=n_train, max_eval=a.test_items if final else a.val_items,
-                max_input_length=a.max_input_length, num_beams=1, do_eval=final, output_dir=str(work),
+                max_input_length=a.max_input_length, num_beams=1, no_eval=not final, output_dir=str(work),
                 eval_seed=0,  # every seed validated and tested on the same items (seed 0's), so they pair
                 overwrite=True, save_every=own_steps // 8 if own_steps >= 64 else None,
                 **(dict(eval_steps=a.eval_steps, max_val=a.val_items) if getattr(a, "eval_steps", None) else {})),

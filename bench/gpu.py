@@ -4,7 +4,8 @@ and bookkeeping cost there?
 One command, nothing downloaded: a random-weight model of Llama-3.2-1B's shape (16 layers, hidden 2048, GQA 32/8
 heads, tied 128k vocabulary) with the packaged tokenizer on SciTLDR's training items, bf16 weights
 (--precision bf16-true), fused attention (on CUDA the flash/efficient SDPA kernels, counted exactly like
-eager attention). Full fine-tuning, GreenTrainer ρ 0.5 and 0.7, LoRA, SMT and GreenTrainer over LoRA adapters
+eager attention), the items packed into full rows (--packing) so every batch has about the plain loop's
+shape. Full fine-tuning, GreenTrainer ρ 0.5 and 0.7, LoRA, SMT and GreenTrainer over LoRA adapters
 each train the same batches through the tool (`greentrainer train`'s code): median step time, the step-time
 ratio to full FT next to the FLOPs fraction, peak memory (torch.cuda.max_memory_allocated) and energy
 (CodeCarbon: NVML on NVIDIA GPUs, "measured"). Then the physical anchor: a plain PyTorch/transformers loop
@@ -74,8 +75,9 @@ def run_method(label: str, a, folder: Path, work: Path) -> dict:
     if opts["method"] == "smt":
         opts["smt_warmup"] = max(1, a.steps // 4)
     cfg = config_from_options(dict(model=str(folder), dataset=a.dataset, epochs=1, batch_size=a.batch_size,
-                                   max_train=a.steps * a.batch_size, max_eval=4, max_input_length=a.seq_len,
-                                   do_eval=False, seed=0, output_dir=str(work / "run"), overwrite=True,
+                                   max_train=a.items, max_steps=a.steps, packing=True,
+                                   max_eval=4, max_input_length=a.seq_len,
+                                   no_eval=True, seed=0, output_dir=str(work / "run"), overwrite=True,
                                    precision=a.precision, device=a.device, **opts))
     m = run_training(cfg, log=lambda *x: None, progress=False)
     t = m["totals"]
@@ -153,12 +155,14 @@ def main() -> int:
     import torch
     if a.tiny:
         a.steps, a.batch_size, a.seq_len, a.plain_rounds = 24, 2, 512, 3
+        a.items = a.steps * a.batch_size  # byte tokens: one item a row
         a.device, a.precision = "cpu", "32-true"
     else:
         if not torch.cuda.is_available():
             print("bench/gpu.py needs a CUDA GPU (or --tiny for the CPU check)", file=sys.stderr)
             return 2
         a.device, a.precision = "cuda", "bf16-true"
+        a.items = 8 * a.steps * a.batch_size  # enough to fill the rows of every step
     device_name = torch.cuda.get_device_name(0) if a.device == "cuda" else "CPU (--tiny: not a GPU result)"
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,9 +187,9 @@ def main() -> int:
     lines = [f"# GPU benchmark: {device_name}", "",
              f"`python bench/gpu.py{' --tiny' if a.tiny else ''}` — {machine()}, {device_name}, "
              f"{time.strftime('%Y-%m-%d %H:%M')}, {time.perf_counter() - t0:.0f} s in all", "",
-             f"{shape}, {a.precision}, SDPA attention, {a.dataset}'s first {a.steps * a.batch_size} training items "
-             f"in {a.steps} steps of batch {a.batch_size} (up to {a.seq_len} tokens), the same batches for every "
-             "method. Step time: the median over the run's steps (probes included in the steps that make them). "
+             f"{shape}, {a.precision}, SDPA attention, {a.dataset}'s training items packed (--packing) into rows "
+             f"of up to {a.seq_len} tokens, {a.steps} steps of {a.batch_size} rows, the same batches for every "
+             "method (every batch nearly the plain loop's full shape). Step time: the median over the run's steps (probes included in the steps that make them). "
              "Plain loop: forward, backward and AdamW with only the tensors the run trained last, nothing else, "
              "interleaved; ours over plain: what the tool adds.", "",
              "| method | FLOPs % of full FT | median step s | step time / full FT's | plain loop s | ours / plain | "

@@ -67,7 +67,7 @@ def run(label: str, opts: dict, a, log) -> dict:
             opts.setdefault("select_every", a.steps // 2)
         cfg = config_from_options(dict(model=model, dataset="scitldr", max_train=a.steps * 4, epochs=1,
                                        batch_size=4, max_eval=a.val_items, max_input_length=a.max_input_length,
-                                       eval_steps=a.eval_steps, do_eval=False, seed=0, output_dir=f"{tmp}/run",
+                                       eval_steps=a.eval_steps, no_eval=True, seed=0, output_dir=f"{tmp}/run",
                                        overwrite=True, **opts))
         t0 = time.perf_counter()
         m = run_training(cfg, log=lambda *x: None, progress=False)

@@ -42,8 +42,8 @@ def train_setting(name: str, a, log) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_options(dict(dataset=a.dataset, method="full", lr=a.lr, epochs=1, batch_size=4,
                                        max_train=a.items, max_eval=a.val_items, max_input_length=a.max_input_length,
-                                       do_eval=False, seed=0, eval_seed=0, output_dir=f"{tmp}/run", overwrite=True,
-                                       track_energy=False, **SETTINGS[name]))
+                                       no_eval=True, seed=0, eval_seed=0, output_dir=f"{tmp}/run", overwrite=True,
+                                       no_energy=True, **SETTINGS[name]))
         m = run_training(cfg, log=lambda *x: None, progress=False)
     t = m["totals"]
     res = {"setting": name, "items": m["n_train"], "optimizer_steps": t["steps"], "val_loss": m["history"][-1]["val_loss"],

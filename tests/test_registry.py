@@ -172,6 +172,8 @@ def test_each_method_has_its_own_default_lr_and_lr_overrides_it():
     for name, spec in registered_methods().items():
         assert TrainConfig(method=name).lr == spec.method_cls.default_lr > 0
     assert config_from_options({"method": "lora", "lr": 2e-5}).lr == 2e-5  # the paper's, one option away
+    with pytest.raises(UsageError, match="unknown option.*do_eval"):  # a field's name, not its option (no_eval):
+        config_from_options({"method": "full", "do_eval": False})    # refused, never silently dropped
 
 
 def test_default_lrs_and_settings_are_the_validation_sweeps_winners():

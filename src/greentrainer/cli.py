@@ -84,7 +84,8 @@ def _declared_in(cls, field: str) -> type:
 
 
 def config_from_args(a) -> TrainConfig:
-    return config_from_options(vars(a))
+    known = set(option_names())
+    return config_from_options({k: v for k, v in vars(a).items() if k in known})
 
 
 def load_options_file(path: str, parser: argparse.ArgumentParser) -> dict:

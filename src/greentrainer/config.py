@@ -212,7 +212,13 @@ def method_option_specs(method: str) -> list[OptionSpec]:
 def config_from_options(options: dict) -> TrainConfig:
     """A TrainConfig from flat options ({"method": "greentrainer", "rho": 0.5, "no_eval": True, ...}).
 
-    Options of other methods than the chosen one are ignored (the command line warns about them)."""
+    Options of other methods than the chosen one are ignored (the command line warns about them); a name that
+    is no option at all (a field's name such as ``do_eval`` instead of its option ``no_eval``, a typo) is
+    refused, never silently dropped."""
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise UsageError(f"unknown option(s): {', '.join(unknown)} (the options are the command line's, "
+                         "e.g. no_eval, not the config's field names)")
 
     def fields(specs):
         return {o.field: (not options[o.name]) if o.negate else options[o.name] for o in specs if o.name in options}

@@ -54,14 +54,14 @@ def test_moe_flops_bench_quick(tmp_path):
 
 @pytest.mark.slow
 def test_packing_bench_quick(tmp_path):
-    """bench/packing.py on 8 items: the three settings train on the same items (packed and grouped for fewer FLOPs
+    """bench/packing.py on 16 items: the three settings train on the same items (packed and grouped for fewer FLOPs
     than padded, packed in fewer steps), then the interleaved timing; a rerun skips what is done."""
     env = dict(os.environ, GREENTRAINER_BENCH_RESULTS=str(tmp_path))
     subprocess.run([sys.executable, "packing.py", "--quick"], cwd=BENCH, env=env, check=True, capture_output=True,
                    timeout=900)
     out = json.loads((tmp_path / "packing_quick.json").read_text())
     runs, timing = out["runs"], out["timing"]["settings"]
-    assert {r["items"] for r in runs.values()} == {8}
+    assert {r["items"] for r in runs.values()} == {16}
     assert runs["packed"]["flops_total"] < runs["padded"]["flops_total"]
     assert runs["grouped"]["flops_total"] < runs["padded"]["flops_total"]
     assert runs["packed"]["optimizer_steps"] < runs["padded"]["optimizer_steps"]

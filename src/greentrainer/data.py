@@ -473,17 +473,15 @@ def collate(batch: list[Encoded], pad_id: int, seq2seq: bool, pad_to_multiple: i
         n = -(-n // pad_to_multiple) * pad_to_multiple
         return torch.tensor([s + [value] * (n - len(s)) for s in seqs]), [len(s) for s in seqs]
 
+    ids, lens = pad([b.input_ids for b in batch], pad_id)
+    labels, _ = pad([b.labels for b in batch], -100)
     if any(b.position_ids is not None for b in batch):
-        ids, lens = pad([b.input_ids for b in batch], pad_id)
         n = ids.shape[1]
         pos = [(b.position_ids or list(range(len(b.input_ids)))) + list(range(n - k)) for b, k in zip(batch, lens)]
-        labels, _ = pad([b.labels for b in batch], -100)
         return {"input_ids": ids, "position_ids": torch.tensor(pos), "labels": labels, "use_cache": False}
-    ids, lens = pad([b.input_ids for b in batch], pad_id)
     mask = torch.zeros_like(ids)
     for i, n in enumerate(lens):
         mask[i, :n] = 1
-    labels, _ = pad([b.labels for b in batch], -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 

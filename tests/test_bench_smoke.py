@@ -53,6 +53,18 @@ def test_moe_flops_bench_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_memory_bench_quick(tmp_path):
+    """bench/fsdp_memory.py on a tiny model: each method on 1 and 2 sharded processes; each process of 2 holds half
+    the weights and optimizer state of one."""
+    rows = run("fsdp_memory.py", tmp_path)
+    assert [(r["method"], r["processes"]) for r in rows] == [("full FT", 1), ("full FT", 2),
+                                                          ("GreenTrainer ρ 0.5", 1), ("GreenTrainer ρ 0.5", 2)]
+    for r in rows:
+        assert r["weights + optimizer vs 1 process"] == pytest.approx(1.0 if r["processes"] == 1 else 0.5, abs=0.02)
+    assert all(r["FLOPs fraction"] <= 0.5 + 1e-9 for r in rows if r["method"].startswith("Green"))
+
+
+@pytest.mark.slow
 def test_packing_bench_quick(tmp_path):
     """bench/packing.py on 16 items: the three settings train on the same items (packed and grouped for fewer FLOPs
     than padded, packed in fewer steps), then the interleaved timing; a rerun skips what is done."""

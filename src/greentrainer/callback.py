@@ -269,7 +269,8 @@ class GreenTrainerCallback(TrainerCallback):
         ddp = trainer.model_wrapped
         if not isinstance(ddp, torch.nn.parallel.DistributedDataParallel):
             raise UsageError(f"GreenTrainerCallback on several processes needs plain DDP; the model is wrapped in "
-                             f"{type(ddp).__name__} (FSDP and DeepSpeed shard what the selection changes)")
+                             f"{type(ddp).__name__}: the Trainer's FSDP/DeepSpeed wrap the model before the "
+                             f"selection exists (for sharded training use `greentrainer train --fsdp`)")
         ddp.require_backward_grad_sync = False  # Accelerate's no_sync() restores this value, so it stays off
         self._sync_hook = model.register_forward_hook(self._queue_sync)
 
@@ -335,6 +336,8 @@ class TrainerHost:
     """The controller's view of a Trainer run (the host described in :mod:`~greentrainer.methods.greentrainer.
     controller`): the Trainer's model, optimizer and schedule, its step counters, probe batches drawn from its
     dataloader, and the callback's FLOPs counters."""
+
+    sharded = False  # a Trainer under FSDP is refused (see GreenTrainerCallback.attach)
 
     def __init__(self, callback: GreenTrainerCallback, args, state, profile):
         self.cb, self.profile = callback, profile

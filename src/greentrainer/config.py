@@ -72,6 +72,8 @@ class TrainConfig(Options):
     bf16: bool = option(False, "the same as --precision bf16-mixed")
     precision: str = option("32-true", "32-true; bf16-mixed (autocast); bf16-true (bf16 weights, half the memory); "
                                        "16-mixed (fp16 autocast with a gradient scaler)", choices=PRECISIONS)
+    fsdp: bool = option(False, "shard weights, gradients and optimizer state over the processes (torch's FSDP2, "
+                               "each decoder layer and the root; launch with torchrun or accelerate launch)")
     grad_accum: int = option(1, "micro-batches per optimizer step (effective batch = batch size × processes × this)")
     save_every: int | None = option(None, "write checkpoint/ every N optimizer steps (default: at the end of "
                                           "each epoch)")
@@ -135,6 +137,10 @@ class TrainConfig(Options):
             raise UsageError("--packing does not work with --method prefix: its virtual tokens reach every "
                              "position through the attention mask and cache, so packed examples would see each "
                              "other; drop one of them")
+        if self.fsdp:
+            from .engine.sharding import check_sharding
+            mc = self.method_config
+            check_sharding(self, self.method, getattr(mc, "over", None), getattr(mc, "deselected_state", None))
         if self.eval_before and not self.do_eval:
             raise UsageError("--eval-before and --no-eval contradict each other; give one of them")
         if self.seed < 0:

@@ -38,8 +38,10 @@ def block_sums(x: torch.Tensor, l: int) -> np.ndarray:
 
 
 def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], metric: str = "dw_grad",
-                      names: list[str] | None = None, hint: str = "", normalize: bool = True) -> np.ndarray:
+                      names: list[str] | None = None, hint: str = "", normalize: bool = True,
+                      sum_parts=None) -> np.ndarray:
     """Importance per tensor from its weight update and gradient, scaled by max |I| (paper Table 4 variants).
+    ``sum_parts``: sums per-tensor scores over processes when each holds a slice of every tensor (--fsdp).
 
     Raises :class:`NonFiniteError` naming the tensors (``names``) whose score is NaN or infinite; ``hint``
     is added to its message."""
@@ -47,6 +49,8 @@ def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], met
     for dw, g in zip(deltas, grads):
         out.append(0.0 if dw is None or g is None else float(elementwise_importance(dw, g, metric).sum()))
     scores = np.asarray(out, dtype=np.float64)
+    if sum_parts is not None:
+        scores = sum_parts(scores)
     bad = np.flatnonzero(~np.isfinite(scores))
     if len(bad):
         shown = ", ".join(names[i] if names is not None and i < len(names) else f"#{i}" for i in bad[:3])
@@ -56,6 +60,11 @@ def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], met
                              f"lower --lr or check the model's weights")
     top = np.abs(scores).max() if len(scores) else 0.0
     return scores / top if top > 0 and normalize else scores
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This process's slice of a sharded tensor (a DTensor, --fsdp); the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # probed in float32: their Δw would mostly round to 0
@@ -71,13 +80,14 @@ def _base_lr(group: dict):
 
 def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe_upto: int,
                      metric: str = "dw_grad", count=None, autocast=None, reduce_grads=None,
-                     blocks: dict[str, int] | None = None) -> dict:
+                     blocks: dict[str, int] | None = None, sum_parts=None) -> dict:
     """Importance of ``names[:probe_upto + 1]`` (backward order); the rest score 0 (not reachable).
 
     ``batch``: one batch, or ``(micro-batches, weights)`` of one optimizer step (the probed loss is
     Σ weight·loss, e.g. each micro-batch's share of the step's target tokens).
     ``reduce_grads(params)``: sums the probed gradients over processes before the step (several
     processes), so the probe measures the global step and every process gets the same scores.
+    ``sum_parts``: sharded tensors (--fsdp): each process scores its slices and this sums the scores.
 
     The optimizer steps once at each group's base learning rate, on float32 copies of reduced-precision
     weights (their optimizer state cast to float32 for the step); everything is restored afterwards.
@@ -129,6 +139,9 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
         deltas = [(p.detach().cpu() - (s.float() if id(p) in low else s)) if g is not None else None
                   for p, s, g in zip(probe, snapshot, grads)]
         grads = [g.cpu() if g is not None else None for g in grads]
+        if sum_parts is not None:  # each process's slices (their scores are summed below)
+            deltas = [local(d) if d is not None else None for d in deltas]
+            grads = [local(g) if g is not None else None for g in grads]
     finally:
         with torch.no_grad():
             for p, s in zip(probe, snapshot):
@@ -136,7 +149,7 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
                     p.grad = None
                     p.data = low[id(p)]  # bit for bit: the step wrote to a float32 copy
                 else:
-                    p.copy_(s.to(p.device))
+                    local(p).copy_(local(s).to(p.device))  # (sharded: each process its slice)
         for p in probe:  # moments and step counts as they were (fresh state made by the probe is dropped)
             if id(p) in saved_state:
                 optimizer.state[p] = {k: v.to(dev) if dev is not None else v
@@ -151,7 +164,8 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
         for p in model.parameters():
             p.requires_grad_(flags[id(p)])
             p.grad = old_grads[id(p)]
-    raw = importance_scores(deltas, grads, metric, probe_names, "" if loss_finite else "loss", normalize=False)
+    raw = importance_scores(deltas, grads, metric, probe_names, "" if loss_finite else "loss", normalize=False,
+                            sum_parts=sum_parts)
     top = np.abs(raw).max() if len(raw) else 0.0
     top = top if top > 0 else 1.0
     full = np.zeros(len(names))

@@ -26,7 +26,7 @@ from .energy import EnergyMeter, add_readings
 from .engine.checkpointing import EpochProgress, restore_training_state, training_state
 from .engine.context import TrainContext
 from .engine.distributed import build_accelerator, global_batches
-from .engine.memory import PeakMemory, enable_checkpointing
+from .engine.memory import PeakMemory, enable_checkpointing, held_bytes
 from .engine.metric_logging import ENERGY_KEYS, epoch_energy, grid_of, log_step
 from .engine.precision import precision_of
 from .engine.reference import reference_step_flops, run_profile
@@ -39,7 +39,7 @@ from .interrupts import critical
 def step_key(model, batch: dict) -> tuple:
     """What a step's FLOPs depend on: the batch's tensor shapes and which parameters train."""
     shapes = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()) if isinstance(v, torch.Tensor))
-    return shapes, tuple(id(p) for p in model.parameters() if p.requires_grad)
+    return shapes, tuple(n for n, p in model.named_parameters() if p.requires_grad)  # (names: --fsdp swaps objects)
 
 
 def fmt_flops(x: float) -> str:
@@ -62,13 +62,15 @@ def eval_loss(model, ctx, data, batch_size: int, progress: bool = False) -> floa
     bar for the pass (bound it with --max-val)."""
     model.eval()
     mine = data[ctx.accelerator.process_index:: ctx.world_size] if ctx.accelerator is not None else data
+    passes = -(-len(data[0:: ctx.world_size]) // batch_size)  # the first process's (sharded: every one runs them)
     total, n = 0.0, 0
-    for i in tqdm(range(0, len(mine), batch_size), desc=f"validation loss ({len(data)} items)", leave=False,
-                  disable=not progress, dynamic_ncols=True):
-        batch = ctx.collate(mine[i: i + batch_size])
+    for i in tqdm(range(0, passes * batch_size if ctx.sharded else len(mine), batch_size),
+                  desc=f"validation loss ({len(data)} items)", leave=False, disable=not progress, dynamic_ncols=True):
+        part = mine[i: i + batch_size]
+        batch = ctx.collate(part or data[:1])  # (sharded: a stand-in pass, not counted)
         with ctx.autocast():
             loss = model(**batch).loss
-        k = target_tokens(batch, ctx.seq2seq)
+        k = target_tokens(batch, ctx.seq2seq) if part else 0
         total += float(loss) * k
         n += k
     model.train()
@@ -76,16 +78,23 @@ def eval_loss(model, ctx, data, batch_size: int, progress: bool = False) -> floa
 
 
 def check_finite_loss(loss, ctx) -> None:
-    """Stop before a non-finite loss reaches the weights."""
-    if not torch.isfinite(loss.detach()).all():
+    """Stop before a non-finite loss reaches the weights (sharded: every process stops together)."""
+    bad = not bool(torch.isfinite(loss.detach()).all())
+    if ctx.sharded:
+        bad = ctx.reduce_sum(float(bad)) > 0
+    if bad:
         raise NonFiniteError(f"non-finite training loss ({loss.item()}) at step {ctx.global_step + 1} "
                              f"(epoch {ctx.epoch + 1}); the learning rate ({ctx.cfg.lr:g}) may be too high")
 
 
 def check_finite_grads(optimizer, ctx) -> None:
     """Stop before a non-finite gradient reaches the weights (one norm per trainable tensor)."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()):
+    from .engine.sharding import local
+    grads = [local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    bad = bool(grads) and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()))
+    if ctx.sharded:  # each process holds slices: any non-finite slice stops every process
+        bad = ctx.reduce_sum(float(bad)) > 0
+    if bad:
         raise NonFiniteError(f"non-finite gradient at step {ctx.global_step + 1} (epoch {ctx.epoch + 1}); "
                              f"the learning rate ({ctx.cfg.lr:g}) may be too high")
 
@@ -134,10 +143,17 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
         model.to(torch.bfloat16)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    model.to(device)
+    if cfg.fsdp and world > 1:
+        from .engine.sharding import shard_model
+        model = shard_model(model, ctx.log)
+        method.rebind(model)
+        ctx.sharded = True
+    elif cfg.fsdp:
+        ctx.log("--fsdp on one process: nothing to shard, the model trains whole")
     ctx.model = model
     if handle is not None:
         handle.model = model
-    model.to(device)
     model.train()
     params = method.optimizer_parameters(model)
     if not params:
@@ -171,6 +187,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
     else:
         totals["energy"] = {"kind": "off"}
     totals["peak_memory_bytes"] = max(h["peak_memory_bytes"] for h in history)
+    totals["weights_and_optimizer_bytes"] = max(h.get("weights_and_optimizer_bytes", 0) for h in history)
     totals.update(method.trainable_summary(ctx.model))
     totals.update(world_size=world, grad_accum=accum, effective_batch_size=cfg.batch_size * world * accum,
                   precision=precision_of(cfg))
@@ -181,7 +198,17 @@ def _silent(*args, **kwargs) -> None:
     """Logging of processes other than the first."""
 
 
-def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
+def _step_batches(ctx, micro: list[list[int]]) -> tuple[list[dict], set]:
+    """This process's micro-batches of a step, and which of them are stand-ins: sharded, every process runs as
+    many passes (FSDP's collectives), so an empty micro-batch (a short last step) runs one item at weight 0."""
+    if not ctx.sharded:
+        return [ctx.collate([ctx.train_data[j] for j in idx]) for idx in micro if idx], set()
+    some = next((idx[:1] for idx in micro if idx), [0])
+    return ([ctx.collate([ctx.train_data[j] for j in (idx or some)]) for idx in micro],
+            {i for i, idx in enumerate(micro) if not idx})
+
+
+def _optimizer_step(ctx, method, batches: list[dict], stand_ins: set = frozenset()) -> tuple[float, int]:
     """One optimizer step over this process's micro-batches; returns (Σ loss·tokens, tokens) of this process.
 
     Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
@@ -195,7 +222,7 @@ def _optimizer_step(ctx, method, batches: list[dict]) -> tuple[float, int]:
             ctx.global_step += 1
             method.after_optimizer_step(ctx)
         return 0.0, 0
-    local = [target_tokens(b, ctx.seq2seq) for b in batches]
+    local = [0 if i in stand_ins else target_tokens(b, ctx.seq2seq) for i, b in enumerate(batches)]
     total = max(int(ctx.reduce_sum(sum(local))), 1)
     loss_sum = 0.0
     for batch, n in zip(batches, local):
@@ -287,15 +314,15 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
             for i, micro in enumerate(bar):
                 if i < ep.steps_done:  # resumed: these steps are in the checkpoint
                     continue
-                batches = [ctx.collate([ctx.train_data[j] for j in idx]) for idx in micro if idx]
+                batches, stand_ins = _step_batches(ctx, micro)
                 s0, flops0, ref0 = time.perf_counter(), sum(ctx.flops.values()), ctx.flops_reference
                 method.on_step_start(ctx)
-                loss_sum, n_tokens = _optimizer_step(ctx, method, batches)
+                loss_sum, n_tokens = _optimizer_step(ctx, method, batches, stand_ins)
                 if handle is not None:
                     handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
                 ctx.train_seconds = trained_before + r0 - t0 - bookkeeping
-                for batch in batches:
+                for batch in batches:  # (sharded: full FT would run the stand-ins too)
                     ctx.flops_reference += reference_step_flops(ctx.meta_model, batch, cfg.gradient_checkpointing,
                                                                 ref_cache)
                 ep.step_log.append([ctx.global_step, ctx.train_seconds, r0 - s0, sum(ctx.flops.values()) - flops0,
@@ -330,11 +357,12 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         ref_epoch = ctx.reduce_sum(float(ctx.flops_reference - ep.reference_before))
         total = sum(spent.values())
         peak = ctx.reduce_sum(float(mem.peak)) / acc.num_processes
+        held = ctx.reduce_sum(float(held_bytes(ctx.model, ctx.optimizer))) / acc.num_processes
         rec = {"epoch": epoch + 1, "steps": len(steps), "train_loss": float(np.mean(ep.losses)) if ep.losses else None, "val_loss": val,
                "flops_forward": spent["forward"], "flops_backward": spent["backward"],
                "flops_overhead": spent["overhead"], "flops_total": total,
                "flops_full_ft_reference": ref_epoch, "flops_fraction_of_full": total / ref_epoch,
-               "time_s": elapsed, "peak_memory_bytes": peak,
+               "time_s": elapsed, "peak_memory_bytes": peak, "weights_and_optimizer_bytes": held,
                "step_time_median_s": float(np.median([x[2] for x in ep.step_log])) if ep.step_log else None,
                **method.epoch_report()}
         if meter is not None:

@@ -87,9 +87,28 @@ def resume_training(run_dir: str, log=print, progress=True, accept_changed_input
 def _load_checkpoint(out: Path) -> dict:
     import torch
     try:  # our own file, read the safe way all the same
-        return torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(out / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (a damaged checkpoint)
         raise UsageError(f"cannot read {out / 'checkpoint' / 'state.pt'}: {one_line(e)}") from None
+    if "sharded" in state:
+        from .engine.sharding import SHARDS
+        state["shards_path"] = str(out / "checkpoint" / SHARDS)
+    return state
+
+
+def _match_processes(cfg: TrainConfig, resume: dict, world: int, log) -> None:
+    """Resuming on another number of processes: the same global batch (processes × --grad-accum micro-batches of
+    --batch-size), so the run goes on with the same steps; refused when it cannot be kept."""
+    was, accum = resume.get("world_size", world), resume.get("grad_accum", cfg.grad_accum)
+    if was == world:
+        return
+    if (was * accum) % world:
+        raise UsageError(f"--resume: the run trained on {was} process(es) × --grad-accum {accum}; on {world} "
+                         f"processes its global batch ({was * accum} micro-batches) cannot be kept; resume on a "
+                         f"number of processes that divides {was * accum}")
+    cfg.grad_accum = was * accum // world
+    log(f"resuming on {world} process(es) (the run started on {was}): --grad-accum {cfg.grad_accum} keeps its "
+        f"global batch of {cfg.batch_size * was * accum} items")
 
 
 def _write_checkpoint(out: Path, state: dict) -> None:
@@ -97,11 +116,38 @@ def _write_checkpoint(out: Path, state: dict) -> None:
 
     def write(tmp: Path) -> None:
         tmp.mkdir()
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"global_step": state["global_step"],
-                                                   "epoch": state["epoch"]["epoch"] + 1,
-                                                   "steps_done_in_epoch": state["epoch"]["steps_done"]}))
+        _write_checkpoint_files(tmp, state)
     save_dir_atomic(out / "checkpoint", write)
+
+
+def _write_checkpoint_files(folder: Path, state: dict) -> None:
+    import torch
+    torch.save(state, folder / "state.pt")
+    (folder / "meta.json").write_text(json.dumps({"global_step": state["global_step"],
+                                                  "epoch": state["epoch"]["epoch"] + 1,
+                                                  "steps_done_in_epoch": state["epoch"]["steps_done"]}))
+
+
+def _write_sharded_checkpoint(parts, state: dict, handle) -> None:
+    """--fsdp: every process writes its slices into the new checkpoint folder, then the first process adds
+    state.pt and puts the folder in place of the old one (as :func:`_write_checkpoint` does)."""
+    from .engine.sharding import SHARDS, save_sharded
+    acc, target = parts.acc, parts.out / "checkpoint"
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        acc.wait_for_everyone()  # (the others write into it now)
+        state["sharded"] = save_sharded(tmp / SHARDS, handle.model, handle.optimizer)
+        acc.wait_for_everyone()
+        _write_checkpoint_files(tmp, state)
+
+    if parts.main:
+        save_dir_atomic(target, write)
+    else:
+        acc.wait_for_everyone()
+        save_sharded(target.with_name(target.name + ".tmp") / SHARDS, handle.model, handle.optimizer)
+        acc.wait_for_everyone()
+    acc.wait_for_everyone()  # the folder is in place before anyone trains on
 
 
 @dataclasses.dataclass
@@ -190,22 +236,30 @@ def _run_in_folder(parts: RunParts, progress: bool) -> dict:
             parts.log(f"evaluating before training on {len(parts.test_ex)} examples ...")
             evaluate_into(parts, record, "eval_before", "predictions_before.jsonl", "before", progress)
         model = fit(parts, record, handle, progress)
+        sharded = _gather_if_sharded(parts, model)
         if not parts.main:  # the first process saves and evaluates the model, which is the same on every process
             return record.metrics
         record.save_model(model)  # before the evaluation, which can fail or be interrupted
         write_outputs(parts, record)
         if cfg.do_eval:
+            if sharded:  # the merged model as saved, on the first process
+                parts.log("--fsdp: evaluating the saved model on the first process")
+                model = load_any(str(parts.out / "model"))[0].to(parts.acc.device)
             parts.log(f"evaluating on {len(parts.test_ex)} examples (beam {cfg.num_beams}, max {parts.max_new} new "
                       f"tokens) ...")
             evaluate_into(parts, record, "eval", "predictions.jsonl", "after", progress, model)
     except KeyboardInterrupt as e:
         what = "terminated" if type(e).__name__ == "Terminated" else "interrupted"
-        if parts.main and not record.saved and handle.model is not None:
+        if _sharded(handle.model):  # the processes stopped at different points: no collective gather now
+            parts.log(f"{what}: the model is sharded; the last checkpoint holds its weights (--resume continues it)")
+        elif parts.main and not record.saved and handle.model is not None:
             parts.log(f"{what}: saving the model as it is after step {handle.global_step}")
             _save_last_good(record, handle, "could not save the model")
         record.finish("interrupted", f"{what} by the user or a scheduler")
         raise
     except RunFailed as e:
+        if _sharded(handle.model) and not record.saved:  # every process stopped at the same check: gather
+            _gather_if_sharded(parts, handle.model)
         if parts.main and not record.saved and handle.model is not None:
             # the weights of the last step whose loss and gradients were finite
             _save_last_good(record, handle, "could not save the last good weights")
@@ -225,6 +279,21 @@ def _run_in_folder(parts: RunParts, progress: bool) -> dict:
     shutil.rmtree(parts.out / "checkpoint", ignore_errors=True)  # the finished model is in model/
     report_done(parts, record.metrics["totals"])
     return record.metrics
+
+
+def _sharded(model) -> bool:
+    from .engine.sharding import is_sharded
+    return model is not None and is_sharded(model)
+
+
+def _gather_if_sharded(parts: RunParts, model) -> bool:
+    """--fsdp: every process takes part in putting the full weights on the first process (to save them)."""
+    if not _sharded(model) or getattr(model, "_greentrainer_gathered", False):
+        return _sharded(model)
+    from .engine.sharding import gather_on_main
+    gather_on_main(model, parts.main)
+    model._greentrainer_gathered = True
+    return True
 
 
 def setup(cfg: TrainConfig, log, resume_dir: Path | None, accept_changed_inputs: bool = False) -> RunParts:
@@ -269,11 +338,14 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None, accept_changed_inputs:
         log = _silent
     from .data import typical_shape
     from .engine.reference import run_profile
+    out = Path(out_dir)
+    resume = _load_checkpoint(out) if resume_dir is not None else None
+    if resume is not None:
+        _match_processes(cfg, resume, acc.num_processes, log)
     steps_per_epoch = -(-len(train_enc) // (cfg.batch_size * acc.num_processes * cfg.grad_accum))
     method.check(model, run_profile(model.config, typical_shape(train_enc, cfg.batch_size, seq2seq),
                                     cfg.gradient_checkpointing),
                  steps_per_epoch, total_steps(steps_per_epoch, cfg.epochs, cfg.max_steps), cfg.grad_accum)
-    out = Path(out_dir)
     fingerprints = {"data": data_fingerprint({"train": train_ex, "validation": val_ex, "test": test_ex}),
                     "model": model_fingerprint(model)}
     changed = []
@@ -284,7 +356,6 @@ def setup(cfg: TrainConfig, log, resume_dir: Path | None, accept_changed_inputs:
             import logging
             logging.getLogger("greentrainer").warning(
                 f"warning: continuing on changed {' and '.join(changed)} (--accept-changed-inputs)")
-    resume = _load_checkpoint(out) if resume_dir is not None else None
     return RunParts(cfg, spec, fmt, train_ex, val_ex, test_ex, train_enc, val_enc, model, tok, seq2seq, method,
                     acc, out, resume, grid, meter, log, fingerprints, changed)
 
@@ -363,7 +434,9 @@ def fit(parts: RunParts, record: RunRecord, handle, progress: bool):
         record.flush()
 
     def checkpoint(state):
-        if parts.main:
+        if "sharded" in state:
+            _write_sharded_checkpoint(parts, state, handle)
+        elif parts.main:
             _write_checkpoint(parts.out, state)
 
     result = train(parts.model, parts.tok, parts.method, parts.train_enc, parts.val_enc, parts.cfg, parts.acc.device,

@@ -41,6 +41,7 @@ class TrainContext:
     live_counting: bool = False     # count every step (no cache); tests compare the two
     grid: object = None             # energy.Grid: the grid intensity now (fixed, or along a trace)
     train_seconds: float = 0.0      # measured training time so far (the clock a carbon trace is read along)
+    sharded: bool = False           # --fsdp on several processes: FSDP2 reduces the gradients
     _probe_rng: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))
 
     @property
@@ -70,6 +71,14 @@ class TrainContext:
     def reduce_sum(self, value):
         """Sum of a number or tensor over processes (the value itself with one process)."""
         return value if self.world_size == 1 else reduce_sum(value, self.device)
+
+    def sum_shards(self, x):
+        """Per-tensor sums over this process's slices of sharded tensors, summed over processes (a float64
+        array); unchanged when nothing is sharded."""
+        if not self.sharded:
+            return x
+        import numpy as np
+        return np.asarray(reduce_sum(torch.as_tensor(np.asarray(x, dtype=np.float64)), self.device).cpu().numpy())
 
     def broadcast(self, obj):
         """Process 0's ``obj`` on every process (a picklable object)."""
@@ -110,8 +119,14 @@ class TrainContext:
         n = min(self.cfg.batch_size * world * accum, len(self.train_data))
         items = self._probe_rng.sample(self.train_data, n)
         rank = self.accelerator.process_index if self.accelerator is not None else 0
-        batches = [self.collate(m) for m in shard(items, world, accum, rank) if m]
-        tokens = [target_tokens(b, self.seq2seq) for b in batches]
+        micro = shard(items, world, accum, rank)
+        if self.sharded:  # every process runs as many passes (FSDP's collectives); a stand-in weighs 0
+            micro = [m or [items[0]] for m in micro]
+            empty = [not m for m in shard(items, world, accum, rank)]
+        else:
+            micro, empty = [m for m in micro if m], None
+        batches = [self.collate(m) for m in micro]
+        tokens = [0 if empty and empty[i] else target_tokens(b, self.seq2seq) for i, b in enumerate(batches)]
         total = max(self.reduce_sum(sum(tokens)), 1)
         return batches, [t / total for t in tokens]
 
@@ -132,7 +147,7 @@ class TrainContext:
                 self.scheduler.step()
 
     def reduce_gradients(self, params) -> None:
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sharded:  # (sharded: FSDP has reduce-scattered them)
             sync_gradients(params, self.reduce_sum)
 
     def autocast(self):

@@ -15,14 +15,19 @@ def build_accelerator(device, trackers=(), logging_dir=None):
     device of this process. Precision is applied by :func:`autocast_for` and the loop (not accelerate's
     wrappers), so the importance probe can step the optimizer outside any scaler."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType
+    from accelerate.utils import DistributedType, parse_flag_from_env
+    for flag, what in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if parse_flag_from_env(flag):  # (accelerate launch with such a config sets these)
+            raise UsageError(f"Accelerate's {what} config is not used by greentrainer: for sharded training launch "
+                             f"with a plain multi-process config (or torchrun) and pass --fsdp (FSDP2, applied "
+                             f"after the method has chosen what trains)")
     acc = Accelerator(cpu=torch.device(device).type == "cpu", log_with=list(trackers) or None,
                       project_dir=str(logging_dir) if logging_dir is not None else None)
     sharded = {DistributedType.FSDP, DistributedType.DEEPSPEED, getattr(DistributedType, "MEGATRON_LM", None)}
-    if acc.distributed_type in sharded:
-        raise UsageError(f"{acc.distributed_type.value} is not supported: greentrainer trains data-parallel "
-                         f"(every process holds the whole model and the trainable set changes during training); "
-                         f"launch without an FSDP/DeepSpeed config (plain multi-GPU/multi-CPU works)")
+    if acc.distributed_type in sharded:  # their wrapping happens in prepare(), before the trainable set exists
+        raise UsageError(f"Accelerate's {acc.distributed_type.value} config is not used by greentrainer: for sharded "
+                         f"training launch with a plain multi-process config (or torchrun) and pass --fsdp "
+                         f"(FSDP2, applied after the method has chosen what trains)")
     return acc
 
 

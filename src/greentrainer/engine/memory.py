@@ -69,3 +69,14 @@ def enable_checkpointing(model) -> None:
         if "make_inputs_require_grad" in getattr(hook, "__qualname__", ""):
             del emb._forward_hooks[key]
     base.config.use_cache = False
+
+
+def held_bytes(model, optimizer) -> int:
+    """Bytes this process holds in weights and optimizer state (with --fsdp: its slices)."""
+    from ..importance import local
+    params = {id(p): p for p in model.parameters()}
+    weights = sum(local(p).numel() * p.element_size() for p in params.values())
+    state = sum(local(v).numel() * v.element_size() for st in optimizer.state.values() for v in st.values()
+                if torch.is_tensor(v))
+    return weights + state
+

@@ -27,6 +27,10 @@ class Method:
         """Freeze/wrap the model before the optimizer is built; return the model to train."""
         return model
 
+    def rebind(self, model) -> None:
+        """The loop has replaced the model's parameters by sharded ones (--fsdp), under the same names: look up
+        any parameter the method holds again."""
+
     def optimizer_parameters(self, model) -> list[torch.nn.Parameter]:
         """Every parameter that may ever train (the optimizer is built once over these)."""
         return [p for p in model.parameters() if p.requires_grad]

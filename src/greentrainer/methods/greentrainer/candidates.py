@@ -33,21 +33,22 @@ def lora_profile(config, lora_config, shape, t_full: int, gradient_checkpointing
 
 def select_step(model, optimizer, scheduler, batch, profile, rho, steps_per_selection, *, importance="dw_grad",
                 resolution=None, previous=None, count=None, autocast=None, log=print, debt=0.0,
-                step_scale=1.0, reduce_grads=None, agree=None, repay_steps=None, probe_all=False):
+                step_scale=1.0, reduce_grads=None, agree=None, repay_steps=None, probe_all=False, sum_parts=None):
     """Probe importance, select within ρ, and make exactly the selected tensors trainable.
 
     ``debt``: FLOPs measured above ρ × full fine-tuning so far, or a callable giving it; a callable is asked
     again after the probe, so the budget pays the probe's measured cost rather than its prediction (the
     probe batch's length varies). ``steps_per_selection`` counts profiled batches (micro-batches).
     Several processes: ``reduce_grads`` sums the probe's gradients, ``agree`` makes every process take the
-    first one's selection. ``probe_all``: the probe scores every tensor (a full backward, paid within ρ).
+    first one's selection; ``sum_parts`` sums the scores of sharded tensors' slices (--fsdp).
+    ``probe_all``: the probe scores every tensor (a full backward, paid within ρ).
     Returns (selected names, a record of the selection for logs)."""
     names = profile.names
     t0 = time.perf_counter()
     budget, upto, probe = probe_within_budget(
         profile, rho, steps_per_selection, debt, batch, step_scale, repay_steps,
         lambda upto: probe_importance(model, optimizer, scheduler, batch, names, upto, importance, count, autocast,
-                                      reduce_grads), probe_all)
+                                      reduce_grads, sum_parts=sum_parts), probe_all)
     t1 = time.perf_counter()
     imp = probe["importance"]
     dw, dy, br = profile.t_dws, profile.t_dys, profile.branch_tuples
@@ -120,7 +121,8 @@ class Tensors:
                                   autocast=host.autocast, log=host.log, debt=debt, step_scale=scale,
                                   reduce_grads=host.reduce_gradients if host.world_size > 1 else None,
                                   agree=host.broadcast, repay_steps=repay,
-                                  probe_all=cfg.step_policy == "frontier")
+                                  probe_all=cfg.step_policy == "frontier",
+                                  sum_parts=host.sum_shards if host.sharded else None)
         return chosen, rec
 
     def keep_state(self, controller, host, names) -> dict:

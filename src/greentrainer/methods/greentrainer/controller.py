@@ -17,6 +17,7 @@ ranks beyond the reductions it asks for::
     count(kind)                            context manager: the FLOPs executed inside are the run's
     autocast()                             the run's precision for the probe's forward
     reduce_gradients(params), broadcast(obj), global_flops() -> (spent, full fine-tuning's)
+    sharded, sum_shards(scores)            (--fsdp) each process holds slices: per-tensor sums over them
     expected_step_scale()                  a step's full fine-tuning FLOPs over the profile's, before any step
     rebuild_optimizer(params)              (``over="blocks"`` only) a new optimizer over new tensors
     log(message)

@@ -69,6 +69,10 @@ class GreenTrainerMethod(Method):
     def prepare(self, model, ctx):
         return self.controller.setup(model, ctx)
 
+    def rebind(self, model) -> None:
+        c = self.controller
+        c.params = c.candidates.parameters(model, c.names)
+
     def optimizer_parameters(self, model):
         return self.controller.optimizer_parameters()
 

@@ -255,6 +255,17 @@ def cases(env: Env) -> list[dict]:
     add("options", "--packing with prefix tuning", e.train("--packing", "--method", "prefix"), needle="prefix")
     add("options", "--packing on a model whose attention mixes packed examples (OPT)",
         e.train("--packing", "--model", e.arch_model("opt")), needle="lets packed examples attend to each other")
+    add("options", "--fsdp with SMT", e.train("--fsdp", "--method", "smt"), needle="--fsdp does not work with")
+    add("options", "--fsdp with --over blocks", e.train("--fsdp", "--over", "blocks"),
+        needle="--fsdp does not work with")
+    add("options", "--fsdp with --precision 16-mixed", e.train("--fsdp", "--precision", "16-mixed"),
+        needle="--fsdp does not work with")
+    add("options", "--fsdp with --deselected-state cpu", e.train("--fsdp", "--deselected-state", "cpu"),
+        needle="--fsdp does not work with")
+    add("options", "launched with Accelerate's DeepSpeed config", e.train(), needle="pass --fsdp",
+        env={"ACCELERATE_USE_DEEPSPEED": "true"})
+    add("options", "launched with Accelerate's FSDP config", e.train(), needle="pass --fsdp",
+        env={"ACCELERATE_USE_FSDP": "true"})
     add("options", "unknown --method", e.train("--method", "magic"), needle="invalid choice")
     add("options", "unknown --importance", e.train("--method", "greentrainer", "--importance", "x"),
         needle="invalid choice")
@@ -503,13 +514,16 @@ def run_case(env: Env, c: dict) -> dict:
         rc, so, se = _subprocess(argv, c["kw"].get("signal"), c["kw"].get("fsize"))
     else:
         cwd = c["kw"].get("cwd")
-        old = os.getcwd()
+        old, old_env = os.getcwd(), dict(os.environ)
         if cwd:
             os.chdir(cwd)
+        os.environ.update(c["kw"].get("env", {}))  # e.g. what `accelerate launch` sets for its config
         try:
             rc, so, se = _in_process(argv)
         finally:
             os.chdir(old)
+            os.environ.clear()
+            os.environ.update(old_env)
     lines = [ln for ln in se.strip().splitlines() if ln.strip()]
     errors = [ln for ln in lines if not ln.startswith("greentrainer: warning:")]
     problems = []

@@ -217,3 +217,19 @@ def test_a_mixture_of_experts_model_trains_sharded_within_rho(tmp_path, tiny_moe
     from transformers import AutoModelForCausalLM
     assert sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(out / "model").parameters()) == \
         m["totals"]["total_params"]
+
+
+def test_resuming_on_another_number_of_processes_keeps_the_global_batch_or_refuses():
+    from greentrainer.config import TrainConfig
+    from greentrainer.errors import UsageError
+    from greentrainer.run import _match_processes
+    said = []
+    cfg = TrainConfig(method="full", batch_size=2, grad_accum=1)
+    _match_processes(cfg, {"world_size": 2, "grad_accum": 1}, 1, said.append)  # 2 × 1 micro-batches → 1 × 2
+    assert cfg.grad_accum == 2 and "global batch of 4 items" in said[0]
+    cfg = TrainConfig(method="full", batch_size=2, grad_accum=3)
+    _match_processes(cfg, {"world_size": 1, "grad_accum": 3}, 3, said.append)
+    assert cfg.grad_accum == 1
+    with pytest.raises(UsageError, match="divides 2") as e:
+        _match_processes(TrainConfig(method="full"), {"world_size": 2, "grad_accum": 1}, 3, said.append)
+    assert "\n" not in str(e.value)

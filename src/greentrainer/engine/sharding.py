@@ -60,8 +60,8 @@ def check_sharding(cfg, method_name: str, over: str | None, deselected_state: st
                          "use bf16-mixed or bf16-true")
     if method_name == "smt" or over == "blocks":
         what = "--over blocks" if over == "blocks" else f"--method {method_name}"
-        raise UsageError(f"--fsdp does not work with {what} yet (its layers index whole weight matrices); "
-                         f"run it without --fsdp")
+        raise UsageError(f"--fsdp does not work with {what} yet (its block layers replace modules during the run, "
+                         f"after sharding); run it without --fsdp")
     if deselected_state == "cpu":
         raise UsageError("--fsdp does not work with --deselected-state cpu; use drop (the default) or keep")
 

@@ -255,13 +255,10 @@ def cases(env: Env) -> list[dict]:
     add("options", "--packing with prefix tuning", e.train("--packing", "--method", "prefix"), needle="prefix")
     add("options", "--packing on a model whose attention mixes packed examples (OPT)",
         e.train("--packing", "--model", e.arch_model("opt")), needle="lets packed examples attend to each other")
-    add("options", "--fsdp with SMT", e.train("--fsdp", "--method", "smt"), needle="--fsdp does not work with")
-    add("options", "--fsdp with --over blocks", e.train("--fsdp", "--over", "blocks"),
-        needle="--fsdp does not work with")
     add("options", "--fsdp with --precision 16-mixed", e.train("--fsdp", "--precision", "16-mixed"),
         needle="--fsdp does not work with")
-    add("options", "--fsdp with --deselected-state cpu", e.train("--fsdp", "--deselected-state", "cpu"),
-        needle="--fsdp does not work with")
+    add("options", "--fsdp with --deselected-state cpu",
+        e.train("--fsdp", "--method", "greentrainer", "--deselected-state", "cpu"), needle="--fsdp does not work with")
     add("options", "launched with Accelerate's DeepSpeed config", e.train(), needle="pass --fsdp",
         env={"ACCELERATE_USE_DEEPSPEED": "true"})
     add("options", "launched with Accelerate's FSDP config", e.train(), needle="pass --fsdp",

@@ -14,6 +14,7 @@ from greentrainer.engine.distributed import build_accelerator  # noqa: E402
 from greentrainer.loop import train  # noqa: E402
 from greentrainer.methods import build_method  # noqa: E402
 from greentrainer.methods.peft_methods import LoraMethodConfig  # noqa: E402
+from greentrainer.methods.smt import SMTConfig  # noqa: E402
 from greentrainer.models import tiny_tokenizer  # noqa: E402
 
 
@@ -36,7 +37,8 @@ def main(out: str, method: str, batch_size: int, grad_accum: int, epochs: int, u
                 "greentrainer-blocks": GreenTrainerConfig(rho=0.75, full_warmup_steps=0, over="blocks",
                                                           block_size=16),
                 "greentrainer-lora": GreenTrainerConfig(rho=0.75, full_warmup_steps=0, over="lora", lora_dropout=0.0),
-                "lora": LoraMethodConfig(lora_dropout=0.0)}  # (no dropout: its masks depend on the split)
+                "lora": LoraMethodConfig(lora_dropout=0.0),
+                "smt": SMTConfig(warmup_steps=3, block_size=16)}  # (no dropout: its masks depend on the split)
     cfg = TrainConfig(method=method.split("-")[0], epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
                       lr=2e-3, seed=0, method_config=variants.get(method), fsdp=fsdp, track_energy=False)
     acc = build_accelerator("cpu")
@@ -54,9 +56,10 @@ def main(out: str, method: str, batch_size: int, grad_accum: int, epochs: int, u
         names = {id(p): n for n, p in model.named_parameters()}
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         # each tensor's optimizer state: (key, numel held by this process, numel of the whole tensor)
-        opt = {names[id(p)]: [(k, v.to_local().numel() if isinstance(v, DTensor) else v.numel(), v.numel())
-                              for k, v in st.items() if torch.is_tensor(v) and v.dim()]
-               for p, st in handle.optimizer.state.items()}
+        opt = {names.get(id(p), f"(blocks {i})"):  # (SMT's blocks are merged back: no name)
+               [(k, v.to_local().numel() if isinstance(v, DTensor) else v.numel(), v.numel())
+                for k, v in st.items() if torch.is_tensor(v) and v.dim()]
+               for i, (p, st) in enumerate(handle.optimizer.state.items())}
     else:
         state = model.state_dict()
     torch.save({"state": {k: v.detach().clone() for k, v in state.items()}, "optimizer_state": opt,

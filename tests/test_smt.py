@@ -9,7 +9,7 @@ from greentrainer.config import TrainConfig
 from greentrainer.methods.smt import SMTConfig
 from greentrainer.errors import UsageError
 from greentrainer.methods.smt import SMTMethod, block_means, effective_block_size, find_targets, select_blocks
-from greentrainer.smt_layer import SMTLinear, saved_activation_bytes
+from greentrainer.smt_layer import SMTLinear, _blocks_of, saved_activation_bytes
 
 
 def test_sparse_layer_gradients_equal_dense_restricted_to_blocks_float64():
@@ -20,7 +20,7 @@ def test_sparse_layer_gradients_equal_dense_restricted_to_blocks_float64():
     with torch.no_grad():
         sparse.linear.weight.copy_(dense.weight)
         sparse.linear.bias.copy_(dense.bias)
-        sparse.blocks.copy_(sparse._weight_blocks()[sparse.rows, sparse.cols])
+        sparse.blocks.copy_(_blocks_of(sparse.linear.weight, 4)[sparse.rows, sparse.cols])
     x = torch.randn(2, 3, 5, 12, dtype=torch.float64, requires_grad=True)  # any rank
     x2 = x.detach().clone().requires_grad_(True)
     y_dense, y_sparse = dense(x), sparse(x2)

@@ -140,7 +140,7 @@ class TrainConfig(Options):
         if self.fsdp:
             from .engine.sharding import check_sharding
             mc = self.method_config
-            check_sharding(self, self.method, getattr(mc, "over", None), getattr(mc, "deselected_state", None))
+            check_sharding(self, getattr(mc, "deselected_state", None))
         if self.eval_before and not self.do_eval:
             raise UsageError("--eval-before and --no-eval contradict each other; give one of them")
         if self.seed < 0:

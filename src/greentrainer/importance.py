@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .errors import NonFiniteError
+from .shards import local, local_rows
 from .rng import rng_state, set_rng_state
 
 
@@ -60,11 +61,6 @@ def importance_scores(deltas: list[torch.Tensor], grads: list[torch.Tensor], met
                              f"lower --lr or check the model's weights")
     top = np.abs(scores).max() if len(scores) else 0.0
     return scores / top if top > 0 and normalize else scores
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """This process's slice of a sharded tensor (a DTensor, --fsdp); the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)  # probed in float32: their Δw would mostly round to 0
@@ -139,7 +135,9 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
         deltas = [(p.detach().cpu() - (s.float() if id(p) in low else s)) if g is not None else None
                   for p, s, g in zip(probe, snapshot, grads)]
         grads = [g.cpu() if g is not None else None for g in grads]
-        if sum_parts is not None:  # each process's slices (their scores are summed below)
+        starts = [0] * len(probe)
+        if sum_parts is not None:  # each process's rows (their scores are summed below)
+            starts = [local_rows(g)[0] if g is not None else 0 for g in grads]
             deltas = [local(d) if d is not None else None for d in deltas]
             grads = [local(g) if g is not None else None for g in grads]
     finally:
@@ -171,9 +169,16 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
     full = np.zeros(len(names))
     full[: len(raw)] = raw / top
     block_scores = {}
-    for n, dw, g in zip(probe_names, deltas, grads):
-        if blocks and n in blocks and dw is not None and g is not None:
-            block_scores[n] = block_sums(elementwise_importance(dw, g, metric), blocks[n]) / top
+    for n, dw, g, start in zip(probe_names, deltas, grads, starts):
+        if not (blocks and n in blocks and dw is not None and g is not None):
+            continue
+        x, l = elementwise_importance(dw, g, metric), blocks[n]
+        if sum_parts is None:
+            block_scores[n] = block_sums(x, l) / top
+        else:  # this process's rows, summed over column blocks, in place among all rows; then over processes
+            rows = np.zeros((params[n].shape[0], x.shape[1] // l))
+            rows[start: start + x.shape[0]] = x.reshape(x.shape[0], -1, l).sum(-1).numpy()
+            block_scores[n] = sum_parts(rows).reshape(rows.shape[0] // l, l, -1).sum(1) / top
     elem = probe[0].element_size() if probe else 4
     return {"importance": full, "blocks": block_scores,
             "grad_bytes": sum(p.numel() for p in probe) * elem,

@@ -89,7 +89,7 @@ def check_finite_loss(loss, ctx) -> None:
 
 def check_finite_grads(optimizer, ctx) -> None:
     """Stop before a non-finite gradient reaches the weights (one norm per trainable tensor)."""
-    from .engine.sharding import local
+    from .shards import local
     grads = [local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     bad = bool(grads) and not bool(torch.isfinite(torch.stack([g.detach().float().norm() for g in grads]).sum()))
     if ctx.sharded:  # each process holds slices: any non-finite slice stops every process

@@ -16,6 +16,7 @@ from typing import Iterable
 
 import torch
 from torch import nn
+from .shards import full, local_rows
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -122,6 +123,12 @@ class BlockSparseLinearFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_blocks, None, None, None, None, None, None, None
 
 
+def _blocks_of(weight: torch.Tensor, l: int) -> torch.Tensor:
+    """A view of a 2-D weight as its l×l blocks: [row block, column block, l, l]."""
+    out_f, in_f = weight.shape
+    return weight.view(out_f // l, l, in_f // l, l).permute(0, 2, 1, 3)
+
+
 class SMTLinear(nn.Module):
     """Wraps an ``nn.Linear``: its weight and bias stay frozen; only ``blocks`` (selected l×l blocks) train.
 
@@ -142,6 +149,7 @@ class SMTLinear(nn.Module):
             linear.bias.requires_grad_(False)
         dev = linear.weight.device
         self.block_cols = [int(b[1]) for b in blocks]  # on the host: grouping needs no device round trip
+        self.block_rows = [int(b[0]) for b in blocks]
         rows = torch.tensor([b[0] for b in blocks], dtype=torch.long, device=dev)
         cols = torch.tensor(self.block_cols, dtype=torch.long, device=dev)
         self.register_buffer("rows", rows, persistent=False)
@@ -151,7 +159,7 @@ class SMTLinear(nn.Module):
         self.register_buffer("col_blocks", torch.empty(0, dtype=torch.long, device=dev), persistent=False)
         self.register_buffer("col_slot", torch.empty(0, dtype=torch.long, device=dev), persistent=False)
         self.set_share(None)
-        self.blocks = nn.Parameter(self._weight_blocks()[rows, cols].clone())
+        self.blocks = nn.Parameter(_blocks_of(full(linear.weight.data), l)[rows, cols].clone())
 
     def set_share(self, share: InputShare | None, col_blocks: Iterable[int] | None = None) -> None:
         """Save input columns through ``share`` with the group's union of column blocks ``col_blocks`` (it must
@@ -167,14 +175,20 @@ class SMTLinear(nn.Module):
         self.col_slot = torch.tensor([pos[c] for c in self.block_cols], dtype=torch.long, device=dev)
         self.share, self._cols_key = share, tuple(union)
 
-    def _weight_blocks(self):
-        out_f, in_f = self.linear.weight.shape
-        l = self.l
-        return self.linear.weight.data.view(out_f // l, l, in_f // l, l).permute(0, 2, 1, 3)
-
     @torch.no_grad()
     def write_blocks(self) -> None:
-        self._weight_blocks()[self.rows, self.cols] = self.blocks.detach().to(self.linear.weight.dtype)
+        """Copy the trained blocks into the dense weight (sharded, --fsdp: the rows of them this process holds)."""
+        w = self.linear.weight.data
+        start, mine = local_rows(w)
+        values = self.blocks.detach().to(w.dtype)
+        if start == 0 and mine.shape[0] == w.shape[0]:  # the whole weight
+            _blocks_of(mine, self.l)[self.rows, self.cols] = values
+            return
+        l, end = self.l, start + mine.shape[0]
+        for i, (r, c) in enumerate(zip(self.block_rows, self.block_cols)):
+            lo, hi = max(r * l, start), min((r + 1) * l, end)
+            if lo < hi:
+                mine[lo - start: hi - start, c * l: (c + 1) * l] = values[i, lo - r * l: hi - r * l]
 
     def forward(self, x):
         return BlockSparseLinearFunction.apply(x, self.linear.weight, self.linear.bias, self.blocks, self.rows,

@@ -147,7 +147,9 @@ class TrainContext:
                 self.scheduler.step()
 
     def reduce_gradients(self, params) -> None:
-        if self.world_size > 1 and not self.sharded:  # (sharded: FSDP has reduce-scattered them)
+        if self.sharded:  # FSDP has reduce-scattered its tensors'; a tensor it does not manage (SMT's blocks,
+            params = [p for p in params if not hasattr(p, "to_local")]  # installed later) is summed here
+        if self.world_size > 1 and params:
             sync_gradients(params, self.reduce_sum)
 
     def autocast(self):

@@ -73,7 +73,7 @@ def enable_checkpointing(model) -> None:
 
 def held_bytes(model, optimizer) -> int:
     """Bytes this process holds in weights and optimizer state (with --fsdp: its slices)."""
-    from ..importance import local
+    from ..shards import local
     params = {id(p): p for p in model.parameters()}
     weights = sum(local(p).numel() * p.element_size() for p in params.values())
     state = sum(local(v).numel() * v.element_size() for st in optimizer.state.values() for v in st.values()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..importance import local  # noqa: F401  (this process's slice of a sharded tensor)
+from ..shards import local  # noqa: F401  (this process's slice of a sharded tensor)
 
 SHARDS = "shards"  # the checkpoint folder's DCP sub-folder
 
@@ -53,15 +53,11 @@ def shard_model(model, log=print):
     return model
 
 
-def check_sharding(cfg, method_name: str, over: str | None, deselected_state: str | None) -> None:
+def check_sharding(cfg, deselected_state: str | None) -> None:
     """What --fsdp cannot do yet, refused in one line before anything is written."""
     if cfg.precision == "16-mixed":
         raise UsageError("--fsdp does not work with --precision 16-mixed (its gradient scaler is not shard-aware); "
                          "use bf16-mixed or bf16-true")
-    if method_name == "smt" or over == "blocks":
-        what = "--over blocks" if over == "blocks" else f"--method {method_name}"
-        raise UsageError(f"--fsdp does not work with {what} yet (its block layers replace modules during the run, "
-                         f"after sharding); run it without --fsdp")
     if deselected_state == "cpu":
         raise UsageError("--fsdp does not work with --deselected-state cpu; use drop (the default) or keep")
 

@@ -1,6 +1,7 @@
 """SMT (Sparse Matrix Tuning): warm up with full fine-tuning while accumulating |∂L/∂W| of the target
-projections, keep the l×l blocks with the largest mean |grad| up to a parameter budget, then train only
-those blocks through :class:`~greentrainer.smt_layer.SMTLinear`.
+projections (each warm-up step's gradient, after its micro-batches and processes), keep the l×l blocks with the
+largest mean |grad| up to a parameter budget, then train only those blocks through
+:class:`~greentrainer.smt_layer.SMTLinear`.
 
 Block size: l must divide every target weight's dimensions. If the requested l does not (SmolLM2's 576),
 the largest divisor of the dimensions' GCD that is ≤ l is used (192 for SmolLM2) and reported.
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..options import Options, option
 from ..errors import UsageError
+from ..shards import local_rows
 from ..smt_layer import SMTLinear, share_inputs as _share_inputs
 from .base import Method
 from .registry import register_method
@@ -192,18 +194,38 @@ class SMTMethod(Method):
         if self.l != self.cfg.block_size:
             ctx.log(f"SMT: block size {self.cfg.block_size} does not divide the target shapes; using {self.l}")
         self.total_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        self.abs_grad = {n: torch.zeros_like(modules[n].weight, device="cpu") for n in self.targets}
-        self._hooks = []
-        for n in self.targets:
-            w = modules[n].weight
-
-            def hook(p, _n=n):
-                self.abs_grad[_n] += p.grad.detach().abs().cpu()
-            self._hooks.append(w.register_post_accumulate_grad_hook(hook))
+        # Σ over warm-up steps of |∂L/∂W|, summed over each row's l-wide column blocks: [rows, columns // l]
+        # (``base``: settled; ``partial``: this process's rows since, when sharded)
+        self.base = {n: torch.zeros(modules[n].weight.shape[0], modules[n].weight.shape[1] // self.l,
+                                    dtype=torch.float64) for n in self.targets}
+        self.partial = {n: torch.zeros_like(t) for n, t in self.base.items()}
+        self._ctx, self._hook = ctx, None
+        self.rebind(model)
         for p in model.parameters():  # warm-up = full fine-tuning
             p.requires_grad_(True)
-        self.model = model
         return model
+
+    def rebind(self, model) -> None:
+        modules = dict(model.named_modules())
+        self.weights = {n: modules[n].weight for n in self.targets}
+        self.model = model
+
+    @torch.no_grad()
+    def _accumulate(self, optimizer, args, kwargs) -> None:
+        """Before each warm-up step (its gradients summed over micro-batches and processes): add |∂L/∂W|."""
+        l = self.l
+        for n, w in self.weights.items():
+            if w.grad is not None:
+                start, g = local_rows(w.grad)
+                self.partial[n][start: start + g.shape[0]] += \
+                    g.abs().reshape(g.shape[0], -1, l).sum(-1, dtype=torch.float64).cpu()
+
+    def _settle(self) -> dict:
+        """The sums over every process's rows (sharded: each holds some rows), now the same on every process."""
+        for n, t in self.partial.items():
+            self.base[n] += torch.from_numpy(self._ctx.sum_shards(t.numpy()))
+            t.zero_()
+        return self.base
 
     def optimizer_parameters(self, model):
         return list({id(p): p for p in model.parameters()}.values())
@@ -211,6 +233,8 @@ class SMTMethod(Method):
     def on_step_start(self, ctx):
         if ctx.global_step == self.cfg.warmup_steps and not self.layers:
             self._switch_to_sparse(ctx)
+        elif not self.layers and self._hook is None:
+            self._hook = ctx.optimizer.register_step_pre_hook(self._accumulate)
 
     def after_optimizer_step(self, ctx):
         for layer in self.layers.values():
@@ -218,9 +242,9 @@ class SMTMethod(Method):
 
     def _install(self, ctx, chosen) -> None:
         """Train only ``chosen`` blocks from now on (the loop builds the optimizer over them)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         for p in ctx.model.parameters():
             p.requires_grad_(False)
         self.chosen = chosen
@@ -231,20 +255,24 @@ class SMTMethod(Method):
         if self.layers:
             return {"chosen": {n: [list(b) for b in bl] for n, bl in self.chosen.items()}, "report": self.report,
                     "reported": self._reported}
-        return {"abs_grad": dict(self.abs_grad)}  # still warming up
+        return {"grad_row_sums": {n: t.clone() for n, t in self._settle().items()}}  # still warming up
 
     def load_state_dict(self, state: dict, ctx) -> None:
         if "chosen" in state:
             self._install(ctx, {n: [tuple(b) for b in bl] for n, bl in state["chosen"].items()})
             self.report, self._reported = state["report"], state["reported"]
-        else:
+        elif "grad_row_sums" in state:
+            for n, t in state["grad_row_sums"].items():
+                self.base[n].copy_(t)
+        else:  # a checkpoint of an earlier version: the whole |∂L/∂W| sums
             for n, g in state["abs_grad"].items():
-                self.abs_grad[n].copy_(g)
+                self.base[n].copy_(g.reshape(g.shape[0], -1, self.l).sum(-1, dtype=torch.float64))
 
     def _switch_to_sparse(self, ctx):
         budget = int(self.cfg.params_percent / 100 * self.total_params)
         n_blocks = max(1, budget // (self.l * self.l))
-        scores = {n: block_means(g, self.l) for n, g in self.abs_grad.items()}
+        l = self.l
+        scores = {n: t.reshape(t.shape[0] // l, l, -1).sum(1) / l ** 2 for n, t in self._settle().items()}
         chosen = ctx.broadcast(select_blocks(scores, n_blocks))  # one choice for every process (the first's)
         self._install(ctx, chosen)
         by_kind, by_layer = Counter(), Counter()

@@ -229,7 +229,8 @@ class Blocks(Tensors):
             lambda upto: probe_importance(host.model, host.optimizer, host.scheduler, batch, c.tensors, upto,
                                           cfg.importance, host.count, host.autocast,
                                           host.reduce_gradients if host.world_size > 1 else None,
-                                          blocks={c.weight_of(m): c.l for m in c.targets}))
+                                          blocks={c.weight_of(m): c.l for m in c.targets},
+                                          sum_parts=host.sum_shards if host.sharded else None))
         t1 = time.perf_counter()
         imp = member_importance(c, probe)
         sel = select_members(c.t_dy, c.positions, c.costs, imp, budget)

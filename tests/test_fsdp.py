@@ -48,8 +48,8 @@ def distance(a, b):
     return sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in a) ** 0.5
 
 
-@pytest.mark.parametrize("method", ["full", "greentrainer", "greentrainer-lora", "greentrainer-blocks", "lora", "top2",
-                                    "prefix", "smt"])
+@pytest.mark.parametrize("method", ["full", "greentrainer", "smt"] + [pytest.param(m, marks=pytest.mark.slow) for m in
+                                    ("greentrainer-lora", "greentrainer-blocks", "lora", "top2", "prefix")])
 def test_sharded_two_processes_match_one_unsharded_process(tmp_path, method):
     initial = {k: v.detach().clone() for k, v in make_tiny("llama").state_dict().items()}
     r0, r1 = driver(tmp_path, "sharded", method, batch=2, procs=2, fsdp=True)
@@ -116,7 +116,8 @@ def torchrun(args, **kw):
                             start_new_session=True, **kw)
 
 
-@pytest.mark.parametrize("method", ["greentrainer", "smt"])  # smt: a checkpoint in its warm-up, one after it
+@pytest.mark.parametrize("method", ["greentrainer", pytest.param("smt", marks=pytest.mark.slow)])  # smt: a checkpoint
+# in its warm-up, one after it
 def test_sharded_cli_kill_9_then_resume_bit_exact_also_on_one_process(tmp_path, tiny_model_dir, jsonl, method):
     rows = [{"source": f"the cat number {i} sat on the mat and looked at the dog", "target": f"cat {i} sat"}
             for i in range(24)]  # 20 training items: 5 whole global batches of 4 (no stand-in pass)
@@ -210,6 +211,7 @@ def test_a_trainer_under_fsdp_is_refused_by_the_callback_in_one_line():
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_mixture_of_experts_model_trains_sharded_within_rho(tmp_path, tiny_moe_dir, data):
     """Qwen3-MoE (experts fused per layer, sharded with their decoder layer): GreenTrainer within ρ, one merged
     model."""

@@ -168,6 +168,8 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
     if start is not None:
         ctx.log(f"resuming at optimizer step {ctx.global_step} (epoch {start.epoch + 1}, step "
                 f"{start.steps_done + 1} of the epoch)")
+    if handle is not None:
+        handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
     _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end, start,
             on_checkpoint, handle, energy_meter)
     totals = {k: sum(h[k] for h in history) for k in

@@ -8,8 +8,9 @@ trainable set that changes between steps needs nothing else (a frozen tensor get
 optimizer state). Gradients are summed, not averaged, because the loop weights each micro-batch's loss by its
 share of the global batch's target tokens. What is new here: checkpoints through ``torch.distributed.checkpoint``
 (weights and the optimizer state of the tensors that have one, keyed by name, so a run resumes on another number
-of processes), the merged model for saving, and the per-process view of a sharded tensor the probe and the
-finiteness checks sum over."""
+of processes) and the merged model for saving. Tensors a method installs after sharding (SMT's l×l blocks) are
+not FSDP's: they stay whole on every process and the loop sums their gradients itself. The per-process view of
+a sharded tensor that the probe, SMT and the finiteness checks work on is :mod:`greentrainer.shards`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..shards import local  # noqa: F401  (this process's slice of a sharded tensor)
+from ..shards import local
 
 SHARDS = "shards"  # the checkpoint folder's DCP sub-folder
 

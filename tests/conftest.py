@@ -84,6 +84,22 @@ def data(jsonl, small_rows):
     return jsonl(small_rows)
 
 
+def wait_for_checkpoint(run_dir, proc, step: int, timeout: float = 300) -> None:
+    """Until ``run_dir``'s checkpoint is a mid-epoch one at ``step`` or later (or ``proc`` ended)."""
+    import time
+    from pathlib import Path
+    meta = Path(run_dir) / "checkpoint" / "meta.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            m = json.loads(meta.read_text())
+            if m["global_step"] >= step and m["steps_done_in_epoch"]:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+
+
 def one_line(capsys, argv, code=2):
     """Run the CLI: it exits with ``code`` and one error line on stderr (returned)."""
     from greentrainer.cli import main

@@ -8,13 +8,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_tiny, one_line
+from conftest import make_tiny, one_line, wait_for_checkpoint
 from greentrainer.cli import main
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -134,16 +133,7 @@ def test_sharded_cli_kill_9_then_resume_bit_exact_also_on_one_process(tmp_path, 
     assert sum(p.numel() for p in merged.parameters()) == a["totals"]["total_params"]
 
     proc = torchrun(cli(tiny_model_dir, data, killed, method))
-    meta = killed / "checkpoint" / "meta.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            m = json.loads(meta.read_text())
-            if m["global_step"] >= 9 and m["steps_done_in_epoch"]:  # a mid-epoch checkpoint
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    wait_for_checkpoint(killed, proc, step=9)  # a mid-epoch checkpoint at step 9 or later
     for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and both workers (their own process groups)
         try:
             os.kill(pid, signal.SIGKILL)

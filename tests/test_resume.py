@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from conftest import wait_for_checkpoint
 from greentrainer.cli import main
 
 
@@ -34,16 +35,7 @@ def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(req
 
     proc = subprocess.Popen([sys.executable, "-m", "greentrainer", *args(tiny_model_dir, data, killed, method)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    meta = killed / "checkpoint" / "meta.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            m = json.loads(meta.read_text())
-            if m["global_step"] >= 9 and m["steps_done_in_epoch"]:  # a mid-epoch checkpoint
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
+    wait_for_checkpoint(killed, proc, step=9)  # a mid-epoch checkpoint at step 9 or later
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

@@ -112,8 +112,6 @@ def _match_processes(cfg: TrainConfig, resume: dict, world: int, log) -> None:
 
 
 def _write_checkpoint(out: Path, state: dict) -> None:
-    import torch
-
     def write(tmp: Path) -> None:
         tmp.mkdir()
         _write_checkpoint_files(tmp, state)

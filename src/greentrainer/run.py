@@ -127,25 +127,50 @@ def _write_checkpoint_files(folder: Path, state: dict) -> None:
 
 
 def _write_sharded_checkpoint(parts, state: dict, handle) -> None:
-    """--fsdp: every process writes its slices into the new checkpoint folder, then the first process adds
-    state.pt and puts the folder in place of the old one (as :func:`_write_checkpoint` does)."""
+    """--fsdp: every process writes its slices into a new checkpoint folder, then the first process adds state.pt
+    and puts the folder in place of the old one (as :func:`_write_checkpoint` does). The first process's outcome of
+    its own steps is sent to every process, so a failure there stops them all instead of leaving them waiting."""
+    import shutil
+    from .engine.distributed import from_process_zero
     from .engine.sharding import SHARDS, save_sharded
-    acc, target = parts.acc, parts.out / "checkpoint"
+    target = parts.out / "checkpoint"
+    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
 
-    def write(tmp: Path) -> None:
+    def agreed(step) -> None:
+        error = None
+        if parts.main:
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001  (sent to the others, then raised here)
+                error = e
+        said = from_process_zero(None if error is None else one_line(error))
+        if error is not None:
+            raise error
+        if said is not None:
+            raise RunFailed(f"the first process could not write the checkpoint: {said}")
+
+    def fresh() -> None:
+        for p in (tmp, old):
+            if p.exists():
+                shutil.rmtree(p)
         tmp.mkdir()
-        acc.wait_for_everyone()  # (the others write into it now)
-        state["sharded"] = save_sharded(tmp / SHARDS, handle.model, handle.optimizer)
-        acc.wait_for_everyone()
-        _write_checkpoint_files(tmp, state)
 
-    if parts.main:
-        save_dir_atomic(target, write)
-    else:
-        acc.wait_for_everyone()
-        save_sharded(target.with_name(target.name + ".tmp") / SHARDS, handle.model, handle.optimizer)
-        acc.wait_for_everyone()
-    acc.wait_for_everyone()  # the folder is in place before anyone trains on
+    def put_in_place() -> None:
+        try:
+            _write_checkpoint_files(tmp, state)
+            if target.exists():
+                target.rename(old)
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old.exists() and not target.exists():
+                old.rename(target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+    agreed(fresh)
+    state["sharded"] = save_sharded(tmp / SHARDS, handle.model, handle.optimizer)  # (DCP raises on every process)
+    agreed(put_in_place)
 
 
 @dataclasses.dataclass

@@ -231,3 +231,18 @@ def test_resuming_on_another_number_of_processes_keeps_the_global_batch_or_refus
     with pytest.raises(UsageError, match="divides 2") as e:
         _match_processes(TrainConfig(method="full"), {"world_size": 2, "grad_accum": 1}, 3, said.append)
     assert "\n" not in str(e.value)
+
+
+def test_bf16_weights_train_sharded_and_the_probe_steps_a_float32_stand_in(tmp_path, tiny_model_dir, data):
+    """--precision bf16-true: a sharded tensor's .data cannot change dtype, so the probe steps a float32 stand-in
+    (its Δw would round to 0 in bf16); the run completes within ρ and its optimizer state stays bf16."""
+    out = tmp_path / "run"
+    proc = torchrun(["train", "--model", tiny_model_dir, "--dataset", data, "--output-dir", str(out), "--epochs", "2",
+                     "--batch-size", "2", "--no-progress", "--no-eval", "--no-energy", "--rho", "0.8", "--fsdp",
+                     "--precision", "bf16-true", "--full-warmup-steps", "0"])
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete" and m["totals"]["within_budget"] and m["totals"]["precision"] == "bf16-true"
+    sels = json.loads((out / "selections.json").read_text())["selections"]
+    assert len(sels) == 2 and all(0 < s["n_selected"] < len(sels[0]["importance"]) for s in sels)
+    assert all(any(x != 0 for x in s["importance"]) for s in sels)  # Δw did not round to 0

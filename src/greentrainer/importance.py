@@ -108,6 +108,8 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
     rng = rng_state()
     old_grads = {id(p): p.grad for p in model.parameters()}
     loss_finite = True
+    group_params = [list(g["params"]) for g in optimizer.param_groups]
+    shadow: dict = {}  # id(p) -> the float32 stand-in of a sharded low-precision tensor
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in probe_ids)
@@ -124,16 +126,25 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
         for group in optimizer.param_groups:  # a measurement: a warm-up's current lr (0 at first) would
             group["lr"] = _base_lr(group)    # make every Δw 0 and the selection arbitrary
         for p in probe:
-            if id(p) in low:
+            if id(p) in low and hasattr(p, "to_local"):  # sharded: its .data cannot change dtype, so the step
+                q = torch.nn.Parameter(p.detach().float())  # updates a float32 stand-in in its place
+                q.grad = p.grad.float() if p.grad is not None else None
+                if p in optimizer.state:
+                    optimizer.state[q] = {k: v.float() if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION
+                                          else v for k, v in optimizer.state[p].items()}
+                shadow[id(p)] = q
+            elif id(p) in low:
                 p.data = p.data.float()
                 if p.grad is not None:
                     p.grad = p.grad.float()
                 for k, v in optimizer.state.get(p, {}).items():
                     if isinstance(v, torch.Tensor) and v.dtype in LOW_PRECISION:
                         optimizer.state[p][k] = v.float()
+        for group in optimizer.param_groups:
+            group["params"] = [shadow.get(id(x), x) for x in group["params"]]
         optimizer.step()
-        deltas = [(p.detach().cpu() - (s.float() if id(p) in low else s)) if g is not None else None
-                  for p, s, g in zip(probe, snapshot, grads)]
+        deltas = [(shadow.get(id(p), p).detach().cpu() - (s.float() if id(p) in low else s)) if g is not None
+                  else None for p, s, g in zip(probe, snapshot, grads)]
         grads = [g.cpu() if g is not None else None for g in grads]
         starts = [0] * len(probe)
         if sum_parts is not None:  # each process's rows (their scores are summed below)
@@ -141,6 +152,10 @@ def probe_importance(model, optimizer, scheduler, batch, names: list[str], probe
             deltas = [local(d) if d is not None else None for d in deltas]
             grads = [local(g) if g is not None else None for g in grads]
     finally:
+        for group, members in zip(optimizer.param_groups, group_params):
+            group["params"] = members
+        for q in shadow.values():
+            optimizer.state.pop(q, None)
         with torch.no_grad():
             for p, s in zip(probe, snapshot):
                 if id(p) in low:

@@ -32,13 +32,25 @@ def write_json_atomic(path: Path, obj) -> None:
 
 def save_dir_atomic(path: Path, write) -> None:
     """Call ``write(tmp_folder)`` and move the folder to ``path``, replacing an older one only on success."""
+    clear_scratch(path)
+    replace_dir(path, write)
+
+
+def clear_scratch(path: Path) -> Path:
+    """Remove ``path``'s leftover ``.tmp``/``.old`` folders (an earlier save cut short); returns the ``.tmp`` path."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    for p in (tmp, old):
+    for p in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
         if p.exists():
             shutil.rmtree(p)
+    return path.with_name(path.name + ".tmp")
+
+
+def replace_dir(path: Path, finish) -> None:
+    """Call ``finish(tmp_folder)``, then put ``path.tmp`` in place of ``path``; on failure the old folder stays."""
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
     try:
-        write(tmp)
+        finish(tmp)
         if path.exists():
             path.rename(old)
         tmp.rename(path)

@@ -14,7 +14,7 @@ from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, rec
                    resolve_dataset, resolve_prompt_format)
 from .errors import RunFailed, UsageError, one_line, warn
 from .fingerprint import check_unchanged, data_fingerprint, model_fingerprint
-from .files import save_dir_atomic, write_json_atomic, write_text_atomic
+from .files import clear_scratch, replace_dir, save_dir_atomic, write_json_atomic, write_text_atomic
 from .loop import fmt_flops
 from .models import check_input_length, is_seq2seq, load_config, load_model, pick_device
 
@@ -130,11 +130,10 @@ def _write_sharded_checkpoint(parts, state: dict, handle) -> None:
     """--fsdp: every process writes its slices into a new checkpoint folder, then the first process adds state.pt
     and puts the folder in place of the old one (as :func:`_write_checkpoint` does). The first process's outcome of
     its own steps is sent to every process, so a failure there stops them all instead of leaving them waiting."""
-    import shutil
     from .engine.distributed import from_process_zero
     from .engine.sharding import SHARDS, save_sharded
     target = parts.out / "checkpoint"
-    tmp, old = target.with_name(target.name + ".tmp"), target.with_name(target.name + ".old")
+    tmp = target.with_name(target.name + ".tmp")
 
     def agreed(step) -> None:
         error = None
@@ -149,28 +148,9 @@ def _write_sharded_checkpoint(parts, state: dict, handle) -> None:
         if said is not None:
             raise RunFailed(f"the first process could not write the checkpoint: {said}")
 
-    def fresh() -> None:
-        for p in (tmp, old):
-            if p.exists():
-                shutil.rmtree(p)
-        tmp.mkdir()
-
-    def put_in_place() -> None:
-        try:
-            _write_checkpoint_files(tmp, state)
-            if target.exists():
-                target.rename(old)
-            tmp.rename(target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old.exists() and not target.exists():
-                old.rename(target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-
-    agreed(fresh)
+    agreed(lambda: clear_scratch(target).mkdir())
     state["sharded"] = save_sharded(tmp / SHARDS, handle.model, handle.optimizer)  # (DCP raises on every process)
-    agreed(put_in_place)
+    agreed(lambda: replace_dir(target, lambda folder: _write_checkpoint_files(folder, state)))
 
 
 @dataclasses.dataclass

@@ -275,6 +275,13 @@ def cases(env: Env) -> list[dict]:
     add("options", "abbreviated option (--rh)", e.train("--rh", "0.5"), needle="unrecognized")
     add("options", "--select-once with --select-every", e.train("--method", "greentrainer", "--select-once",
                                                                 "--select-every", "2"), needle="contradict")
+    add("options", "--step-policy frontier with --over lora", e.train("--method", "greentrainer", "--over", "lora",
+                                                                      "--step-policy", "frontier"), needle="--over lora")
+    add("options", "--step-policy fewer with --select-every", e.train("--method", "greentrainer", "--step-policy",
+                                                                      "fewer", "--select-every", "2"),
+        needle="--select-every")
+    add("options", "--step-policy fewer: ρ leaves no full step", e.train("--method", "greentrainer", "--step-policy",
+                                                                         "fewer", "--rho", "0.001"), needle="no full step")
     add("options", "--eval-before with --no-eval", e.train("--eval-before", "--no-eval"), needle="contradict")
     add("options", "ρ schedule file missing", e.train("--method", "greentrainer", "--rho-schedule", sched_missing),
         needle="not found")

@@ -14,17 +14,18 @@ from greentrainer.cli import main
 
 def args(model, data, out, method):
     extra = {"greentrainer": ["--rho", "0.8"], "frontier": ["--rho", "0.8", "--step-policy", "frontier"],
+             "fewer": ["--rho", "0.9", "--step-policy", "fewer"],
              "smt": ["--smt-warmup", "4", "--smt-block", "16"],
              "grouped": ["--rho", "0.8", "--group-by-length"],
              "packed": ["--rho", "0.8", "--packing", "--max-input-length", "128", "--batch-size", "2"],
              "moe": ["--rho", "0.8"]}[method]
-    method = "greentrainer" if method in ("frontier", "grouped", "packed", "moe") else method
+    method = "greentrainer" if method in ("frontier", "fewer", "grouped", "packed", "moe") else method
     return ["train", "--model", model, "--dataset", data, "--output-dir", str(out), "--epochs", "12",
             "--save-every", "3", "--no-progress", "--no-eval", "--method", method, "--lr", "1e-3", *extra]
 
 
-@pytest.mark.parametrize("method", ["greentrainer", "smt", "frontier", "grouped", "packed", "moe"])  # frontier:
-# mixing steps; grouped: --group-by-length; packed: --packing; moe: GreenTrainer on a mixture-of-experts model
+@pytest.mark.parametrize("method", ["greentrainer", "smt", "frontier", "fewer", "grouped", "packed", "moe"])
+# frontier: mixing steps; fewer: the schedule over the first ρ of the steps; grouped: --group-by-length; packed: --packing; moe: GreenTrainer on a mixture-of-experts model
 def test_kill_9_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(request, tmp_path, tiny_model_dir, jsonl,
                                                                               small_rows, method):
     if method == "moe":

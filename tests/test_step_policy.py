@@ -123,3 +123,70 @@ def test_frontier_on_real_importances_stays_within_rho_and_logs_its_choice():
     for r in recs:
         front = r["step_policy"]["frontier"]
         assert front[0][:2] == [0.0, 0.0] and [c for c, _, _ in front] == sorted(c for c, _, _ in front)
+
+
+def _full(data, epochs=1, max_steps=None):
+    """Full fine-tuning with the settings of :func:`_run` (its own schedule over its own steps)."""
+    cfg = TrainConfig(method="full", epochs=epochs, max_steps=max_steps, batch_size=4, lr=1e-3, weight_decay=0.0,
+                      seed=0)
+    from greentrainer.methods.full import FullFineTuning
+    model = make_tiny("llama")
+    out = train(model, TOK, FullFineTuning(), data, [], cfg, torch.device("cpu"), log=lambda *a: None, progress=False)
+    return out, model
+
+
+def _fewer(data, rho, epochs=2, val=()):
+    cfg = TrainConfig(method="greentrainer", epochs=epochs, batch_size=4, lr=1e-3, weight_decay=0.0, seed=0,
+                      method_config=GreenTrainerConfig(rho=rho, step_policy="fewer"))
+    method = GreenTrainerMethod(cfg.method_config)
+    model = make_tiny("llama")
+    out = train(model, TOK, method, data, list(val), cfg, torch.device("cpu"), log=lambda *a: None, progress=False)
+    return out, method, model
+
+
+def test_fewer_is_full_fine_tuning_for_the_first_rho_of_the_steps_bit_for_bit():
+    """Step policy "fewer" over 2 epochs at ρ 0.5 trains exactly as full FT for 1 epoch (the same batches, its
+    schedule over its own steps): the same weights bit for bit; the other epoch is skipped at no FLOPs, and the
+    run reports ρ of full FT's FLOPs over all the batches it was given."""
+    data = _data(32)
+    out, method, model = _fewer(data, 0.5)
+    ref_out, ref = _full(data, epochs=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    hist = out["history"]
+    assert [h["steps_by_kind"] for h in hist] == [{"skip": 0, "partial": 0, "full": 8}, {"skip": 8, "partial": 0, "full": 0}]
+    assert hist[1]["flops_total"] == 0 and hist[1]["flops_full_ft_reference"] > 0
+    assert out["totals"]["flops_total"] == ref_out["totals"]["flops_total"]
+    assert out["totals"]["flops_fraction_of_full"] == pytest.approx(0.5, abs=0.02) and out["totals"]["within_budget"]
+    assert [s["kind"] for s in method.selections] == ["fewer"]
+
+
+def test_fewer_inside_an_epoch_matches_full_ft_stopped_by_max_steps():
+    """ρ 0.7 of 16 steps: 11 full steps, as ``--max-steps 11`` (the schedule spanning them), then 5 skipped."""
+    data = _data(32)
+    out, _, model = _fewer(data, 0.7)
+    _, ref = _full(data, epochs=2, max_steps=11)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    assert sum(h["steps_by_kind"]["full"] for h in out["history"]) == 11
+
+
+def test_a_skipped_epoch_keeps_its_validation_loss_without_a_pass(monkeypatch):
+    """An epoch in which every step was skipped changed no weight: its validation loss is the last one, not
+    recomputed."""
+    from greentrainer import loop
+    passes = []
+    real = loop.eval_loss
+    monkeypatch.setattr(loop, "eval_loss", lambda *a, **k: passes.append(1) or real(*a, **k))
+    data = _data(32)
+    out, _, _ = _fewer(data, 0.5, val=data[:8])
+    assert len(passes) == 1 and out["history"][0]["val_loss"] == out["history"][1]["val_loss"]
+
+
+def test_fewer_is_refused_where_it_makes_no_sense():
+    for kw, flag in (({"select_every": 4}, "--select-every"), ({"select_once": True}, "--select-once"),
+                     ({"full_warmup_steps": 3}, "--full-warmup-steps"), ({"carbon_aware": True}, "--carbon-aware")):
+        with pytest.raises(UsageError, match=flag):
+            GreenTrainerConfig(step_policy="fewer", **kw).validate()
+    with pytest.raises(UsageError, match="--over lora"):
+        GreenTrainerConfig(over="lora", step_policy="fewer").validate()
+    with pytest.raises(UsageError, match="no full step"):
+        _fewer(_data(8), 0.3, epochs=1)  # 2 steps × 0.3

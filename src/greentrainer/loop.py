@@ -139,6 +139,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
     ctx.steps_per_epoch = -(-len(train_data) // (cfg.batch_size * world * accum))
     ctx.total_steps = total_steps(ctx.steps_per_epoch, cfg.epochs, cfg.max_steps)
     model = method.prepare(model, ctx)
+    ctx.schedule_steps = method.schedule_steps(ctx.total_steps)
     if precision_of(cfg) == "bf16-true":
         model.to(torch.bfloat16)
     if cfg.gradient_checkpointing:
@@ -352,7 +353,10 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         elapsed = ep.elapsed + time.perf_counter() - t0 - bookkeeping
         if meter is not None:
             ep.energy = add_readings(ep.energy, meter.stop())
-        val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress) if val_data else None
+        if val_data and not ep.losses and history and history[-1]["val_loss"] is not None:  # every step skipped:
+            val = history[-1]["val_loss"]  # the weights are those the last epoch's loss was taken on
+        else:
+            val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress) if val_data else None
         if cfg.eval_steps and val is not None:
             ep.val_curve.append([ctx.global_step, val, *ctx.global_flops()])
         spent = {k: ctx.reduce_sum(float(ctx.flops[k] - ep.flops_before.get(k, 0))) for k in ctx.flops}

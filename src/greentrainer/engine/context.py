@@ -31,6 +31,7 @@ class TrainContext:
     epoch: int = 0
     global_step: int = 0
     total_steps: int = 0
+    schedule_steps: int = 0         # steps the learning-rate schedule spans (0: total_steps; Method.schedule_steps)
     steps_per_epoch: int = 0
     flops: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0, "overhead": 0})
     flops_reference: int = 0        # measured FLOPs full fine-tuning would have spent on the steps so far
@@ -139,7 +140,8 @@ class TrainContext:
         the start, and again by a method whose trainable tensors are replaced, e.g. SMT's blocks)."""
         from transformers import get_linear_schedule_with_warmup
         self.optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.cfg.warmup_steps, self.total_steps)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, self.cfg.warmup_steps,
+                                                         self.schedule_steps or self.total_steps)
         import warnings
         with warnings.catch_warnings():  # fast-forward the schedule; no optimizer step is skipped
             warnings.simplefilter("ignore")

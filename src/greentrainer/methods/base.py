@@ -31,6 +31,11 @@ class Method:
         """The loop has replaced the model's parameters by sharded ones (--fsdp), under the same names: look up
         any parameter the method holds again."""
 
+    def schedule_steps(self, total_steps: int) -> int:
+        """Optimizer steps the learning-rate schedule spans (after :meth:`prepare`): the run's, unless the method
+        trains only some of them (GreenTrainer's step policy "fewer" skips the rest)."""
+        return total_steps
+
     def optimizer_parameters(self, model) -> list[torch.nn.Parameter]:
         """Every parameter that may ever train (the optimizer is built once over these)."""
         return [p for p in model.parameters() if p.requires_grad]

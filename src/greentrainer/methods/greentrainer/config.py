@@ -12,6 +12,7 @@ from ..peft_methods import LoraOptions
 from ..smt import BlockOptions
 
 OVER = ("tensors", "lora", "blocks")
+STEP_POLICIES = ("select", "frontier", "fewer")
 
 
 @dataclasses.dataclass
@@ -49,10 +50,13 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
                                            "re-selected tensor starts afresh; frees memory), keep a host copy "
                                            "(cpu), or keep it in place", choices=("drop", "cpu", "keep"))
     step_policy: str = option("select", "what each step spends: select (every step trains the selection within "
-                                        "ρ, the paper) or frontier (each selection also weighs skipping the batch "
+                                        "ρ, the paper); frontier (each selection also weighs skipping the batch "
                                         "and (nearly) full steps by the probe's importances, and mixes the two kinds "
-                                        "of step that gain most at ρ on average; --over tensors, the loop only)",
-                              choices=("select", "frontier"))
+                                        "of step that gain most at ρ on average); fewer (no selection: every tensor "
+                                        "trains for the first ρ of the run's steps, the learning-rate schedule "
+                                        "spanning them, and the rest are skipped: full fine-tuning for fewer steps, "
+                                        "the compute-matched baseline). frontier and fewer: --over tensors, the "
+                                        "loop only", choices=STEP_POLICIES)
 
     def validate(self) -> None:
         self.check_options()
@@ -60,9 +64,18 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
             self.check_lora()
         if self.over == "blocks":
             self.check_blocks()
-        if self.step_policy == "frontier" and self.over != "tensors":
-            raise UsageError(f"--step-policy frontier weighs the model's own tensors; it does not work with "
-                             f"--over {self.over}")
+        if self.step_policy != "select" and self.over != "tensors":
+            raise UsageError(f"--step-policy {self.step_policy} weighs the model's own tensors; it does not work "
+                             f"with --over {self.over}")
+        if self.step_policy == "fewer":
+            given = [flag for flag, on in (("--select-every", self.select_every is not None),
+                                           ("--select-once", self.select_once),
+                                           ("--rho-schedule", self.rho_schedule is not None),
+                                           ("--carbon-aware", self.carbon_aware),
+                                           ("--full-warmup-steps", bool(self.full_warmup_steps))) if on]
+            if given:
+                raise UsageError(f"--step-policy fewer makes no selection (every tensor trains for the first ρ of "
+                                 f"the steps); it takes no {given[0]}")
         if self.select_once and self.select_every is not None:
             raise UsageError("--select-once and --select-every contradict each other; give one of them")
         if not 0 < self.rho <= 1:

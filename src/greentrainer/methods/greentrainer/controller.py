@@ -65,6 +65,7 @@ class GreenTrainerController:
         self.current: list[str] | None = None
         self.selected_at: int | None = None
         self.warmup = 0  # steps of full fine-tuning first (set by check() from the run's length)
+        self.full_steps: int | None = None  # step_policy "fewer": the steps that train (the first ρ of the run)
         mode = deselected_state or getattr(cfg, "deselected_state", None) or "drop"
         if mode not in DESELECTED_STATE:
             raise UsageError(f"deselected_state must be one of {', '.join(DESELECTED_STATE)}, got {mode!r}")
@@ -82,6 +83,12 @@ class GreenTrainerController:
     # -- set-up ----------------------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch: int, total_steps: int, micro_batches: int = 1) -> None:
         """Refuse a ρ (schedule, carbon-aware range, warm-up) the run cannot keep; sets the warm-up's length."""
+        if self.cfg.step_policy == "fewer":  # full steps cost full FT's FLOPs: any ρ buys its share of them
+            self.full_steps = int(self.cfg.rho * total_steps + 1e-9)
+            if self.full_steps < 1:
+                raise UsageError(f"{self.flag('rho')} {self.cfg.rho} with --step-policy fewer leaves no full step "
+                                 f"of the run's {total_steps}; at least {1 / max(total_steps, 1):.3g}")
+            return
         profile = self.candidates.profile(model, profile)
         steps = self.window(steps_per_epoch, total_steps) * micro_batches
         probe = micro_batches * self.cfg.probe_batches  # micro-batches one probe runs
@@ -111,7 +118,11 @@ class GreenTrainerController:
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
         self.check(model, host.profile, host.steps_per_epoch, host.total_steps, host.micro_batches_per_step)
-        if self.warmup and not self.current:
+        if self.full_steps is not None and not self.current:
+            host.log(f"GreenTrainer: step policy fewer: every tensor trains for the first {self.full_steps} of "
+                     f"{host.total_steps} steps (the learning-rate schedule spans them); the other "
+                     f"{host.total_steps - self.full_steps} are skipped")
+        elif self.warmup and not self.current:
             host.log(f"GreenTrainer: full fine-tuning for the first {self.warmup} of {host.total_steps} steps, "
                      f"repaid by the selections after them (the run stays within ρ {self.cfg.rho})")
         for p in model.parameters():
@@ -126,6 +137,11 @@ class GreenTrainerController:
         return self.ledger.allowed(reference)
 
     # -- when to select ----------------------------------------------------------------------------
+    def schedule_steps(self, total_steps: int) -> int:
+        """Optimizer steps the learning-rate schedule spans: the run's, or under "fewer" the steps that train
+        (a full schedule over the shorter run, not a long one cut short)."""
+        return total_steps if self.full_steps is None else self.full_steps
+
     def window(self, steps_per_epoch: int, total_steps: int) -> int:
         """Optimizer steps between selection points."""
         if self.cfg.select_once:
@@ -137,6 +153,11 @@ class GreenTrainerController:
     def on_epoch_start(self, host) -> None:
         self.epoch_selections = []
         self.steps_by_kind = dict.fromkeys(self.steps_by_kind, 0)
+        if self.full_steps is not None:  # "fewer": every tensor trains, from the first step, no probe
+            if self.current is None:
+                self._train_everything(host, kind="fewer", note=f"every tensor, for the first {self.full_steps} "
+                                                                f"steps (step policy fewer)")
+            return
         if self.cfg.select_every is None and (not self.cfg.select_once or self.current is None):
             self._select_or_warm_up(host)
 
@@ -149,6 +170,9 @@ class GreenTrainerController:
         self.skip = False
         if self.mix is not None:
             self._take(self.mix.next())
+        elif self.full_steps is not None:
+            self.skip = host.global_step >= self.full_steps
+            self.steps_by_kind["skip" if self.skip else "full"] += 1
 
     def _take(self, option) -> None:
         """Make this step train ``option``'s tensors, or skip its batch."""
@@ -168,12 +192,13 @@ class GreenTrainerController:
         else:
             self.select(host)
 
-    def _train_everything(self, host) -> None:
-        """The full fine-tuning warm-up: every tensor trains, no probe (its extra FLOPs are repaid later)."""
+    def _train_everything(self, host, **kind) -> None:
+        """The full fine-tuning warm-up (its extra FLOPs are repaid later), or the "fewer" policy's steps: every
+        tensor trains, no probe. ``kind``: the record's kind and note, if not the warm-up's."""
         self.mix = None
         for p in self.params.values():
             p.requires_grad_(True)
-        rec = warmup_record(self.names, host.global_step, epoch=host.epoch + 1)
+        rec = {**warmup_record(self.names, host.global_step, epoch=host.epoch + 1), **kind}
         rec.update(self.follow_selection(host.model, host.optimizer, self.names))
         self.current, self.selected_at = list(self.names), host.global_step
         self.selections.append(rec)

@@ -73,6 +73,9 @@ class GreenTrainerMethod(Method):
         c = self.controller
         c.params = c.candidates.parameters(model, c.names)
 
+    def schedule_steps(self, total_steps: int) -> int:
+        return self.controller.schedule_steps(total_steps)
+
     def optimizer_parameters(self, model):
         return self.controller.optimizer_parameters()
 

@@ -237,7 +237,9 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
     extra = dict(opts)  # its epochs and max_train, where it sets them (full FT for fewer steps), replace ours
     own_steps = run_steps(a, extra)
     if method == "smt":
-        extra.setdefault("smt_warmup", max(1, a.steps // 4))  # a quarter of the run chooses the blocks
+        extra.setdefault("smt_warmup", max(1, a.steps // 4))
+    if method == "greentrainer":  # what every GreenTrainer row measured (the default "auto" is "fewer" since)
+        extra.setdefault("step_policy", "select")  # a quarter of the run chooses the blocks
     # our run folder while it trains, with a checkpoint every 1/8 of the run: a run stopped with its session
     # continues from there next time; the folder goes once the run's JSON is written
     work = path.parent / ".work" / path.stem

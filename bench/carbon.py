@@ -36,7 +36,7 @@ def run(a, name: str, extra: dict, log) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config_from_options(dict(
             dataset="scitldr", method="greentrainer", seed=a.seed, epochs=1, batch_size=4, max_train=4 * a.steps,
-            max_eval=a.test_items, max_input_length=320, num_beams=1, select_every=a.select_every,
+            max_eval=a.test_items, max_input_length=320, num_beams=1, select_every=a.select_every, step_policy="select",
             carbon_trace=str(TRACE), carbon_start=a.start, carbon_time_scale=a.time_scale,
             output_dir=f"{tmp}/run", overwrite=True, **extra))
         t0 = time.perf_counter()

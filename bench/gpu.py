@@ -32,8 +32,8 @@ from greentrainer.files import write_json_atomic, write_text_atomic
 # label -> options of `greentrainer train`
 METHODS = {
     "full FT": {"method": "full"},
-    "GreenTrainer ρ 0.5": {"method": "greentrainer", "rho": 0.5},
-    "GreenTrainer ρ 0.7": {"method": "greentrainer", "rho": 0.7},
+    "GreenTrainer ρ 0.5": {"method": "greentrainer", "rho": 0.5, "step_policy": "select"},
+    "GreenTrainer ρ 0.7": {"method": "greentrainer", "rho": 0.7, "step_policy": "select"},
     "LoRA": {"method": "lora"},
     "SMT": {"method": "smt"},
     "GT over LoRA ρ 0.5": {"method": "greentrainer", "over": "lora", "rho": 0.5},

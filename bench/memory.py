@@ -113,7 +113,7 @@ def child(spec: dict) -> dict:
     model, tok, data = load(spec["quick"])
     selections, per_selection = spec["selections"], spec["steps"]
     cfg = TrainConfig(method="full" if spec["setting"] == "full" else "greentrainer", batch_size=BATCH, lr=LR,
-                      seed=0, method_config=GreenTrainerConfig(rho=spec["rho"]))
+                      seed=0, method_config=GreenTrainerConfig(rho=spec["rho"], step_policy="select"))
     full = spec["setting"] == "full"
     method = FullFineTuning() if full else GreenTrainerMethod(cfg.method_config, deselected_state=spec["setting"])
     device = torch.device("cpu")
@@ -265,7 +265,7 @@ def validation(a):
     for mode in a.modes.split(","):
         model, tok = load_model("smollm2-135m")
         cfg = TrainConfig(method="greentrainer", epochs=a.epochs, batch_size=4, lr=a.lr, seed=42,
-                          method_config=GreenTrainerConfig(rho=a.rho or 0.6))
+                          method_config=GreenTrainerConfig(rho=a.rho or 0.6, step_policy="select"))
         spec, _ = resolve_dataset("scitldr")
         tr = encode_all(load_examples("scitldr", "train", a.max_train, 42), tok, spec.task, False, 512)
         va = encode_all(load_examples("scitldr", "validation", a.max_eval, 42), tok, spec.task, False, 512)

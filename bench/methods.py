@@ -36,7 +36,7 @@ def row_config(method, lr, a, rho=0.6, seed=42, out=None, importance="dw_grad", 
         model="smollm2-135m", dataset=a.dataset, method=method, output_dir=out, overwrite=True, epochs=a.epochs,
         batch_size=4, lr=lr, max_input_length=a.max_input_length, max_train=a.max_train, max_eval=a.max_eval,
         seed=seed, num_beams=a.num_beams, rho=rho, importance=importance, select_once=select_once,
-        select_every=select_every, lora_r=a.lora_r, prefix_tokens=a.prefix_tokens, smt_warmup=a.smt_warmup,
+        select_every=select_every, step_policy="select", lora_r=a.lora_r, prefix_tokens=a.prefix_tokens, smt_warmup=a.smt_warmup,
         smt_params=a.smt_params))
 
 

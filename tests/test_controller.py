@@ -103,13 +103,15 @@ def test_the_callback_takes_every_option_of_the_cli_or_refuses_it_in_one_line(tm
         GreenTrainerCallback(over="blocks")
     with pytest.raises(UsageError, match="carbon_trace"):
         GreenTrainerCallback(carbon_aware=True)
-    with pytest.raises(UsageError, match="skips batches"):
-        GreenTrainerCallback(step_policy="frontier")
+    for policy in ("frontier", "fewer"):
+        with pytest.raises(UsageError, match="skips batches"):
+            GreenTrainerCallback(step_policy=policy)
+    assert GreenTrainerCallback().config.policy == "select"  # "auto" here: the Trainer owns the schedule
     with pytest.raises(UsageError, match="unknown option 'rhoo'"):
         GreenTrainerCallback(rhoo=0.5)
     # every GreenTrainer option of the command line is a keyword of the callback (by the option's name)
     for o in option_specs(GreenTrainerConfig):
-        if o.name not in ("over", "carbon_aware", "rho_min", "rho_max", "rho_schedule"):  # refused or tried above
+        if o.name not in ("over", "carbon_aware", "rho_min", "rho_max", "rho_schedule", "step_policy"):  # above
             assert getattr(GreenTrainerCallback(**{o.name: o.default}).config, o.field) == o.default
 
 

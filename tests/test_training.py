@@ -41,6 +41,7 @@ def test_a_few_full_steps_lower_the_loss_on_a_fixed_batch(arch):
 
 def run(method_name, model, epochs=2, **gt):
     gt.setdefault("full_warmup_steps", 0)  # the paper's GreenTrainer unless a test asks for the warm-up
+    gt.setdefault("step_policy", "select")  # (the default "auto" trains full steps for ρ of the run)
     cfg = TrainConfig(method=method_name, epochs=epochs, batch_size=4, lr=1e-3, seed=0,
                       method_config=GreenTrainerConfig(**gt) if method_name == "greentrainer" else None)
     data = encoded(model)
@@ -213,10 +214,12 @@ def test_mean_padded_size_of_random_batches():
     assert mean_padded_size(mixed, 2, False) == 6
 
 
+@pytest.mark.parametrize("policy", ["select", "fewer"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_greentrainer_stays_within_rho_on_batches_of_uneven_length(seed):
+def test_greentrainer_stays_within_rho_on_batches_of_uneven_length(seed, policy):
     """Most batches are shorter than the profiled (90th-percentile) shape: the probe and any overspend must
-    be repaid out of what those real steps allow, not out of the profiled step's budget."""
+    be repaid out of what those real steps allow, not out of the profiled step's budget; "fewer" counts its full
+    steps on the run's own batches (ρ of the steps would overspend when the first batches are the long ones)."""
     import random
     rng = random.Random(seed)
     exs = [Example(source=" ".join(["word"] * rng.choice([2, 3, 4, 40])), target="fox", targets=["fox"])
@@ -224,11 +227,14 @@ def test_greentrainer_stays_within_rho_on_batches_of_uneven_length(seed):
     model = make_tiny("llama")
     data = encode_all(exs, TOK, "summarization", False, 256)
     cfg = TrainConfig(method="greentrainer", epochs=2, batch_size=4, lr=1e-3, seed=seed,
-                      method_config=GreenTrainerConfig(rho=0.6))
+                      method_config=GreenTrainerConfig(rho=0.6, step_policy=policy))
     out = train(model, TOK, build_method(cfg), data, data[:4], cfg, torch.device("cpu"), log=lambda *a: None,
                 progress=False)
     t = out["totals"]
     assert t["flops_total"] <= 0.6 * t["flops_full_ft_reference"]
+    if policy == "fewer":
+        n = sum(h["steps_by_kind"]["full"] for h in out["history"])
+        assert 0 < n < out["totals"]["steps"]
 
 
 @pytest.mark.parametrize("method", ["full", "greentrainer", "smt", "lora"])
@@ -352,7 +358,7 @@ def test_the_default_warm_up_is_an_eighth_of_the_run_and_what_the_budget_can_rep
     from greentrainer.engine.reference import run_profile
     prof = run_profile(make_tiny("llama").config, (4, 64, None), False)
     lo = min_feasible_rho(prof.t_dws, prof.t_dys, prof.t_fp, prof.t_full, branches=prof.branch_tuples)
-    tight = GreenTrainerMethod(GreenTrainerConfig(rho=lo + 0.05))
+    tight = GreenTrainerMethod(GreenTrainerConfig(rho=lo + 0.05, step_policy="select"))
     tight.check(make_tiny("llama"), prof, 1000, 1000)
     assert 0 < tight.warmup < 1000 // 8
 

@@ -56,7 +56,8 @@ class GreenTrainerCallback(TrainerCallback):
     keyword argument (``rho``, ``select_every``, ``select_once``, ``rho_schedule``, ``importance``,
     ``probe_batches``, ``full_warmup_steps``, ``selector_resolution``, ``carbon_aware``/``rho_min``/``rho_max``
     with ``carbon_trace``, ``deselected_state``); ``over="blocks"`` is refused (it swaps layers and rebuilds the
-    optimizer, which the Trainer owns), and so is ``step_policy="frontier"`` (it skips batches), and a peft LoRA model is selected over its adapters (``over="lora"``).
+    optimizer, which the Trainer owns), and so are ``step_policy="frontier"`` and ``"fewer"`` (they skip batches;
+    the default "auto" is "select" here), and a peft LoRA model is selected over its adapters (``over="lora"``).
     ``config``: a ready GreenTrainerConfig instead of the keywords."""
 
     STATE_FILE = "greentrainer_callback.pt"  # next to each Trainer checkpoint (read with weights_only)
@@ -72,6 +73,9 @@ class GreenTrainerCallback(TrainerCallback):
             raise UsageError("GreenTrainerCallback: over='blocks' swaps in SMT's block layers and rebuilds the "
                              "optimizer at each selection, which the Trainer owns; use `greentrainer train --over "
                              "blocks`, or over='tensors' / a peft LoRA model here")
+        if self.config.step_policy == "auto":  # the measured winner ("fewer") needs the schedule over ρ of the
+            # steps, which the Trainer owns: here the paper's policy (docs/callback.md says how to run "fewer")
+            self.config = dataclasses.replace(self.config, step_policy="select")
         if self.config.step_policy != "select":
             raise UsageError(f"GreenTrainerCallback: step_policy={self.config.step_policy!r} skips batches, which a "
                              f"callback cannot do in the Trainer's loop; use `greentrainer train --step-policy "

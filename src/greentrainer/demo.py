@@ -13,8 +13,8 @@ import textwrap
 import time
 from pathlib import Path
 
-DEMO_SETTINGS = dict(dataset="scitldr", method="greentrainer", rho=0.5, max_train=160, epochs=1, batch_size=4,
-                     max_input_length=320, max_eval=24, num_beams=1, eval_before=True)
+DEMO_SETTINGS = dict(dataset="scitldr", method="greentrainer", rho=0.5, step_policy="select", max_train=160,
+                     epochs=1, batch_size=4, max_input_length=320, max_eval=24, num_beams=1, eval_before=True)
 
 
 def demo_config(output_dir: str, **overrides):

@@ -138,6 +138,8 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
     world, accum = acc.num_processes, ctx.micro_batches_per_step
     ctx.steps_per_epoch = -(-len(train_data) // (cfg.batch_size * world * accum))
     ctx.total_steps = total_steps(ctx.steps_per_epoch, cfg.epochs, cfg.max_steps)
+    ref_cache: dict = {}  # full fine-tuning's FLOPs by batch shape
+    ctx.planned_references = lambda: planned_references(ctx, cfg, generator, ref_cache)
     model = method.prepare(model, ctx)
     ctx.schedule_steps = method.schedule_steps(ctx.total_steps)
     if precision_of(cfg) == "bf16-true":
@@ -171,7 +173,7 @@ def train(model, tokenizer, method, train_data, val_data, cfg, device=None, *, l
                 f"{start.steps_done + 1} of the epoch)")
     if handle is not None:
         handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
-    _epochs(ctx, method, generator, val_data, history, {}, cfg, progress and main, on_epoch_end, start,
+    _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress and main, on_epoch_end, start,
             on_checkpoint, handle, energy_meter)
     totals = {k: sum(h[k] for h in history) for k in
               ("flops_forward", "flops_backward", "flops_overhead", "flops_total", "flops_full_ft_reference",
@@ -257,6 +259,40 @@ def _optimizer_step(ctx, method, batches: list[dict], stand_ins: set = frozenset
     return loss_sum, sum(local)
 
 
+def _draw_steps(ctx, cfg, generator, epoch: int) -> tuple[list, list]:
+    """(``epoch``'s steps, the same draw ungrouped) as the run takes them from ``generator``, which advances as an
+    ungrouped draw would: each step is this process's micro-batches of item indices, the order cut at
+    --max-steps; with --group-by-length the same draw grouped by length."""
+    acc = ctx.accelerator
+    cut = ctx.total_steps - epoch * ctx.steps_per_epoch
+    state = generator.get_state()
+    plain = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes, ctx.micro_batches_per_step,
+                           acc.process_index, generator)[:cut]
+    if not cfg.group_by_length:
+        return plain, plain
+    after = generator.get_state()  # the next epoch draws as an ungrouped run would
+    generator.set_state(state)
+    grouped = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes, ctx.micro_batches_per_step,
+                             acc.process_index, generator, ctx.lengths)[:cut]
+    generator.set_state(after)
+    return grouped, plain
+
+
+def planned_references(ctx, cfg, generator, ref_cache) -> list[float]:
+    """Full fine-tuning's FLOPs on each optimizer step of the whole run, summed over processes, in the order the
+    run will take them (drawn from a copy of ``generator``, stand-ins included as the loop counts them)."""
+    g = torch.Generator()
+    g.set_state(generator.get_state())
+    per_step = []
+    for epoch in range(-(-ctx.total_steps // ctx.steps_per_epoch)):
+        steps, _ = _draw_steps(ctx, cfg, g, epoch)
+        per_step += [float(sum(reference_step_flops(ctx.meta_model, b, cfg.gradient_checkpointing, ref_cache)
+                               for b in _step_batches(ctx, micro)[0])) for micro in steps]
+    if ctx.world_size == 1:
+        return per_step
+    return [float(x) for x in ctx.reduce_sum(torch.tensor(per_step, dtype=torch.float64, device=ctx.device))]
+
+
 def _reference_of(ctx, cfg, ref_cache, steps) -> float:
     """Full fine-tuning's FLOPs on these steps' batches (this process's share), by their padded shapes."""
     return sum(reference_step_flops(ctx.meta_model, ctx.collate([ctx.train_data[j] for j in idx]),
@@ -288,17 +324,10 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         else:
             ep = EpochProgress(epoch, generator.get_state(), flops_before=dict(ctx.flops),
                                reference_before=ctx.flops_reference)
-        cut = ctx.total_steps - epoch * ctx.steps_per_epoch  # the same order, cut at --max-steps
-        steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
-                               ctx.micro_batches_per_step, acc.process_index, generator)[:cut]
+        steps, ungrouped = _draw_steps(ctx, cfg, generator, epoch)
         padded_reference = None
-        if cfg.group_by_length:  # the same draw grouped; the random batches' cost is what grouping saved
-            after = generator.get_state()  # the next epoch draws as an ungrouped run would
-            generator.set_state(ep.generator_state)
-            padded_reference = _reference_of(ctx, cfg, ref_cache, steps)
-            steps = global_batches(len(ctx.train_data), cfg.batch_size, acc.num_processes,
-                                   ctx.micro_batches_per_step, acc.process_index, generator, ctx.lengths)[:cut]
-            generator.set_state(after)
+        if cfg.group_by_length:  # the random batches' cost is what grouping saved
+            padded_reference = _reference_of(ctx, cfg, ref_cache, ungrouped)
         elif cfg.packing:  # what full FT would have spent on these examples unpacked, in random padded batches
             padded_reference = _unpacked_reference(ctx, cfg, ref_cache, steps, epoch)
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:

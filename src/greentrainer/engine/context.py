@@ -43,6 +43,7 @@ class TrainContext:
     grid: object = None             # energy.Grid: the grid intensity now (fixed, or along a trace)
     train_seconds: float = 0.0      # measured training time so far (the clock a carbon trace is read along)
     sharded: bool = False           # --fsdp on several processes: FSDP2 reduces the gradients
+    planned_references: object = None  # () -> full FT's FLOPs of each step of the run, in its order (the loop's)
     _probe_rng: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))
 
     @property

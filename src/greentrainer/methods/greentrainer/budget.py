@@ -48,6 +48,18 @@ class FlopsLedger:
         allowance, mark, rho = state
         return cls(rho, allowance, mark)
 
+def full_steps_within(references: list[float], rho: float) -> int:
+    """Step policy "fewer": how many of the run's first steps can train fully within ρ, given full fine-tuning's
+    FLOPs on each step of the run in its order (a full step costs exactly that): the most k with
+    Σ_{i<k} r_i ≤ ρ · Σ r_i."""
+    allowed, spent = rho * sum(references), 0.0
+    for k, r in enumerate(references):
+        spent += r
+        if spent > allowed * (1 + 1e-12):
+            return k
+    return len(references)
+
+
 def probe_cost(profile, probe_upto: int) -> int:
     """Predicted FLOPs of one probe: a forward and a backward to tensor ``probe_upto`` training all above."""
     dws = getattr(profile, "probe_t_dws", None) or profile.t_dws  # over blocks: the probe steps dense tensors

@@ -121,7 +121,7 @@ class Tensors:
                                   autocast=host.autocast, log=host.log, debt=debt, step_scale=scale,
                                   reduce_grads=host.reduce_gradients if host.world_size > 1 else None,
                                   agree=host.broadcast, repay_steps=repay,
-                                  probe_all=cfg.step_policy == "frontier",
+                                  probe_all=cfg.policy == "frontier",
                                   sum_parts=host.sum_shards if host.sharded else None)
         return chosen, rec
 

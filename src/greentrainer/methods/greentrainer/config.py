@@ -12,7 +12,7 @@ from ..peft_methods import LoraOptions
 from ..smt import BlockOptions
 
 OVER = ("tensors", "lora", "blocks")
-STEP_POLICIES = ("select", "frontier", "fewer")
+STEP_POLICIES = ("auto", "select", "frontier", "fewer")
 
 
 @dataclasses.dataclass
@@ -49,7 +49,10 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
     deselected_state: str = option("drop", "optimizer state of tensors that leave the selection: drop it (a "
                                            "re-selected tensor starts afresh; frees memory), keep a host copy "
                                            "(cpu), or keep it in place", choices=("drop", "cpu", "keep"))
-    step_policy: str = option("select", "what each step spends: select (every step trains the selection within "
+    step_policy: str = option("auto", "what each step spends: auto (the measured winner: fewer, or select where the "
+                                      "run asks for what only a selection does: --over lora/blocks, --select-every, "
+                                      "--select-once, --rho-schedule, --carbon-aware, --full-warmup-steps; "
+                                      "docs/results.md); select (every step trains the selection within "
                                         "ρ, the paper); frontier (each selection also weighs skipping the batch "
                                         "and (nearly) full steps by the probe's importances, and mixes the two kinds "
                                         "of step that gain most at ρ on average); fewer (no selection: every tensor "
@@ -58,13 +61,26 @@ class GreenTrainerConfig(LoraOptions, BlockOptions):
                                         "the compute-matched baseline). frontier and fewer: --over tensors, the "
                                         "loop only", choices=STEP_POLICIES)
 
+    @property
+    def policy(self) -> str:
+        """The step policy this run follows: ``step_policy``, with "auto" resolved to the measured winner. Full
+        fine-tuning for the first ρ of the steps ("fewer") reached a lower validation loss than selecting tensors
+        (and than the frontier policy) at the same FLOPs in every setting measured, with ROUGE-L not separating
+        them (bench/results/accuracy_scitldr.md, accuracy_dialogsum_512steps_1epochs.md); a run that asks for
+        what only a selection does gets the paper's "select"."""
+        if self.step_policy != "auto":
+            return self.step_policy
+        selecting = (self.over != "tensors" or self.select_every is not None or self.select_once
+                     or self.rho_schedule is not None or self.carbon_aware or self.full_warmup_steps is not None)
+        return "select" if selecting else "fewer"
+
     def validate(self) -> None:
         self.check_options()
         if self.over == "lora":
             self.check_lora()
         if self.over == "blocks":
             self.check_blocks()
-        if self.step_policy != "select" and self.over != "tensors":
+        if self.step_policy in ("frontier", "fewer") and self.over != "tensors":
             raise UsageError(f"--step-policy {self.step_policy} weighs the model's own tensors; it does not work "
                              f"with --over {self.over}")
         if self.step_policy == "fewer":

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from ...errors import UsageError
 from ...selection import rho_to_backward_budget
-from .budget import (FlopsLedger, can_pay_probe, check_budget, deepest_reachable, smallest_feasible_rho,
-                     step_allowance, steps_governed, warmup_steps)
+from .budget import (FlopsLedger, can_pay_probe, check_budget, deepest_reachable, full_steps_within,
+                     smallest_feasible_rho, step_allowance, steps_governed, warmup_steps)
 from .candidates import CANDIDATES
 from .config import load_rho_schedule
 from .step_policy import Mix, frontier, mix_at
@@ -83,8 +83,8 @@ class GreenTrainerController:
     # -- set-up ----------------------------------------------------------------------------------
     def check(self, model, profile, steps_per_epoch: int, total_steps: int, micro_batches: int = 1) -> None:
         """Refuse a ρ (schedule, carbon-aware range, warm-up) the run cannot keep; sets the warm-up's length."""
-        if self.cfg.step_policy == "fewer":  # full steps cost full FT's FLOPs: any ρ buys its share of them
-            self.full_steps = int(self.cfg.rho * total_steps + 1e-9)
+        if self.cfg.policy == "fewer":  # full steps cost full FT's FLOPs: any ρ buys its share of them
+            self.full_steps = int(self.cfg.rho * total_steps + 1e-9)  # (setup counts them on the run's batches)
             if self.full_steps < 1:
                 raise UsageError(f"{self.flag('rho')} {self.cfg.rho} with --step-policy fewer leaves no full step "
                                  f"of the run's {total_steps}; at least {1 / max(total_steps, 1):.3g}")
@@ -118,6 +118,11 @@ class GreenTrainerController:
         if missing:
             raise RuntimeError(f"profile names not found in the model: {missing[:3]}")
         self.check(model, host.profile, host.steps_per_epoch, host.total_steps, host.micro_batches_per_step)
+        if self.full_steps is not None:  # exactly: the first steps whose full FT FLOPs fit ρ of the whole run's
+            self.full_steps = full_steps_within(host.planned_references(), self.cfg.rho)
+            if self.full_steps < 1:
+                raise UsageError(f"{self.flag('rho')} {self.cfg.rho} with --step-policy fewer leaves no full step: "
+                                 f"the run's first step alone costs more than ρ of the run")
         if self.full_steps is not None and not self.current:
             host.log(f"GreenTrainer: step policy fewer: every tensor trains for the first {self.full_steps} of "
                      f"{host.total_steps} steps (the learning-rate schedule spans them); the other "
@@ -250,7 +255,7 @@ class GreenTrainerController:
         chosen, rec = self.candidates.select(self, host, rho, debt, governs * micro, scale, repay,
                                              None if warm_up_ended else self.current)
         self.mix, trains = None, chosen
-        if self.cfg.step_policy == "frontier" and "importance" in rec:
+        if self.cfg.policy == "frontier" and "importance" in rec:
             self.mix = self._mix(host, rec, step_allowance(self.profile, rho, governs * micro, debt(), scale, repay))
             trains = sorted(set(self.mix.lo.names) | set(self.mix.hi.names), key=self.names.index)
         rec.update(self.candidates.keep_state(self, host, trains))

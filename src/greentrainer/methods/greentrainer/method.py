@@ -100,7 +100,7 @@ class GreenTrainerMethod(Method):
 
     def epoch_report(self):
         out = {"selections": self.controller.epoch_selections}
-        if self.cfg.step_policy != "select":
+        if self.cfg.policy != "select":
             out["steps_by_kind"] = dict(self.controller.steps_by_kind)
         return out
 

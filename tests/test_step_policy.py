@@ -168,7 +168,7 @@ def test_fewer_is_full_fine_tuning_for_the_first_rho_of_the_steps_bit_for_bit():
     assert hist[1]["flops_total"] == 0 and hist[1]["flops_full_ft_reference"] > 0
     assert out["totals"]["flops_total"] == ref_out["totals"]["flops_total"]
     assert out["totals"]["flops_fraction_of_full"] == 0.5 and out["totals"]["within_budget"]
-    assert [s["kind"] for s in method.selections] == ["fewer"]
+    assert [s["kind"] for s in method.selections] == ["fewer"] and out["totals"]["step_policy"] == "fewer"
 
 
 def test_fewer_inside_an_epoch_matches_full_ft_stopped_by_max_steps():

@@ -84,7 +84,8 @@ class GreenTrainerMethod(Method):
 
     def budget_report(self, spent: float, reference: float) -> dict:
         allowed = self.flops_allowed(reference)
-        return {"flops_allowed_fraction": allowed / reference, "within_budget": within_budget(spent, allowed, reference)}
+        return {"flops_allowed_fraction": allowed / reference, "within_budget": within_budget(spent, allowed, reference),
+                "step_policy": self.cfg.policy}  # ("auto" resolved)
 
     def on_epoch_start(self, ctx):
         self.controller.on_epoch_start(ctx)

@@ -659,7 +659,8 @@ def report(a) -> list[dict]:
                         "test_items": len(zs["per_item_rougeL"])})
     cols = ["method", "seeds", "lr", "ROUGE-L (95% CI)", "vs full FT, paired (95% CI)", "ROUGE-1", "FLOPs % of full",
             "val loss", "train time s", "selector ms (max)"]
-    lines = [f"# Accuracy: {a.dataset}", "", f"`python bench/accuracy.py --dataset {a.dataset} --stage final` — "
+    study = f" --steps {a.steps} --epochs {a.epochs}" if long_study(a) else ""
+    lines = [f"# Accuracy: {a.dataset}", "", f"`python bench/accuracy.py --dataset {a.dataset} --stage final{study}` — "
              f"{machine()}", "",
              f"Default model, chat prompt format, {a.steps} optimizer steps of batch {a.batch_size}, each "
              f"method at its validation-tuned setting (accuracy_sweep_{a.sweep_from}.md); {rows[0]['test_items']} test "

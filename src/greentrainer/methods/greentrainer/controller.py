@@ -86,8 +86,8 @@ class GreenTrainerController:
         if self.cfg.policy == "fewer":  # full steps cost full FT's FLOPs: any ρ buys its share of them
             self.full_steps = int(self.cfg.rho * total_steps + 1e-9)  # (setup counts them on the run's batches)
             if self.full_steps < 1:
-                raise UsageError(f"{self.flag('rho')} {self.cfg.rho} with --step-policy fewer leaves no full step "
-                                 f"of the run's {total_steps}; at least {1 / max(total_steps, 1):.3g}")
+                raise UsageError(f"{self.flag('rho')} {self.cfg.rho} with --step-policy fewer{self._auto} leaves no "
+                                 f"full step of the run's {total_steps}; at least {1 / max(total_steps, 1):.3g}")
             return
         profile = self.candidates.profile(model, profile)
         steps = self.window(steps_per_epoch, total_steps) * micro_batches
@@ -121,8 +121,8 @@ class GreenTrainerController:
         if self.full_steps is not None:  # exactly: the first steps whose full FT FLOPs fit ρ of the whole run's
             self.full_steps = full_steps_within(host.planned_references(), self.cfg.rho)
             if self.full_steps < 1:
-                raise UsageError(f"{self.flag('rho')} {self.cfg.rho} with --step-policy fewer leaves no full step: "
-                                 f"the run's first step alone costs more than ρ of the run")
+                raise UsageError(f"{self.flag('rho')} {self.cfg.rho} with --step-policy fewer{self._auto} leaves no "
+                                 f"full step: the run's first step alone costs more than ρ of the run")
         if self.full_steps is not None and not self.current:
             host.log(f"GreenTrainer: step policy fewer: every tensor trains for the first {self.full_steps} of "
                      f"{host.total_steps} steps (the learning-rate schedule spans them); the other "
@@ -142,6 +142,11 @@ class GreenTrainerController:
         return self.ledger.allowed(reference)
 
     # -- when to select ----------------------------------------------------------------------------
+    @property
+    def _auto(self) -> str:
+        auto = self.cfg.step_policy == "auto"
+        return " (the default, auto; --step-policy select selects tensors instead)" if auto else ""
+
     def schedule_steps(self, total_steps: int) -> int:
         """Optimizer steps the learning-rate schedule spans: the run's, or under "fewer" the steps that train
         (a full schedule over the shorter run, not a long one cut short)."""

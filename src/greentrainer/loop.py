@@ -278,6 +278,12 @@ def _draw_steps(ctx, cfg, generator, epoch: int) -> tuple[list, list]:
     return grouped, plain
 
 
+def _step_reference(ctx, cfg, ref_cache, batches: list[dict]) -> int:
+    """Full fine-tuning's FLOPs on one step's micro-batches of this process (sharded: full FT would run the
+    stand-ins too), what the loop counts after each step and the plan before the run."""
+    return sum(reference_step_flops(ctx.meta_model, b, cfg.gradient_checkpointing, ref_cache) for b in batches)
+
+
 def planned_references(ctx, cfg, generator, ref_cache) -> list[float]:
     """Full fine-tuning's FLOPs on each optimizer step of the whole run, summed over processes, in the order the
     run will take them (drawn from a copy of ``generator``, stand-ins included as the loop counts them)."""
@@ -286,8 +292,7 @@ def planned_references(ctx, cfg, generator, ref_cache) -> list[float]:
     per_step = []
     for epoch in range(-(-ctx.total_steps // ctx.steps_per_epoch)):
         steps, _ = _draw_steps(ctx, cfg, g, epoch)
-        per_step += [float(sum(reference_step_flops(ctx.meta_model, b, cfg.gradient_checkpointing, ref_cache)
-                               for b in _step_batches(ctx, micro)[0])) for micro in steps]
+        per_step += [float(_step_reference(ctx, cfg, ref_cache, _step_batches(ctx, micro)[0])) for micro in steps]
     if ctx.world_size == 1:
         return per_step
     return [float(x) for x in ctx.reduce_sum(torch.tensor(per_step, dtype=torch.float64, device=ctx.device))]
@@ -354,9 +359,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
                 ctx.train_seconds = trained_before + r0 - t0 - bookkeeping
-                for batch in batches:  # (sharded: full FT would run the stand-ins too)
-                    ctx.flops_reference += reference_step_flops(ctx.meta_model, batch, cfg.gradient_checkpointing,
-                                                                ref_cache)
+                ctx.flops_reference += _step_reference(ctx, cfg, ref_cache, batches)
                 ep.step_log.append([ctx.global_step, ctx.train_seconds, r0 - s0, sum(ctx.flops.values()) - flops0,
                                     ctx.flops_reference - ref0])
                 tokens = ctx.reduce_sum(n_tokens)

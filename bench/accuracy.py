@@ -75,6 +75,9 @@ VARIANTS = {
     "full@0.7-once": ("full", {"fewer_steps": 0.7, "each_item_once": True}),
     # GreenTrainer choosing per step between skipping the batch, a partial and a (nearly) full backward
     "gt-frontier0.5": ("greentrainer", {"rho": 0.5, "step_policy": "frontier"}),
+    # the tool's default policy: full FT for the steps that fit ρ, at GreenTrainer's lr (full@0.5 is the same
+    # steps at full FT's): against full@0.5 the learning rate alone, against the frontier policy the policy alone
+    "gt-fewer0.5": ("greentrainer", {"rho": 0.5, "step_policy": "fewer"}),
 }
 # whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
 # LoRA's setting; over SMT's blocks, SMT's
@@ -89,7 +92,8 @@ LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.45": "GreenTra
           "gt@lora@paper-lr": "GreenTrainer at LoRA's FLOPs, lr 2e-5", "zeroshot": "Zero-shot (untrained)",
           "full@0.5": "Full FT, 50% of the steps", "full@0.7": "Full FT, 70% of the steps",
           "full@0.7-once": "Full FT, 70% of the steps, each item once",
-          "gt-frontier0.5": "GreenTrainer ρ=0.5, frontier step policy"}
+          "gt-frontier0.5": "GreenTrainer ρ=0.5, frontier step policy",
+          "gt-fewer0.5": "GreenTrainer ρ=0.5, fewer full steps (GT's lr)"}
 # The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
 SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
              "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],
@@ -113,7 +117,7 @@ ABLATIONS = {
 NOISE_SEEDS = (1, 2)  # the ablations' defaults run again with these seeds: the bar a variant must clear
 FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
                "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3, "full@0.5": 3, "full@0.7": 3,
-               "gt-frontier0.5": 3}
+               "gt-frontier0.5": 3, "gt-fewer0.5": 3}
 # the rest: 1 seed
 # Paired comparisons on the same test items (variant, against, target ROUGE-L difference or None, why): the
 # paper's two claims (issue 14), then budgeted selection over adapters and blocks against its peers (issue 16)
@@ -132,6 +136,8 @@ COMPARISONS = [("gt0.5", "full", -1.0, "the paper: ρ 0.5 within 1.0 ROUGE-L of 
                ("gt0.7", "full@0.7", None, "selection against full FT for fewer steps, equal FLOPs (ρ 0.7)"),
                ("gt0.7", "full@0.7-once", None, "the same, full FT on fresh items each seen once (data budget)"),
                ("gt-frontier0.5", "full@0.5", None, "skip / partial / full chosen per step against fewer full steps"),
+               ("gt-fewer0.5", "full@0.5", None, "fewer full steps at GreenTrainer's lr against at full FT's"),
+               ("gt-frontier0.5", "gt-fewer0.5", None, "the frontier policy against fewer full steps, the same lr"),
                ("gt-frontier0.5", "gt0.5", None, "the frontier step policy against a partial step every step")]
 # the plot of issue 16's comparison: these variants, each family joined by a line
 FAMILIES = {"GreenTrainer (tensors)": ["gt0.45", "gt0.5", "gt@lora", "gt0.6", "gt0.7"],

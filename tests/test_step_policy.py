@@ -136,8 +136,9 @@ def _full(data, epochs=1, max_steps=None):
     return out, model
 
 
-def _fewer(data, rho, epochs=2, val=()):
+def _fewer(data, rho, epochs=2, val=(), eval_steps=None):
     cfg = TrainConfig(method="greentrainer", epochs=epochs, batch_size=4, lr=1e-3, weight_decay=0.0, seed=0,
+                      eval_steps=eval_steps,
                       method_config=GreenTrainerConfig(rho=rho, step_policy="fewer"))
     method = GreenTrainerMethod(cfg.method_config)
     model = make_tiny("llama")
@@ -190,6 +191,21 @@ def test_a_skipped_epoch_keeps_its_validation_loss_without_a_pass(monkeypatch):
     data = _data(32)
     out, _, _ = _fewer(data, 0.5, val=data[:8])
     assert len(passes) == 1 and out["history"][0]["val_loss"] == out["history"][1]["val_loss"]
+
+
+def test_validation_inside_the_run_is_not_repeated_on_unchanged_weights(monkeypatch):
+    """--eval-steps at skipped steps: the weights are those of the last trained step, so is the loss; one pass
+    per weights that differ (the start and every validated point inside the trained steps, once)."""
+    from greentrainer import loop
+    passes = []
+    real = loop.eval_loss
+    monkeypatch.setattr(loop, "eval_loss", lambda *a, **k: passes.append(1) or real(*a, **k))
+    data = _even(32)
+    out, _, _ = _fewer(data, 0.5, val=data[:8], eval_steps=2)  # 16 steps, the first 8 trained
+    curve = [pt for h in out["history"] for pt in h["val_curve"]]
+    assert [pt[0] for pt in curve] == list(range(0, 17, 2))
+    assert len(passes) == 5  # steps 0, 2, 4, 6, 8; steps 10 to 16 share step 8's
+    assert len({pt[1] for pt in curve[4:]}) == 1 and len({pt[1] for pt in curve[:5]}) == 5
 
 
 def test_fewer_is_refused_where_it_makes_no_sense():

@@ -213,20 +213,21 @@ def _step_batches(ctx, micro: list[list[int]]) -> tuple[list[dict], set]:
             {i for i, idx in enumerate(micro) if not idx})
 
 
-def _optimizer_step(ctx, method, batches: list[dict], stand_ins: set = frozenset()) -> tuple[float, int]:
-    """One optimizer step over this process's micro-batches; returns (Σ loss·tokens, tokens) of this process.
+def _optimizer_step(ctx, method, batches: list[dict], stand_ins: set = frozenset()) -> tuple[float, int, bool]:
+    """One optimizer step over this process's micro-batches; returns (Σ loss·tokens, tokens) of this process and
+    whether the weights were trained.
 
     Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
     gradient is that of the mean over all target tokens of the step, however the items are split over
     processes and micro-batches. A step the method skips (GreenTrainer's frontier policy) runs nothing but
-    the schedule: (0.0, 0)."""
+    the schedule: (0.0, 0, False)."""
     model = ctx.model
     if method.skips_step(ctx):
         with critical():
             ctx.scheduler.step()
             ctx.global_step += 1
             method.after_optimizer_step(ctx)
-        return 0.0, 0
+        return 0.0, 0, False
     local = [0 if i in stand_ins else target_tokens(b, ctx.seq2seq) for i, b in enumerate(batches)]
     total = max(int(ctx.reduce_sum(sum(local))), 1)
     loss_sum = 0.0
@@ -256,7 +257,7 @@ def _optimizer_step(ctx, method, batches: list[dict], stand_ins: set = frozenset
         ctx.optimizer.zero_grad(set_to_none=True)
         ctx.global_step += 1
         method.after_optimizer_step(ctx)
-    return loss_sum, sum(local)
+    return loss_sum, sum(local), True
 
 
 def _draw_steps(ctx, cfg, generator, epoch: int) -> tuple[list, list]:
@@ -321,6 +322,15 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
     acc = ctx.accelerator
     save_every = cfg.save_every
     epochs = -(-ctx.total_steps // ctx.steps_per_epoch)  # --max-steps may end the run inside an epoch
+    val_now = None  # the validation loss of the weights as they are; a trained step clears it (skipped steps,
+                    # the fewer and frontier policies', leave the weights and so the loss as they were)
+
+    def validate() -> float:
+        nonlocal val_now
+        if val_now is None:
+            val_now = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress)
+        return val_now
+
     for epoch in range(resume.epoch if resume else 0, epochs):
         ctx.epoch = epoch
         if resume is not None and resume.epoch == epoch:
@@ -336,8 +346,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         elif cfg.packing:  # what full FT would have spent on these examples unpacked, in random padded batches
             padded_reference = _unpacked_reference(ctx, cfg, ref_cache, steps, epoch)
         if cfg.eval_steps and val_data and ctx.global_step == 0 and ep.steps_done == 0:
-            ep.val_curve.append([0, eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress),
-                                 *ctx.global_flops()])
+            ep.val_curve.append([0, validate(), *ctx.global_flops()])
         t0, bookkeeping = time.perf_counter(), 0.0
         trained_before = sum(h["time_s"] for h in history) + ep.elapsed
         ctx.train_seconds = trained_before
@@ -354,7 +363,9 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                 batches, stand_ins = _step_batches(ctx, micro)
                 s0, flops0, ref0 = time.perf_counter(), sum(ctx.flops.values()), ctx.flops_reference
                 method.on_step_start(ctx)
-                loss_sum, n_tokens = _optimizer_step(ctx, method, batches, stand_ins)
+                loss_sum, n_tokens, trained = _optimizer_step(ctx, method, batches, stand_ins)
+                if trained:
+                    val_now = None
                 if handle is not None:
                     handle.global_step, handle.optimizer = ctx.global_step, ctx.optimizer
                 r0 = time.perf_counter()  # bookkeeping, not training: kept out of the epoch's time
@@ -370,9 +381,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
                     log_step(ctx, ep.losses[-cfg.logging_steps:])
                 if cfg.eval_steps and val_data and ctx.global_step % cfg.eval_steps == 0 \
                         and ep.steps_done < len(steps):  # (the epoch's end computes it anyway)
-                    ep.val_curve.append([ctx.global_step,
-                                         eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress),
-                                         *ctx.global_flops()])
+                    ep.val_curve.append([ctx.global_step, validate(), *ctx.global_flops()])
                 if ep.losses:
                     bar.set_postfix(loss=f"{ep.losses[-1]:.3f}")
                 if on_checkpoint is not None and save_every and ctx.global_step % save_every == 0 \
@@ -385,10 +394,10 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         elapsed = ep.elapsed + time.perf_counter() - t0 - bookkeeping
         if meter is not None:
             ep.energy = add_readings(ep.energy, meter.stop())
-        if val_data and not ep.losses and history and history[-1]["val_loss"] is not None:  # every step skipped:
-            val = history[-1]["val_loss"]  # the weights are those the last epoch's loss was taken on
-        else:
-            val = eval_loss(ctx.model, ctx, val_data, cfg.eval_batch_size, progress) if val_data else None
+        if val_data and val_now is None and not ep.losses and history and history[-1]["val_loss"] is not None:
+            val = history[-1]["val_loss"]  # resumed into an epoch whose steps were all skipped: the last epoch's
+        else:                              # weights, so its loss
+            val = validate() if val_data else None
         if cfg.eval_steps and val is not None:
             ep.val_curve.append([ctx.global_step, val, *ctx.global_flops()])
         spent = {k: ctx.reduce_sum(float(ctx.flops[k] - ep.flops_before.get(k, 0))) for k in ctx.flops}

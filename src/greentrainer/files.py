@@ -12,9 +12,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def scratch_of(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: ``path.tmp`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".tmp")
+
+
+def _previous_of(path: Path) -> Path:
+    """Where the folder being replaced waits until its successor is in place: ``path.old``."""
+    return path.with_name(path.name + ".old")
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = scratch_of(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -38,17 +49,16 @@ def save_dir_atomic(path: Path, write) -> None:
 
 def clear_scratch(path: Path) -> Path:
     """Remove ``path``'s leftover ``.tmp``/``.old`` folders (an earlier save cut short); returns the ``.tmp`` path."""
-    path = Path(path)
-    for p in (path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")):
+    for p in (scratch_of(path), _previous_of(path)):
         if p.exists():
             shutil.rmtree(p)
-    return path.with_name(path.name + ".tmp")
+    return scratch_of(path)
 
 
 def replace_dir(path: Path, finish) -> None:
     """Call ``finish(tmp_folder)``, then put ``path.tmp`` in place of ``path``; on failure the old folder stays."""
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp, old = scratch_of(path), _previous_of(path)
     try:
         finish(tmp)
         if path.exists():

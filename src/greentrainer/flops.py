@@ -28,6 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import (FlopCounterMode, bmm_flop, flop_registry, register_flop_formula,
                                       sdpa_flop_count, shape_wrapper)
 
+from .files import write_text_atomic
+
 aten = torch.ops.aten
 
 #: The attention implementations a model may be built with; both are counted alike (see the module docstring).
@@ -520,9 +522,7 @@ def profile_config(config, batch_size: int, seq_len: int, target_len: int | None
     if cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(prof.to_json()))
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(prof.to_json()))
         except OSError:
             pass
     return prof

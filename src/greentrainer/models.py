@@ -7,7 +7,9 @@ import os
 import torch
 
 from .errors import UsageError, one_line
+from .files import save_dir_atomic
 from .model_cache import PACKAGED, cache_root
+
 
 def packaged_model_dir(name: str) -> tuple[str, str]:
     """Folder and GGUF file name of a packaged model: the model cache's copy (``cache_root()/gguf/``) first,
@@ -138,13 +140,7 @@ def load_model(name: str, dtype=torch.float32, attn_implementation: str = "sdpa"
             model.hf_quantizer = None  # weights are plain float32 tensors after dequantisation
             model.is_quantized = False
             try:  # dequantising takes ~20 s; keep a float copy for next time
-                tmp = folder.with_name(folder.name + ".tmp")
-                model.save_pretrained(tmp)
-                tok.save_pretrained(tmp)
-                if folder.exists():
-                    import shutil
-                    shutil.rmtree(folder)
-                tmp.rename(folder)
+                save_dir_atomic(folder, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
             except OSError:
                 folder = None
             if folder is None:

@@ -14,7 +14,7 @@ from .data import (PROMPT_FILE, check_no_overlap, encode_all, load_examples, rec
                    resolve_dataset, resolve_prompt_format)
 from .errors import RunFailed, UsageError, one_line, warn
 from .fingerprint import check_unchanged, data_fingerprint, model_fingerprint
-from .files import clear_scratch, replace_dir, save_dir_atomic, write_json_atomic, write_text_atomic
+from .files import clear_scratch, replace_dir, save_dir_atomic, scratch_of, write_json_atomic, write_text_atomic
 from .loop import fmt_flops
 from .models import check_input_length, is_seq2seq, load_config, load_model, pick_device
 
@@ -133,7 +133,7 @@ def _write_sharded_checkpoint(parts, state: dict, handle) -> None:
     from .engine.distributed import from_process_zero
     from .engine.sharding import SHARDS, save_sharded
     target = parts.out / "checkpoint"
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = scratch_of(target)
 
     def agreed(step) -> None:
         error = None

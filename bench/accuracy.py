@@ -75,8 +75,8 @@ VARIANTS = {
     "full@0.7-once": ("full", {"fewer_steps": 0.7, "each_item_once": True}),
     # GreenTrainer choosing per step between skipping the batch, a partial and a (nearly) full backward
     "gt-frontier0.5": ("greentrainer", {"rho": 0.5, "step_policy": "frontier"}),
-    # the tool's default policy: full FT for the steps that fit ρ, at GreenTrainer's lr (full@0.5 is the same
-    # steps at full FT's): against full@0.5 the learning rate alone, against the frontier policy the policy alone
+    # the tool's default policy: full FT for the steps that fit ρ, at its own swept lr (full@0.5 is the same steps
+    # at full FT's): against full@0.5 the learning rate alone, against the frontier policy the policy alone
     "gt-fewer0.5": ("greentrainer", {"rho": 0.5, "step_policy": "fewer"}),
 }
 # whose sweep winner (lr and knobs) a variant takes: GreenTrainer over LoRA adapters trains LoRA's tensors at
@@ -101,7 +101,8 @@ SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "to
 SWEEP_KNOB = {"lora": [{"lora_r": 16, "lora_alpha": 32}], "dora": [{"lora_r": 16, "lora_alpha": 32}],
               "prefix": [{"prefix_tokens": 40}], "smt": [{"smt_params": 5.0}]}
 # variants swept on their own (their lr is not the method's): the frontier step policy mostly trains full steps
-SWEEP_VARIANTS = {"gt-frontier0.5": [3e-5, 1e-4, 3e-4]}
+SWEEP_VARIANTS = {"gt-frontier0.5": [3e-5, 1e-4, 3e-4],
+                  "gt-fewer0.5": [3e-5, 1e-4, 3e-4]}  # full FT on half the steps: its lr need not be full FT's
 SWEEP_ORDER = ["full", "lora", "smt", "top2", "dora", "prefix", "greentrainer", *SWEEP_VARIANTS]
 # Ablations of GreenTrainer ρ 0.5 at its swept lr on the validation split (the sweep's protocol), one change each
 SCHEDULES = Path(__file__).parent / "schedules"

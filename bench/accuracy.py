@@ -70,7 +70,9 @@ VARIANTS = {
     # full FT for fewer steps at GreenTrainer ρ's FLOPs (issue 34): ``fewer_steps`` becomes the epochs and items
     # of a run of at most ρ·steps optimizer steps (see fewer_steps), its linear schedule over those steps;
     # ``each_item_once``: the data-budget setting, one epoch over ρ·steps·batch items
+    "full@0.45": ("full", {"fewer_steps": 0.45}),  # the long run cut at step 115 (--max-steps)
     "full@0.5": ("full", {"fewer_steps": 0.5}),
+    "full@0.6": ("full", {"fewer_steps": 0.6}),  # cut at step 154
     "full@0.7": ("full", {"fewer_steps": 0.7}),  # the long run cut at step 179 (--max-steps)
     "full@0.7-once": ("full", {"fewer_steps": 0.7, "each_item_once": True}),
     # GreenTrainer choosing per step between skipping the batch, a partial and a (nearly) full backward
@@ -90,7 +92,8 @@ LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.45": "GreenTra
           "gt@lora": "GreenTrainer at LoRA's FLOPs", "gt-lora@lora": "GT over LoRA at LoRA's FLOPs",
           "gt-blocks@smt": "GT over blocks at SMT's FLOPs", "lora@paper-lr": "LoRA at the paper's lr 2e-5",
           "gt@lora@paper-lr": "GreenTrainer at LoRA's FLOPs, lr 2e-5", "zeroshot": "Zero-shot (untrained)",
-          "full@0.5": "Full FT, 50% of the steps", "full@0.7": "Full FT, 70% of the steps",
+          "full@0.45": "Full FT, 45% of the steps", "full@0.5": "Full FT, 50% of the steps",
+          "full@0.6": "Full FT, 60% of the steps", "full@0.7": "Full FT, 70% of the steps",
           "full@0.7-once": "Full FT, 70% of the steps, each item once",
           "gt-frontier0.5": "GreenTrainer ρ=0.5, frontier step policy",
           "gt-fewer0.5": "GreenTrainer ρ=0.5, fewer full steps (GT's lr)"}
@@ -116,7 +119,8 @@ ABLATIONS = {
     "ρ 0.55 then 0.45 (no warm-up; the mean is 0.5)": {"rho_schedule": str(SCHEDULES / "rho_0.55_then_0.45.json")},
 }
 NOISE_SEEDS = (1, 2)  # the ablations' defaults run again with these seeds: the bar a variant must clear
-FINAL_SEEDS = {"full": 3, "gt0.5": 3, "gt0.7": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
+FINAL_SEEDS = {"full": 3, "gt0.45": 3, "gt0.5": 3, "gt0.6": 3, "gt0.7": 3, "full@0.45": 3, "full@0.6": 3,
+               "full@0.7-once": 3, "lora": 3, "smt": 3, "gt-lora0.5": 3, "gt-blocks0.5": 3,
                "gt@lora": 3, "gt-lora@lora": 3, "gt-blocks@smt": 3, "full@0.5": 3, "full@0.7": 3,
                "gt-frontier0.5": 3, "gt-fewer0.5": 3}
 # the rest: 1 seed
@@ -133,7 +137,9 @@ COMPARISONS = [("gt0.5", "full", -1.0, "the paper: ρ 0.5 within 1.0 ROUGE-L of 
                ("gt-blocks0.5", "gt0.5", None, "over blocks against over tensors, ρ 0.5"),
                ("gt-blocks0.5", "smt", None, "blocks under ρ 0.5 against SMT's blocks at their own FLOPs"),
                # issue 34: choosing tensors against training every tensor for fewer steps, at the same FLOPs
+               ("gt0.45", "full@0.45", None, "selection against full FT for fewer steps, equal FLOPs (ρ 0.45)"),
                ("gt0.5", "full@0.5", None, "selection against full FT for fewer steps, equal FLOPs (ρ 0.5)"),
+               ("gt0.6", "full@0.6", None, "selection against full FT for fewer steps, equal FLOPs (ρ 0.6)"),
                ("gt0.7", "full@0.7", None, "selection against full FT for fewer steps, equal FLOPs (ρ 0.7)"),
                ("gt0.7", "full@0.7-once", None, "the same, full FT on fresh items each seen once (data budget)"),
                ("gt-frontier0.5", "full@0.5", None, "skip / partial / full chosen per step against fewer full steps"),
@@ -144,7 +150,7 @@ COMPARISONS = [("gt0.5", "full", -1.0, "the paper: ρ 0.5 within 1.0 ROUGE-L of 
 FAMILIES = {"GreenTrainer (tensors)": ["gt0.45", "gt0.5", "gt@lora", "gt0.6", "gt0.7"],
             "GT over LoRA": ["gt-lora0.5", "gt-lora@lora"], "LoRA": ["lora"],
             "GT over blocks": ["gt-blocks0.5", "gt-blocks@smt"], "SMT": ["smt"], "Full FT": ["full"],
-            "Full FT, fewer steps": ["full@0.5", "full@0.7"]}
+            "Full FT, fewer steps": ["full@0.45", "full@0.5", "full@0.6", "full@0.7"]}
 # joined by a line in the main plot too (every other row there is a point of its own)
 JOINED = {"Full FT, fewer steps": FAMILIES["Full FT, fewer steps"]}
 # the pace of a 256-step full FT run on one core when no final run of full FT measured it (issue 34: 45–60 min of

@@ -586,6 +586,8 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
                                   / f"{run_id(*s, seed=seed, steps=a.steps)}.json").is_file():
                 continue
             n = run_steps(a, s[1]) if s is not None else a.steps
+            if s is not None and s[1].get("step_policy") == "fewer":  # trains the first ρ of them, skips the rest
+                n = round(s[1]["rho"] * n)
             todo[label] = todo.get(label, 0) + 1
             total += n * per_step + overhead
     runs = sum(todo.values())

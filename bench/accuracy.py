@@ -14,9 +14,11 @@ checkpoint, written every 1/8 of the run; several processes, e.g. one per core w
   final   each method at its winning setting for --steps optimizer steps and --seeds seeds, evaluated on
           --test-items test items (greedy decoding), and the untrained model on the same items (the zero-shot
           row); writes accuracy_<dataset>.{md,json,png}. Before it trains it prints how many runs are left and
-          about how long they take on one core. Full FT for fewer steps at GreenTrainer's FLOPs (full@0.5,
+          about how long they take on one core. Full FT for fewer steps at GreenTrainer's FLOPs (full@0.45 to
           full@0.7: at most ρ·steps optimizer steps with a linear schedule over those steps) is the baseline
           a skeptic asks for first: does choosing tensors beat simply training everything for less long?
+          GreenTrainer's own step policies run at their own swept lr: gt-fewer0.5 (the default, "fewer":
+          those full steps inside the tool) and gt-frontier0.5 (skip, partial or full backward per step).
 
 python bench/accuracy.py --dataset scitldr --stage sweep
 python bench/accuracy.py --dataset scitldr --stage ablate
@@ -26,7 +28,7 @@ python bench/accuracy.py --dataset scitldr --stage report     # tables and plot 
 A study of another length (issue 34: a task where more compute still helps) has its own folder, report and
 per-FLOP curves (validation loss every steps/8 against the FLOPs spent, probes included):
 python bench/accuracy.py --dataset dialogsum --stage final --steps 512 --epochs 1 \
-    --methods full,full@0.5,gt0.5,gt-frontier0.5          # 2048 items, each seen once
+    --methods full,full@0.5,gt0.5,gt-frontier0.5,gt-fewer0.5          # 2048 items, each seen once
 """
 from __future__ import annotations
 

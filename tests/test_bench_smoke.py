@@ -357,11 +357,11 @@ def test_accuracy_final_plan_runs_each_variant_at_its_setting(tmp_path, monkeypa
 
 
 def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_paired_with_it(tmp_path, monkeypatch):
-    """Issue 34: full FT for fewer steps at GreenTrainer ρ 0.5/0.7's FLOPs, 3 seeds at full FT's swept lr, each a
+    """Issue 34: full FT for fewer steps at every GreenTrainer ρ's FLOPs, 3 seeds at full FT's swept lr, each a
     run of its own (epochs × items) whose linear schedule is over its own steps: ρ 0.5 the long run's first epoch
-    exactly (its 512 items, its seed), ρ 0.7 the long run cut at step 179 (--max-steps); the data-budget
-    setting one epoch of 716 items. The report pairs GreenTrainer ρ with each, ROUGE-L and validation loss, from
-    whatever runs are done."""
+    exactly (its 512 items, its seed), ρ 0.45/0.6/0.7 the long run cut at step 115/154/179 (--max-steps); the
+    data-budget setting one epoch of 716 items. The report pairs GreenTrainer ρ with each, ROUGE-L and validation
+    loss, from whatever runs are done."""
     import greentrainer.run
     from greentrainer.config import config_from_options
     accuracy = accuracy_module(tmp_path, monkeypatch)
@@ -371,19 +371,19 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
     monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
                         calls.append((method, opts, lr, seed)))
     a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
-                        test_items=200, methods=["full", "full@0.5", "full@0.7", "full@0.7-once"])
+                        test_items=200, methods=["full", "full@0.45", "full@0.5", "full@0.6", "full@0.7",
+                                                 "full@0.7-once"])
     accuracy.final(a, log=logged.append)
     half, most = {"epochs": 1, "max_train": 512}, {"epochs": 2, "max_train": 512, "max_steps": 179}
+    p45, p60 = ({"epochs": 2, "max_train": 512, "max_steps": n} for n in (115, 154))
     once = {"epochs": 1, "max_train": 716}
-    assert calls == [("full", {}, 3e-5, 0), ("full", half, 3e-5, 0), ("full", most, 3e-5, 0), ("full", once, 3e-5, 0),
-                     ("full", {}, 3e-5, 1), ("full", half, 3e-5, 1), ("full", most, 3e-5, 1),
-                     ("full", {}, 3e-5, 2), ("full", half, 3e-5, 2), ("full", most, 3e-5, 2)]
-    assert [accuracy.run_steps(a, o) for o in ({}, half, most, once)] == [256, 128, 179, 179]
-    # the cost is said before anything trains: 10 runs at the default pace (no full FT run measured one here)
+    assert calls == [("full", o, 3e-5, seed) for seed in range(3) for o in ({}, p45, half, p60, most, once)]
+    assert [accuracy.run_steps(a, o) for o in ({}, p45, half, p60, most, once)] == [256, 115, 128, 154, 179, 179]
+    # the cost is said before anything trains: 18 runs at the default pace (no full FT run measured one here)
     per_step, overhead = accuracy.PACE_S_PER_STEP, accuracy.PACE_OVERHEAD_S
-    minutes = ((3 * 256 + 3 * 128 + 3 * 179 + 179) * per_step + 10 * overhead) / 60
-    assert logged[0].startswith("final stage: 10 run(s) to train (full ×3, full@0.5 ×3, full@0.7 ×3, "
-                                "full@0.7-once ×1), about " + f"{minutes:.0f} min")
+    minutes = (3 * (256 + 115 + 128 + 154 + 179 + 179) * per_step + 18 * overhead) / 60
+    assert logged[0].startswith("final stage: 18 run(s) to train (full ×3, full@0.45 ×3, full@0.5 ×3, "
+                                "full@0.6 ×3, full@0.7 ×3, full@0.7-once ×3), about " + f"{minutes:.0f} min")
     # the run's own configuration: the variant's epochs and items replace the study's, the schedule's length
     # (epochs × ⌈items / batch⌉, no warm-up) is the run's steps, and the items and seed are the long run's
     configs = []

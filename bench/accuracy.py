@@ -98,7 +98,7 @@ LABELS = {"full": "Full FT", "gt0.4": "GreenTrainer ρ=0.4", "gt0.45": "GreenTra
           "full@0.6": "Full FT, 60% of the steps", "full@0.7": "Full FT, 70% of the steps",
           "full@0.7-once": "Full FT, 70% of the steps, each item once",
           "gt-frontier0.5": "GreenTrainer ρ=0.5, frontier step policy",
-          "gt-fewer0.5": "GreenTrainer ρ=0.5, fewer full steps (GT's lr)"}
+          "gt-fewer0.5": "GreenTrainer ρ=0.5, fewer full steps (the default)"}
 # The sweep: learning rates per method (at the method's other defaults), then one more knob at the best lr.
 SWEEP_LRS = {"full": [3e-5, 1e-4, 3e-4], "greentrainer": [1e-4, 3e-4, 1e-3], "top2": [1e-4, 3e-4, 1e-3],
              "lora": [3e-4, 1e-3, 3e-3], "dora": [3e-4, 1e-3, 3e-3], "prefix": [1e-3, 3e-3, 1e-2],

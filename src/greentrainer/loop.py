@@ -322,8 +322,10 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
     acc = ctx.accelerator
     save_every = cfg.save_every
     epochs = -(-ctx.total_steps // ctx.steps_per_epoch)  # --max-steps may end the run inside an epoch
-    val_now = None  # the validation loss of the weights as they are; a trained step clears it (skipped steps,
-                    # the fewer and frontier policies', leave the weights and so the loss as they were)
+    # the validation loss of the weights as they are; a trained step clears it (skipped steps, the fewer and
+    # frontier policies', leave the weights and so the loss as they were). Resumed with no step trained since the
+    # last epoch's end, the weights are that epoch's, so is the loss
+    val_now = history[-1]["val_loss"] if history and not (resume is not None and resume.losses) else None
 
     def validate() -> float:
         nonlocal val_now
@@ -394,10 +396,7 @@ def _epochs(ctx, method, generator, val_data, history, ref_cache, cfg, progress,
         elapsed = ep.elapsed + time.perf_counter() - t0 - bookkeeping
         if meter is not None:
             ep.energy = add_readings(ep.energy, meter.stop())
-        if val_data and val_now is None and not ep.losses and history and history[-1]["val_loss"] is not None:
-            val = history[-1]["val_loss"]  # resumed into an epoch whose steps were all skipped: the last epoch's
-        else:                              # weights, so its loss
-            val = validate() if val_data else None
+        val = validate() if val_data else None
         if cfg.eval_steps and val is not None:
             ep.val_curve.append([ctx.global_step, val, *ctx.global_flops()])
         spent = {k: ctx.reduce_sum(float(ctx.flops[k] - ep.flops_before.get(k, 0))) for k in ctx.flops}

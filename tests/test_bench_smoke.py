@@ -384,6 +384,10 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
     minutes = (3 * (256 + 115 + 128 + 154 + 179 + 179) * per_step + 18 * overhead) / 60
     assert logged[0].startswith("final stage: 18 run(s) to train (full ×3, full@0.45 ×3, full@0.5 ×3, "
                                 "full@0.6 ×3, full@0.7 ×3, full@0.7-once ×3), about " + f"{minutes:.0f} min")
+    # --stage plan says the same and trains nothing
+    planned = []
+    accuracy.plan(a, log=planned.append)
+    assert planned == logged[:1] and len(calls) == 18
     # the run's own configuration: the variant's epochs and items replace the study's, the schedule's length
     # (epochs × ⌈items / batch⌉, no warm-up) is the run's steps, and the items and seed are the long run's
     configs = []

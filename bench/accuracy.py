@@ -162,6 +162,12 @@ FAMILIES = {"GreenTrainer (tensors)": ["gt0.45", "gt0.5", "gt@lora", "gt0.6", "g
             "GT over LoRA": ["gt-lora0.5", "gt-lora@lora"], "LoRA": ["lora"],
             "GT over blocks": ["gt-blocks0.5", "gt-blocks@smt"], "SMT": ["smt"], "Full FT": ["full"],
             "Full FT, fewer steps": ["full@0.45", "full@0.5", "full@0.6", "full@0.7"]}
+# issue 34's question in one picture (_fewer.png): choosing tensors against training every tensor for fewer steps
+FEWER_FAMILIES = {"Full FT, every step": ["full"], "Full FT at lr 1e-4, every step": ["full-lr1e-4"],
+                  "Full FT, fewer steps (full FT's lr)": ["full@0.45", "full@0.5", "full@0.6", "full@0.7"],
+                  "Fewer full steps at 1e-4 (the default)": ["gt-fewer0.5"],
+                  "The paper's selection (select)": ["gt0.45", "gt0.5", "gt0.6", "gt0.7"],
+                  "Skip / partial / full per step (frontier)": ["gt-frontier0.5"]}
 # joined by a line in the main plot too (every other row there is a point of its own)
 JOINED = {"Full FT, fewer steps": FAMILIES["Full FT, fewer steps"]}
 # the pace of a 256-step full FT run on one core when no final run of full FT measured it (issue 34: 45–60 min of
@@ -680,6 +686,7 @@ def report(a) -> list[dict]:
                      "rougeL": mean, "ci_low": lo, "ci_high": hi, "rouge1": sum(r["eval"]["rouge1_first_ref"] for r in mine) / len(mine),
                      "flops_fraction": sum(fr) / len(fr), "flops_min": min(fr), "flops_max": max(fr),
                      "val_loss": sum(r["val_loss"][-1] for r in mine) / len(mine),
+                     "val_min": min(r["val_loss"][-1] for r in mine), "val_max": max(r["val_loss"][-1] for r in mine),
                      "train_time_s": sum(r["train_time_s"] for r in mine) / len(mine),
                      "selector_ms": 1000 * max((x for r in mine for x in r.get("selector_time_s", [])), default=0.0),
                      "test_items": len(mine[0]["per_item_rougeL"]), "steps": mine[0]["steps"],
@@ -765,6 +772,8 @@ def report(a) -> list[dict]:
     if curves:
         plot_curves(curves, rows, RESULTS / f"{report_name(a)}_curves.png", a.dataset)
     plot(rows, RESULTS / f"{report_name(a)}.png", a.dataset)
+    if any(r["variant"] in FEWER_FAMILIES["Full FT, fewer steps (full FT's lr)"] for r in rows):
+        plot_fewer(rows, RESULTS / f"{report_name(a)}_fewer.png", a.dataset)
     if any(r["variant"] in FAMILIES["GT over LoRA"] + FAMILIES["GT over blocks"] for r in rows):
         plot(rows, RESULTS / f"{report_name(a)}_over.png", a.dataset, FAMILIES)
     print("\n".join(lines))
@@ -955,6 +964,38 @@ def plot(rows, path, dataset, families: dict | None = None) -> None:
     ax.set_title(f"{dataset}: {title}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the plot: points at equal FLOPs
     fig.tight_layout()                                                  # would hide labels written next to them
+    fig.savefig(path, dpi=120)
+
+
+def plot_fewer(rows, path, dataset) -> None:
+    """Issue 34's question: validation loss (the lower the better; the bar spans the seeds) and test ROUGE-L
+    (95% interval) against measured FLOPs, for full FT, full FT for fewer steps, the tool's default and the
+    paper's selection at every ρ, each family one colour joined in FLOPs order."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    by = {r["variant"]: r for r in rows}
+    fig, (vx, rx) = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
+    for i, (name, vs) in enumerate(FEWER_FAMILIES.items()):
+        g = sorted((by[v] for v in vs if v in by), key=lambda r: r["flops_fraction"])
+        if not g:
+            continue
+        xs = [100 * r["flops_fraction"] for r in g]
+        kw = dict(fmt="osD^vP"[i % 6] + "-", capsize=3, alpha=0.85, color=plt.cm.tab10(i % 10),
+                  label=f"{name}; seeds {'/'.join(str(r['seeds']) for r in g)}")
+        vx.errorbar(xs, [r["val_loss"] for r in g], yerr=[[r["val_loss"] - r.get("val_min", r["val_loss"]) for r in g],
+                                                          [r.get("val_max", r["val_loss"]) - r["val_loss"] for r in g]],
+                    **kw)
+        kw.pop("label")
+        rx.errorbar(xs, [r["rougeL"] for r in g], yerr=[[r["rougeL"] - r["ci_low"] for r in g],
+                                                        [r["ci_high"] - r["rougeL"] for r in g]], **kw)
+    vx.set_ylabel("validation loss at the end (lower is better)")
+    rx.set_ylabel("ROUGE-L (test, 95% CI)")
+    for ax in (vx, rx):
+        ax.set_xlabel("measured training FLOPs, % of full fine-tuning")
+    fig.suptitle(f"{dataset}: choosing tensors against training every tensor for fewer steps")
+    fig.legend(loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=120)
 
 

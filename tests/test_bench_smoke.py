@@ -444,6 +444,8 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
     paired = json.loads((tmp_path / "accuracy_scitldr.json").read_text())["paired"]
     assert {(p["variant"], p["against"]) for p in paired} >= {("gt0.5", "full@0.5"), ("gt0.7", "full@0.7")}
     assert "Full FT, fewer steps" in accuracy.FAMILIES and (tmp_path / "accuracy_scitldr.png").exists()
+    assert (tmp_path / "accuracy_scitldr_fewer.png").exists()  # the question in one picture
+    assert (rows["full@0.7"]["val_min"], rows["full@0.7"]["val_max"]) == (pytest.approx(2.41), pytest.approx(2.411))
 
 
 def test_accuracy_runs_are_claimed_so_two_processes_never_train_one_twice(tmp_path, monkeypatch):

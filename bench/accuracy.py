@@ -164,7 +164,7 @@ FAMILIES = {"GreenTrainer (tensors)": ["gt0.45", "gt0.5", "gt@lora", "gt0.6", "g
             "Full FT, fewer steps": ["full@0.45", "full@0.5", "full@0.6", "full@0.7"]}
 # issue 34's question in one picture (_fewer.png): choosing tensors against training every tensor for fewer steps
 FEWER_FAMILIES = {"Full FT, every step": ["full"], "Full FT at lr 1e-4, every step": ["full-lr1e-4"],
-                  "Full FT, fewer steps (full FT's lr)": ["full@0.45", "full@0.5", "full@0.6", "full@0.7"],
+                  "Full FT, fewer steps (full FT's lr)": FAMILIES["Full FT, fewer steps"],
                   "Fewer full steps at 1e-4 (the default)": ["gt-fewer0.5"],
                   "The paper's selection (select)": ["gt0.45", "gt0.5", "gt0.6", "gt0.7"],
                   "Skip / partial / full per step (frontier)": ["gt-frontier0.5"]}
@@ -772,7 +772,7 @@ def report(a) -> list[dict]:
     if curves:
         plot_curves(curves, rows, RESULTS / f"{report_name(a)}_curves.png", a.dataset)
     plot(rows, RESULTS / f"{report_name(a)}.png", a.dataset)
-    if any(r["variant"] in FEWER_FAMILIES["Full FT, fewer steps (full FT's lr)"] for r in rows):
+    if any(r["variant"] in FAMILIES["Full FT, fewer steps"] for r in rows):
         plot_fewer(rows, RESULTS / f"{report_name(a)}_fewer.png", a.dataset)
     if any(r["variant"] in FAMILIES["GT over LoRA"] + FAMILIES["GT over blocks"] for r in rows):
         plot(rows, RESULTS / f"{report_name(a)}_over.png", a.dataset, FAMILIES)
@@ -983,9 +983,8 @@ def plot_fewer(rows, path, dataset) -> None:
         xs = [100 * r["flops_fraction"] for r in g]
         kw = dict(fmt="osD^vP"[i % 6] + "-", capsize=3, alpha=0.85, color=plt.cm.tab10(i % 10),
                   label=f"{name}; seeds {'/'.join(str(r['seeds']) for r in g)}")
-        vx.errorbar(xs, [r["val_loss"] for r in g], yerr=[[r["val_loss"] - r.get("val_min", r["val_loss"]) for r in g],
-                                                          [r.get("val_max", r["val_loss"]) - r["val_loss"] for r in g]],
-                    **kw)
+        vx.errorbar(xs, [r["val_loss"] for r in g], yerr=[[r["val_loss"] - r["val_min"] for r in g],
+                                                          [r["val_max"] - r["val_loss"] for r in g]], **kw)
         kw.pop("label")
         rx.errorbar(xs, [r["rougeL"] for r in g], yerr=[[r["rougeL"] - r["ci_low"] for r in g],
                                                         [r["ci_high"] - r["rougeL"] for r in g]], **kw)

@@ -575,15 +575,35 @@ def final(a, log) -> None:
     if a.methods is None or "zeroshot" in a.methods:
         zero_shot(a, log)
     for seed in range(max(seeds.values())):
-        for label in VARIANTS:
-            if (a.methods is not None and label not in a.methods) or seed >= seeds[label]:
+        # settings are read again each pass: the method whose FLOPs a variant matches may have finished in it
+        for label, s, names in distinct_settings(a, winners):
+            if seed >= max((seeds[n] for n in requested(a, names)), default=0):
                 continue
-            s = setting(a, label, winners)  # read for every variant: the method whose FLOPs it matches may have
-            if s is None:                   # finished earlier in this pass
+            if s is None:
                 log(f"{label}: no sweep winner, or the method whose FLOPs it matches has no seed-0 run yet; skipped")
                 continue
             method, opts, lr = s
             one_run(a, "final", method, opts, lr, seed, log)
+
+
+def distinct_settings(a, winners: dict) -> list[tuple[str, tuple | None, list[str]]]:
+    """Each variant with its setting (``setting``) and the variants that share it, once per setting: a variant
+    whose setting is an earlier one's (an lr override equal to the sweep's lr) is that variant's runs, so the final
+    stage, its estimate and the report train, count and show them once. Variants with no setting yet stay."""
+    out = []
+    for label in VARIANTS:
+        s = setting(a, label, winners)
+        first = next((o for o in out if s is not None and o[1] == s), None)
+        if first is None:
+            out.append((label, s, [label]))
+        else:
+            first[2].append(label)
+    return out
+
+
+def requested(a, names: list[str]) -> list[str]:
+    """Those of these variants that --methods names (all of them when it names none)."""
+    return [n for n in names if a.methods is None or n in a.methods]
 
 
 def plan(a, log) -> tuple[dict, dict]:
@@ -601,11 +621,8 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
     validation and test generation. Returns the seconds."""
     per_step, overhead = pace(a)
     todo, total = {}, 0.0
-    for label in VARIANTS:
-        if a.methods is not None and label not in a.methods:
-            continue
-        s = setting(a, label, winners)
-        for seed in range(seeds[label]):
+    for label, s, names in distinct_settings(a, winners):
+        for seed in range(max((seeds[n] for n in requested(a, names)), default=0)):
             if s is not None and (final_dir(a)
                                   / f"{run_id(*s, seed=seed, steps=a.steps)}.json").is_file():
                 continue
@@ -662,12 +679,9 @@ def report(a) -> list[dict]:
     runs = [r for r in runs if r["method"] != "zeroshot"]
     winners = json.loads((RESULTS / f"accuracy_sweep_{a.sweep_from}.json").read_text())["winners"]
     pooled, full_flops = {}, {}  # each variant's runs; full FT's measured FLOPs by seed
-    seen = []  # a variant whose setting is an earlier one's (an lr override equal to the sweep's) is that row
-    for label in VARIANTS:
-        s = setting(a, label, winners)
-        if s is None or s in seen:
+    for label, s, _ in distinct_settings(a, winners):
+        if s is None:
             continue
-        seen.append(s)
         method, opts, lr = s
         mine = [r for r in runs if (r["method"], r["options"], r["lr"], r["steps"]) == (method, opts, lr, a.steps)]
         refused += [f"{LABELS[label]}: {r['error']}" for r in mine[:1] if "error" in r]

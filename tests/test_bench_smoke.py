@@ -356,6 +356,29 @@ def test_accuracy_final_plan_runs_each_variant_at_its_setting(tmp_path, monkeypa
     assert accuracy.VARIANTS["lora@paper-lr"][1] == {"lr": 2e-5}  # the plan did not change the table
 
 
+def test_accuracy_a_variant_whose_setting_repeats_another_is_trained_counted_and_shown_once(tmp_path, monkeypatch):
+    """An lr override equal to the sweep's (full FT at 1e-4 when full FT's sweep chose 1e-4) is full FT's runs:
+    the final stage trains them once per seed, its estimate counts them once, and asking for the repeat alone
+    trains its own seeds of that one setting."""
+    accuracy = accuracy_module(tmp_path, monkeypatch)
+    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
+        "full": {"lr": 1e-4, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
+    calls, logged = [], []
+    monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
+                        calls.append((method, opts, lr, seed)))
+    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
+                        test_items=200, methods=["full", "full-lr1e-4"])
+    shared = [(label, names) for label, s, names in accuracy.distinct_settings(a, json.loads(
+        (tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]) if "full-lr1e-4" in names]
+    assert shared == [("full", ["full", "full-lr1e-4"])]
+    accuracy.final(a, log=logged.append)
+    assert calls == [("full", {}, 1e-4, seed) for seed in range(3)]
+    assert logged[0].startswith("final stage: 3 run(s) to train (full ×3)")
+    calls.clear()
+    accuracy.final(SimpleNamespace(**{**vars(a), "methods": ["full-lr1e-4"]}), log=lambda *x: None)
+    assert calls == [("full", {}, 1e-4, 0)]  # the repeat's own one seed
+
+
 def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_paired_with_it(tmp_path, monkeypatch):
     """Issue 34: full FT for fewer steps at every GreenTrainer ρ's FLOPs, 3 seeds at full FT's swept lr, each a
     run of its own (epochs × items) whose linear schedule is over its own steps: ρ 0.5 the long run's first epoch

@@ -51,3 +51,33 @@ def test_relative_links_resolve():
             elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved.read_text(encoding="utf-8")):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no such heading)")
     assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+# the README headline table's rows, by the accuracy report's variant names
+_HEADLINE = {"full FT, every step": "full", "every tensor for half the steps": "gt-fewer0.5",
+             "full FT for half the steps": "full@0.5", "the paper's tensor selection": "gt0.5",
+             "skip / partial / full per step": "gt-frontier0.5"}
+_REPORTS = ("accuracy_scitldr.json", "accuracy_dialogsum_512steps_1epochs.json")
+
+
+def test_readme_headline_numbers_come_from_the_reports():
+    """Every number in the README's headline table is the committed accuracy report's: lr, validation loss (4
+    decimals), ROUGE-L (1 decimal) and seeds, for SciTLDR and DialogSum (regenerate the table when runs land)."""
+    import json
+    reports = [{r["variant"]: r for r in json.loads((ROOT / "bench" / "results" / name).read_text())["rows"]}
+               for name in _REPORTS]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("| at ρ 0.5 (FLOPs of full FT) |"):]
+    table = table[:table.index("\n\n")].splitlines()[2:]
+    wrong, found = [], set()
+    for line in table:
+        cells = [c.strip().strip("*`") for c in line.strip("|").split("|")]
+        variant = next(v for k, v in _HEADLINE.items() if cells[0].strip("*").startswith(k))
+        found.add(variant)
+        for report, (val, rouge, seeds) in zip(reports, (cells[2:5], cells[5:8])):
+            r = report[variant]
+            want = [f"{r['val_loss']:.4f}", f"{r['rougeL']:.1f}", str(r["seeds"])]
+            if [val.strip("*"), rouge.strip("*"), seeds] != want or float(cells[1]) != r["lr"]:
+                wrong.append(f"{cells[0]}: README {cells[1:8]}, report lr {r['lr']} {want}")
+    assert found == set(_HEADLINE.values()), f"headline rows missing: {set(_HEADLINE.values()) - found}"
+    assert not wrong, "README headline table differs from bench/results:\n" + "\n".join(wrong)

@@ -577,7 +577,7 @@ def final(a, log) -> None:
     for seed in range(max(seeds.values())):
         # settings are read again each pass: the method whose FLOPs a variant matches may have finished in it
         for label, s, names in distinct_settings(a, winners):
-            if seed >= max((seeds[n] for n in requested(a, names)), default=0):
+            if seed >= seeds_wanted(a, names, seeds):
                 continue
             if s is None:
                 log(f"{label}: no sweep winner, or the method whose FLOPs it matches has no seed-0 run yet; skipped")
@@ -601,9 +601,10 @@ def distinct_settings(a, winners: dict) -> list[tuple[str, tuple | None, list[st
     return out
 
 
-def requested(a, names: list[str]) -> list[str]:
-    """Those of these variants that --methods names (all of them when it names none)."""
-    return [n for n in names if a.methods is None or n in a.methods]
+def seeds_wanted(a, names: list[str], seeds: dict) -> int:
+    """Seeds of a setting shared by these variants: the most any of them that --methods names asks for (all of
+    them when it names none); 0 when it names none of them."""
+    return max((seeds[n] for n in names if a.methods is None or n in a.methods), default=0)
 
 
 def plan(a, log) -> tuple[dict, dict]:
@@ -622,7 +623,7 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
     per_step, overhead = pace(a)
     todo, total = {}, 0.0
     for label, s, names in distinct_settings(a, winners):
-        for seed in range(max((seeds[n] for n in requested(a, names)), default=0)):
+        for seed in range(seeds_wanted(a, names, seeds)):
             if s is not None and (final_dir(a)
                                   / f"{run_id(*s, seed=seed, steps=a.steps)}.json").is_file():
                 continue

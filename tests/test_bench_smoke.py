@@ -200,6 +200,17 @@ def accuracy_module(tmp_path, monkeypatch):
     return importlib.reload(importlib.import_module("accuracy"))
 
 
+def final_stage(tmp_path, monkeypatch, winners: dict):
+    """bench/accuracy.py with these sweep winners, its ``one_run`` recording (method, options, lr, seed) instead
+    of training; returns the module and the list of calls."""
+    accuracy = accuracy_module(tmp_path, monkeypatch)
+    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": winners}))
+    calls = []
+    monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
+                        calls.append((method, opts, lr, seed)))
+    return accuracy, calls
+
+
 def test_accuracy_sweep_table_keeps_the_methods_an_earlier_sweep_decided(tmp_path, monkeypatch):
     """A sweep over some --methods adds its winners to the committed table instead of replacing it; a table of
     another protocol (steps, validation items) is not merged."""
@@ -337,16 +348,12 @@ def test_accuracy_ablations_change_one_option_each_against_the_defaults(tmp_path
 def test_accuracy_final_plan_runs_each_variant_at_its_setting(tmp_path, monkeypatch):
     """--stage final: each variant at its sweep winner's lr and knobs; "at LoRA's FLOPs" at the ρ LoRA's seed-0
     run measured; the paper-lr rows at 2e-5 whatever the sweep chose."""
-    accuracy = accuracy_module(tmp_path, monkeypatch)
-    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
-        "lora": {"lr": 3e-3, "options": {"lora_r": 16}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
+    accuracy, calls = final_stage(tmp_path, monkeypatch, {
+        "lora": {"lr": 3e-3, "options": {"lora_r": 16}}, "greentrainer": {"lr": 1e-4, "options": {}}})
     folder = tmp_path / "accuracy" / "scitldr" / "final"
     folder.mkdir(parents=True)
     (folder / "lora-lora_r16-lr0.003-s0-256steps.json").write_text(json.dumps(
         {"method": "lora", "seed": 0, "lr": 3e-3, "flops_fraction_of_full": 0.6931}))
-    calls = []
-    monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
-                        calls.append((method, opts, lr, seed)))
     a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=1, steps=256, epochs=2, batch_size=4,
                         test_items=200, methods=["lora", "gt0.5", "gt@lora", "lora@paper-lr", "gt@lora@paper-lr"])
     accuracy.final(a, log=lambda *x: None)
@@ -360,16 +367,12 @@ def test_accuracy_a_variant_whose_setting_repeats_another_is_trained_counted_and
     """An lr override equal to the sweep's (full FT at 1e-4 when full FT's sweep chose 1e-4) is full FT's runs:
     the final stage trains them once per seed, its estimate counts them once, and asking for the repeat alone
     trains its own seeds of that one setting."""
-    accuracy = accuracy_module(tmp_path, monkeypatch)
-    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
-        "full": {"lr": 1e-4, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
-    calls, logged = [], []
-    monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
-                        calls.append((method, opts, lr, seed)))
+    winners = {"full": {"lr": 1e-4, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}
+    accuracy, calls = final_stage(tmp_path, monkeypatch, winners)
+    logged = []
     a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
                         test_items=200, methods=["full", "full-lr1e-4"])
-    shared = [(label, names) for label, s, names in accuracy.distinct_settings(a, json.loads(
-        (tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]) if "full-lr1e-4" in names]
+    shared = [(label, names) for label, s, names in accuracy.distinct_settings(a, winners) if "full-lr1e-4" in names]
     assert shared == [("full", ["full", "full-lr1e-4"])]
     accuracy.final(a, log=logged.append)
     assert calls == [("full", {}, 1e-4, seed) for seed in range(3)]
@@ -387,12 +390,9 @@ def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_
     loss, from whatever runs are done."""
     import greentrainer.run
     from greentrainer.config import config_from_options
-    accuracy = accuracy_module(tmp_path, monkeypatch)
-    (tmp_path / "accuracy_sweep_scitldr.json").write_text(json.dumps({"winners": {
-        "full": {"lr": 3e-5, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}}}))
-    calls, logged = [], []
-    monkeypatch.setattr(accuracy, "one_run", lambda a, stage, method, opts, lr, seed, log:
-                        calls.append((method, opts, lr, seed)))
+    accuracy, calls = final_stage(tmp_path, monkeypatch, {
+        "full": {"lr": 3e-5, "options": {}}, "greentrainer": {"lr": 1e-4, "options": {}}})
+    logged = []
     a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
                         test_items=200, methods=["full", "full@0.45", "full@0.5", "full@0.6", "full@0.7",
                                                  "full@0.7-once"])

@@ -74,14 +74,14 @@ def test_readme_headline_numbers_come_from_the_reports():
     wrong, found = [], set()
     for line in table:
         cells = [c.strip().strip("*`") for c in line.strip("|").split("|")]
-        variant = next(v for k, v in _HEADLINE.items() if cells[0].strip("*").startswith(k))
+        variant = next(v for k, v in _HEADLINE.items() if cells[0].startswith(k))
         found.add(variant)
         for report, (val, rouge, seeds) in zip(reports, (cells[2:5], cells[5:8])):
             if (val, rouge, seeds) == ("—", "—", "—") and variant not in report:
                 continue
             r = report.get(variant, {"lr": None, "val_loss": float("nan"), "rougeL": float("nan"), "seeds": 0})
             want = [f"{r['val_loss']:.4f}", f"{r['rougeL']:.1f}", str(r["seeds"])]
-            if [val.strip("*"), rouge.strip("*"), seeds] != want or float(cells[1]) != r["lr"]:
+            if [val, rouge, seeds] != want or float(cells[1]) != r["lr"]:
                 wrong.append(f"{cells[0]}: README {cells[1:8]}, report lr {r['lr']} {want}")
     assert found == set(_HEADLINE.values()), f"headline rows missing: {set(_HEADLINE.values()) - found}"
     assert not wrong, "README headline table differs from bench/results:\n" + "\n".join(wrong)

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -557,15 +558,16 @@ def run_steps(a, opts: dict) -> int:
 
 def pace(a) -> tuple[float, float]:
     """Seconds per full FT optimizer step and per run besides training (loading, validation, test generation),
-    measured by the final runs of full FT on disk (not those continued from a checkpoint), else the default."""
+    the medians over this study's full FT runs on disk (of any length or data: a step costs the same; a run
+    continued from a checkpoint counts its training time over every session, not its last session's wall
+    time), else the defaults."""
     folder = final_dir(a)
-    runs = [json.loads(p.read_text()) for p in folder.glob("full-lr*.json")] if folder.is_dir() else []
-    runs = [r for r in runs if not r.get("options") and "wall_s" in r and "train_time_s" in r
-            and not r.get("resumed")]
-    if not runs:
-        return PACE_S_PER_STEP, PACE_OVERHEAD_S * a.test_items / 200
-    per_step = sum(r["train_time_s"] / (r.get("optimizer_steps") or r["steps"]) for r in runs) / len(runs)
-    return per_step, sum(r["wall_s"] - r["train_time_s"] for r in runs) / len(runs)
+    runs = [json.loads(p.read_text()) for p in folder.glob("full-*.json")] if folder.is_dir() else []
+    runs = [r for r in runs if "wall_s" in r and "train_time_s" in r]
+    steps = [r["train_time_s"] / (r.get("optimizer_steps") or r["steps"]) for r in runs]
+    rest = [r["wall_s"] - r["train_time_s"] for r in runs if not r.get("resumed")]
+    return (statistics.median(steps) if steps else PACE_S_PER_STEP,
+            statistics.median(rest) if rest else PACE_OVERHEAD_S * a.test_items / 200)
 
 
 def final(a, log) -> None:
@@ -618,7 +620,7 @@ def plan(a, log) -> tuple[dict, dict]:
 
 def estimate(a, winners: dict, seeds: dict, log) -> float:
     """Say, before anything trains, how many runs are left and about how long they take on one core: each at
-    full FT's measured pace per step (an upper bound for methods cheaper than full FT) plus its loading,
+    full FT's median measured step time (an upper bound for methods cheaper than full FT) plus its loading,
     validation and test generation. Returns the seconds."""
     per_step, overhead = pace(a)
     todo, total = {}, 0.0
@@ -636,7 +638,8 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
     log(f"final stage: {runs} run(s) to train" + (" (" + ", ".join(f"{k} ×{v}" for k, v in todo.items()) + ")"
                                                    if todo else "")
         + (f", about {total / 60:.0f} min ({total / 3600:.1f} h) on one core: {per_step:.1f} s per optimizer "
-           f"step (full FT's measured pace; less for cheaper methods) + {overhead / 60:.0f} min per run to load, "
+           f"step (the median full FT step measured here; less for cheaper methods) + {overhead / 60:.0f} min per "
+           f"run to load, "
            f"validate and test on {a.test_items} items" if runs else ""))
     return total
 

@@ -382,6 +382,30 @@ def test_accuracy_a_variant_whose_setting_repeats_another_is_trained_counted_and
     assert calls == [("full", {}, 1e-4, 0)]  # the repeat's own one seed
 
 
+def test_accuracy_cost_is_stated_at_the_median_full_ft_step_measured_by_the_study(tmp_path, monkeypatch):
+    """The plan's pace is the median step time of the study's full FT runs on disk, whatever their length (a run
+    continued from a checkpoint counts its training time over every session), and the per-run rest is the
+    median of the runs that ran in one go (a continued run's wall time is its last session's only)."""
+    accuracy, calls = final_stage(tmp_path, monkeypatch, {"full": {"lr": 3e-5, "options": {}}})
+    folder = tmp_path / "accuracy" / "scitldr" / "final"
+    folder.mkdir(parents=True)
+    for name, steps, train, wall, resumed in [("full-lr3e-05-s0", 256, 256 * 20.0, 256 * 20.0 + 600, False),
+                                              ("full-epochs1-max_train512-lr3e-05-s0", 128, 128 * 30.0,
+                                               128 * 30.0 + 900, False),
+                                              ("full-lr3e-05-s1", 256, 256 * 24.0, 100.0, True)]:
+        (folder / f"{name}-256steps.json").write_text(json.dumps(
+            {"method": "full", "steps": steps, "train_time_s": train, "wall_s": wall, "resumed": resumed}))
+    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
+                        test_items=200, methods=["full"])
+    assert accuracy.pace(a) == (24.0, 750.0)
+    logged = []
+    accuracy.plan(a, log=logged.append)
+    assert logged == [f"final stage: 1 run(s) to train (full ×1), about {(256 * 24.0 + 750) / 60:.0f} min (1.9 h) "
+                      "on one core: 24.0 s per optimizer step (the median full FT step measured here; less for "
+                      "cheaper methods) + 12 min per run to load, validate and test on 200 items"]
+    assert calls == []
+
+
 def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_paired_with_it(tmp_path, monkeypatch):
     """Issue 34: full FT for fewer steps at every GreenTrainer ρ's FLOPs, 3 seeds at full FT's swept lr, each a
     run of its own (epochs × items) whose linear schedule is over its own steps: ρ 0.5 the long run's first epoch

@@ -25,6 +25,7 @@ python bench/accuracy.py --dataset scitldr --stage ablate
 python bench/accuracy.py --dataset scitldr --stage final
 python bench/accuracy.py --dataset scitldr --stage report     # tables and plot from the runs done so far
 python bench/accuracy.py --dataset scitldr --stage plan       # what the final stage has left, and its cost
+python bench/accuracy.py --dataset scitldr --stage final --until 17:30   # only the runs that should end by then
 
 A study of another length (issue 34: a task where more compute still helps) has its own folder, report and
 per-FLOP curves (validation loss every steps/8 against the FLOPs spent, probes included):
@@ -585,6 +586,13 @@ def final(a, log) -> None:
                 log(f"{label}: no sweep winner, or the method whose FLOPs it matches has no seed-0 run yet; skipped")
                 continue
             method, opts, lr = s
+            if getattr(a, "until", None) and not (final_dir(a) / f"{run_id(*s, seed=seed, steps=a.steps)}.json"
+                                                  ).is_file():
+                need = run_cost(a, s, *pace(a))
+                if time.time() + need > a.until:  # cut off when the machine goes back, it would lose its work
+                    log(f"{label} seed {seed}: about {need / 60:.0f} min, past --until "
+                        f"{time.strftime('%H:%M', time.localtime(a.until))}; left for a later call")
+                    continue
             one_run(a, "final", method, opts, lr, seed, log)
 
 
@@ -629,11 +637,8 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
             if s is not None and (final_dir(a)
                                   / f"{run_id(*s, seed=seed, steps=a.steps)}.json").is_file():
                 continue
-            n = run_steps(a, s[1]) if s is not None else a.steps
-            if s is not None and s[1].get("step_policy") == "fewer":  # trains the first ρ of them, skips the rest
-                n = round(s[1]["rho"] * n)
             todo[label] = todo.get(label, 0) + 1
-            total += n * per_step + overhead
+            total += run_cost(a, s, per_step, overhead)
     runs = sum(todo.values())
     log(f"final stage: {runs} run(s) to train" + (" (" + ", ".join(f"{k} ×{v}" for k, v in todo.items()) + ")"
                                                    if todo else "")
@@ -642,6 +647,28 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
            f"run to load, "
            f"validate and test on {a.test_items} items" if runs else ""))
     return total
+
+
+def run_cost(a, s: tuple | None, per_step: float, overhead: float) -> float:
+    """About how many seconds one run of this setting takes on one core, from scratch: its optimizer steps at
+    full FT's pace plus the per-run rest."""
+    n = run_steps(a, s[1]) if s is not None else a.steps
+    if s is not None and s[1].get("step_policy") == "fewer":  # trains the first ρ of them, skips the rest
+        n = round(s[1]["rho"] * n)
+    return n * per_step + overhead
+
+
+def until(text: str) -> float:
+    """--until HH:MM as seconds since the epoch: the next time the clock reads it (today, else tomorrow)."""
+    try:
+        h, m = (int(x) for x in text.split(":"))
+        if not (0 <= h < 24 and 0 <= m < 60):
+            raise ValueError
+        now = time.localtime()
+        t = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, h, m, 0, 0, 0, -1))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"a clock time HH:MM, not {text!r}") from None
+    return t if t > time.time() else t + 86400
 
 
 def bootstrap_ci(runs: list[list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
@@ -1039,6 +1066,10 @@ def main() -> int:
                     help="final runs: the validation loss (on --val-items items) every N steps, with the FLOPs spent "
                          "by then: the report adds loss against FLOPs (default: steps/8 for a study of another "
                          "length than 256 steps in 2 epochs, none for that table, whose runs had none)")
+    ap.add_argument("--until", type=until, default=None, metavar="HH:MM",
+                    help="final stage: start only the runs that should end by then, at this study's measured pace (a "
+                         "run cut off when a session or lease ends loses its work since its last checkpoint), and "
+                         "leave the rest for a later call")
     a = ap.parse_args()
     if a.quick:  # 8 steps in one epoch: GreenTrainer's probe must be paid by the steps it governs
         a.steps, a.epochs, a.val_items, a.test_items, a.max_input_length, a.seeds = 8, 1, 4, 4, 160, 1

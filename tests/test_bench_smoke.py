@@ -1,4 +1,5 @@
 """Smoke test of the benchmark scripts' --quick modes (real default model; a few minutes in all)."""
+import argparse
 import json
 import os
 import subprocess
@@ -404,6 +405,29 @@ def test_accuracy_cost_is_stated_at_the_median_full_ft_step_measured_by_the_stud
                       "on one core: 24.0 s per optimizer step (the median full FT step measured here; less for "
                       "cheaper methods) + 12 min per run to load, validate and test on 200 items"]
     assert calls == []
+
+
+def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypatch):
+    """--until: a run that would end after the deadline (at the study's pace) is left for a later call, a shorter
+    one after it still starts; the clock time parses to the next such time."""
+    import time
+    accuracy, calls = final_stage(tmp_path, monkeypatch, {"full": {"lr": 3e-5, "options": {}}})
+    logged = []
+    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=1, steps=256, epochs=2, batch_size=4,
+                        test_items=200, methods=["full", "full@0.45"])
+    per_step, overhead = accuracy.pace(a)
+    long, short = 256 * per_step + overhead, 115 * per_step + overhead
+    a.until = time.time() + (long + short) / 2
+    accuracy.final(a, log=logged.append)
+    assert calls == [("full", {"epochs": 2, "max_train": 512, "max_steps": 115}, 3e-5, 0)]
+    assert logged[1].startswith(f"full seed 0: about {long / 60:.0f} min, past --until ")
+    a.until = time.time() + long + 60
+    calls.clear()
+    accuracy.final(a, log=logged.append)
+    assert calls == [("full", {}, 3e-5, 0), ("full", {"epochs": 2, "max_train": 512, "max_steps": 115}, 3e-5, 0)]
+    assert 0 < accuracy.until(time.strftime("%H:%M", time.localtime(time.time() + 120))) - time.time() <= 180
+    with pytest.raises(argparse.ArgumentTypeError):
+        accuracy.until("25:00")
 
 
 def test_accuracy_full_ft_for_fewer_steps_is_planned_at_greentrainers_flops_and_paired_with_it(tmp_path, monkeypatch):

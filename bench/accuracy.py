@@ -201,6 +201,16 @@ def final_dir(a) -> Path:
     return RESULTS / "accuracy" / a.dataset / name
 
 
+def result_path(a, stage: str, s: tuple, seed: int) -> Path:
+    """The result file of one run of setting ``s`` (method, options, lr) in a stage: there when it is done."""
+    folder = final_dir(a) if stage == "final" else RESULTS / "accuracy" / a.dataset / stage
+    return folder / f"{run_id(*s, seed=seed, steps=a.steps)}.json"
+
+
+def final_path(a, s: tuple, seed: int) -> Path:
+    return result_path(a, "final", s, seed)
+
+
 def report_name(a) -> str:
     """accuracy_<dataset>, with the study's length where it is not the table's."""
     return f"accuracy_{a.dataset}" + (f"_{a.steps}steps_{a.epochs}epochs" if long_study(a) else "")
@@ -208,8 +218,7 @@ def report_name(a) -> str:
 
 def one_run(a, stage: str, method: str, opts: dict, lr: float, seed: int, log) -> dict:
     """Train (and for the final stage evaluate) one setting; its result file, or the one already there."""
-    folder = final_dir(a) if stage == "final" else RESULTS / "accuracy" / a.dataset / stage
-    path = folder / f"{run_id(method, opts, lr, seed, a.steps)}.json"
+    path = result_path(a, stage, (method, opts, lr), seed)
     return claimed(path, log, lambda: _train_one(a, stage, method, opts, lr, seed, log, path))
 
 
@@ -517,8 +526,7 @@ def setting(a, label: str, winners: dict) -> tuple[str, dict, float] | None:
         opts.update(fewer_steps(a, opts.pop("fewer_steps"), opts.pop("each_item_once", False)))
     if isinstance(opts.get("rho"), str):
         other = setting(a, opts["rho"], winners)
-        path = None if other is None else (final_dir(a)
-                                           / f"{run_id(*other, seed=0, steps=a.steps)}.json")
+        path = None if other is None else final_path(a, other, 0)
         if path is None or not path.is_file() or "error" in (run := json.loads(path.read_text())):
             return None
         opts["rho"] = round(run["flops_fraction_of_full"], 3)
@@ -578,7 +586,9 @@ def final(a, log) -> None:
     if a.methods is None or "zeroshot" in a.methods:
         zero_shot(a, log)
     for seed in range(max(seeds.values())):
-        # settings are read again each pass: the method whose FLOPs a variant matches may have finished in it
+        # settings and pace are read again each pass: runs finished in the last one (this or another process's)
+        # may set a variant's FLOPs and refine the pace
+        run_pace = pace(a) if getattr(a, "until", None) else None
         for label, s, names in distinct_settings(a, winners):
             if seed >= seeds_wanted(a, names, seeds):
                 continue
@@ -586,9 +596,8 @@ def final(a, log) -> None:
                 log(f"{label}: no sweep winner, or the method whose FLOPs it matches has no seed-0 run yet; skipped")
                 continue
             method, opts, lr = s
-            if getattr(a, "until", None) and not (final_dir(a) / f"{run_id(*s, seed=seed, steps=a.steps)}.json"
-                                                  ).is_file():
-                need = run_cost(a, s, *pace(a))
+            if run_pace and not final_path(a, s, seed).is_file():
+                need = run_cost(a, s, *run_pace)
                 if time.time() + need > a.until:  # cut off when the machine goes back, it would lose its work
                     log(f"{label} seed {seed}: about {need / 60:.0f} min, past --until "
                         f"{time.strftime('%H:%M', time.localtime(a.until))}; left for a later call")
@@ -634,8 +643,7 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
     todo, total = {}, 0.0
     for label, s, names in distinct_settings(a, winners):
         for seed in range(seeds_wanted(a, names, seeds)):
-            if s is not None and (final_dir(a)
-                                  / f"{run_id(*s, seed=seed, steps=a.steps)}.json").is_file():
+            if s is not None and final_path(a, s, seed).is_file():
                 continue
             todo[label] = todo.get(label, 0) + 1
             total += run_cost(a, s, per_step, overhead)
@@ -644,8 +652,7 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
                                                    if todo else "")
         + (f", about {total / 60:.0f} min ({total / 3600:.1f} h) on one core: {per_step:.1f} s per optimizer "
            f"step (the median full FT step measured here; less for cheaper methods) + {overhead / 60:.0f} min per "
-           f"run to load, "
-           f"validate and test on {a.test_items} items" if runs else ""))
+           f"run to load, validate and test on {a.test_items} items" if runs else ""))
     return total
 
 

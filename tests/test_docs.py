@@ -1,4 +1,5 @@
-"""The documentation: docs/cli.md is the CLI's current --help, and every relative link in README.md and docs/ resolves."""
+"""The documentation: docs/cli.md is the CLI's current --help, every relative link in README.md and docs/ resolves, and
+the README's headline numbers are the committed accuracy reports'."""
 from __future__ import annotations
 
 import importlib.util
@@ -85,3 +86,40 @@ def test_readme_headline_numbers_come_from_the_reports():
                 wrong.append(f"{cells[0]}: README {cells[1:8]}, report lr {r['lr']} {want}")
     assert found == set(_HEADLINE.values()), f"headline rows missing: {set(_HEADLINE.values()) - found}"
     assert not wrong, "README headline table differs from bench/results:\n" + "\n".join(wrong)
+
+
+
+def test_readme_headline_prose_numbers_come_from_the_reports():
+    """The paragraph under the headline table quotes paired differences by hand: each "difference (low to high)"
+    must be one paired comparison of a report (or a row against full FT), each other signed number a paired
+    validation-loss difference, each loss written to 4 decimals a row's validation loss or its seed range, all at
+    the precision written, so a report regenerated with new runs fails this until the prose follows."""
+    import json
+    reports = [json.loads((ROOT / "bench" / "results" / name).read_text()) for name in _REPORTS]
+    triples = [(p["difference"], p["ci_low"], p["ci_high"]) for r in reports for p in r["paired"]]
+    triples += [(w["vs_full"], w["vs_full_low"], w["vs_full_high"]) for r in reports for w in r["rows"]
+                if w.get("vs_full") is not None]
+    val_diffs = [p.get("val_loss_difference") for r in reports for p in r["paired"]]
+    losses = [w.get(k) for r in reports for w in r["rows"] for k in ("val_loss", "val_min", "val_max")]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    prose = readme[readme.index("| at ρ 0.5 (FLOPs of full FT) |"):readme.index("[docs/results.md](docs/results.md)")]
+    prose = prose[prose.index("\n\n"):]
+
+    def same(written: str, value) -> bool:  # value rounds to what is written
+        return value is not None and abs(value - float(written.replace("−", "-"))) <= 0.5 * 10 ** -len(
+            written.split(".")[1]) + 1e-9
+
+    number = r"(?<![\w.])([−+]\d+\.\d+|\d+\.\d{4})(?![\w.])"
+    found = [(m.group(1), m.start()) for m in re.finditer(number, prose)]
+    wrong, used = [], set()
+    for k in range(1, len(found) - 1):  # "difference ... (low to high": a signed number, then "low to high"
+        (d, _), (lo, at), (hi, _) = found[k - 1], found[k], found[k + 1]
+        if d[0] in "−+" and re.match(r"\s+to\s", prose[at + len(lo):]) and lo[0] in "−+" and k - 1 not in used:
+            used |= {k - 1, k, k + 1}
+            if not any(all(map(same, (d, lo, hi), t)) for t in triples):
+                wrong.append(f"{d} ({lo} to {hi}): no paired comparison")
+    for k, (w, _) in enumerate(found):
+        if k not in used and not any(same(w, v) for v in (val_diffs if w[0] in "−+" else losses)):
+            wrong.append(f"{w}: no {'paired validation-loss difference' if w[0] in '−+' else 'validation loss'}")
+    assert len(used) >= 9, f"expected the paragraph's paired comparisons, found {found}"
+    assert not wrong, "README headline prose numbers not in the reports:\n" + "\n".join(wrong)

@@ -6,6 +6,8 @@ import importlib.util
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -147,12 +149,16 @@ def test_readme_headline_prose_numbers_come_from_the_reports():
     assert not wrong, "README headline prose numbers not in the reports:\n" + "\n".join(wrong)
 
 
-def test_results_page_numbers_come_from_the_reports():
-    """docs/results.md's sections on the accuracy study (SciTLDR, DialogSum in one pass) quote the reports' paired
-    differences and losses by hand: each must be the current report's (history lives in git, not in intervals
-    that no file holds any more)."""
-    page = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
-    study = page[page.index("## The accuracy benchmark (SciTLDR)"):page.index("## DialogSum\n")]
-    wrong, intervals = _quoted_numbers_not_in(study, _reports(*_REPORTS, "accuracy_sweep_scitldr.json"))
-    assert intervals >= 10, "expected the study's paired comparisons"
-    assert not wrong, "docs/results.md numbers not in the reports:\n" + "\n".join(wrong)
+
+@pytest.mark.parametrize("page, start, end, at_least", [
+    ("docs/results.md", "## The accuracy benchmark (SciTLDR)", "## DialogSum\n", 10),
+    ("docs/options.md", "**What `--rho` buys by default", "\n\n", 2)])
+def test_docs_study_numbers_come_from_the_reports(page, start, end, at_least):
+    """The docs' passages on the accuracy study quote the reports' paired differences and losses by hand: each
+    must be the current report's (history lives in git, not in intervals that no file holds any more)."""
+    text = (ROOT / page).read_text(encoding="utf-8")
+    text = text[text.index(start):]
+    wrong, intervals = _quoted_numbers_not_in(text[:text.index(end)],
+                                              _reports(*_REPORTS, "accuracy_sweep_scitldr.json"))
+    assert intervals >= at_least, f"expected the study's paired comparisons in {page}"
+    assert not wrong, f"{page} numbers not in the reports:\n" + "\n".join(wrong)

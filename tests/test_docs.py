@@ -1,5 +1,5 @@
 """The documentation: docs/cli.md is the CLI's current --help, every relative link in README.md and docs/ resolves, and
-the README's headline numbers are the committed accuracy reports'."""
+the numbers the README and docs quote from the accuracy study are the committed reports'."""
 from __future__ import annotations
 
 import importlib.util

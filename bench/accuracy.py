@@ -596,8 +596,8 @@ def final(a, log) -> None:
                 log(f"{label}: no sweep winner, or the method whose FLOPs it matches has no seed-0 run yet; skipped")
                 continue
             method, opts, lr = s
-            if run_pace and not final_path(a, s, seed).is_file():
-                need = run_cost(a, s, *run_pace)
+            if run_pace and not (path := final_path(a, s, seed)).is_file():
+                need = run_cost(a, s, *run_pace, done=checkpoint_step(path))
                 if time.time() + need > a.until:  # cut off when the machine goes back, it would lose its work
                     log(f"{label} seed {seed}: about {need / 60:.0f} min, past --until "
                         f"{time.strftime('%H:%M', time.localtime(a.until))}; left for a later call")
@@ -640,29 +640,42 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
     full FT's median measured step time (an upper bound for methods cheaper than full FT) plus its loading,
     validation and test generation. Returns the seconds."""
     per_step, overhead = pace(a)
-    todo, total = {}, 0.0
+    todo, total, partly = {}, 0.0, 0
     for label, s, names in distinct_settings(a, winners):
         for seed in range(seeds_wanted(a, names, seeds)):
-            if s is not None and final_path(a, s, seed).is_file():
+            path = final_path(a, s, seed) if s is not None else None
+            if path is not None and path.is_file():
                 continue
             todo[label] = todo.get(label, 0) + 1
-            total += run_cost(a, s, per_step, overhead)
+            done = checkpoint_step(path) if path else 0
+            partly += done > 0
+            total += run_cost(a, s, per_step, overhead, done=done)
     runs = sum(todo.values())
     log(f"final stage: {runs} run(s) to train" + (" (" + ", ".join(f"{k} ×{v}" for k, v in todo.items()) + ")"
                                                    if todo else "")
+        + (f", {partly} continuing from a checkpoint" if partly else "")
         + (f", about {total / 60:.0f} min ({total / 3600:.1f} h) on one core: {per_step:.1f} s per optimizer "
            f"step (the median full FT step measured here; less for cheaper methods) + {overhead / 60:.0f} min per "
            f"run to load, validate and test on {a.test_items} items" if runs else ""))
     return total
 
 
-def run_cost(a, s: tuple | None, per_step: float, overhead: float) -> float:
-    """About how many seconds one run of this setting takes on one core, from scratch: its optimizer steps at
-    full FT's pace plus the per-run rest."""
+def run_cost(a, s: tuple | None, per_step: float, overhead: float, done: int = 0) -> float:
+    """About how many seconds one run of this setting takes on one core: the optimizer steps it still has to train
+    (all of them, or those after its checkpoint's step ``done``) at full FT's pace plus the per-run rest."""
     n = run_steps(a, s[1]) if s is not None else a.steps
     if s is not None and s[1].get("step_policy") == "fewer":  # trains the first ρ of them, skips the rest
         n = round(s[1]["rho"] * n)
-    return n * per_step + overhead
+    return max(0, n - done) * per_step + overhead
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a stopped run's checkpoint reached (0 without one): where its next call continues."""
+    for name in ("checkpoint", "checkpoint.old"):  # the folder one_run continues from
+        folder = path.parent / ".work" / path.stem / name
+        if (folder / "state.pt").is_file() and (folder / "meta.json").is_file():
+            return int(json.loads((folder / "meta.json").read_text()).get("global_step", 0))
+    return 0
 
 
 def until(text: str) -> float:
@@ -1075,8 +1088,8 @@ def main() -> int:
                          "length than 256 steps in 2 epochs, none for that table, whose runs had none)")
     ap.add_argument("--until", type=until, default=None, metavar="HH:MM",
                     help="final stage: start only the runs that should end by then, at this study's measured pace (a "
-                         "run cut off when a session or lease ends loses its work since its last checkpoint), and "
-                         "leave the rest for a later call")
+                         "run cut off when a session or lease ends loses its work since its last checkpoint; a run "
+                         "continuing from one counts only its steps left), and leave the rest for a later call")
     a = ap.parse_args()
     if a.quick:  # 8 steps in one epoch: GreenTrainer's probe must be paid by the steps it governs
         a.steps, a.epochs, a.val_items, a.test_items, a.max_input_length, a.seeds = 8, 1, 4, 4, 160, 1

@@ -409,7 +409,8 @@ def test_accuracy_cost_is_stated_at_the_median_full_ft_step_measured_by_the_stud
 
 def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypatch):
     """--until: a run that would end after the deadline (at the study's pace) is left for a later call, a shorter
-    one after it still starts; the clock time parses to the next such time."""
+    one after it still starts, a stopped run counts only the steps after its checkpoint (so does the plan); the
+    clock time parses to the next such time."""
     import time
     accuracy, calls = final_stage(tmp_path, monkeypatch, {"full": {"lr": 3e-5, "options": {}}})
     logged = []
@@ -421,6 +422,20 @@ def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypa
     accuracy.final(a, log=logged.append)
     assert calls == [("full", {"epochs": 2, "max_train": 512, "max_steps": 115}, 3e-5, 0)]
     assert logged[1].startswith(f"full seed 0: about {long / 60:.0f} min, past --until ")
+    # a run stopped at its checkpoint costs only its steps left: at step 224 of 256 it fits, and the plan says so
+    work = accuracy.final_path(a, ("full", {}, 3e-5), 0)
+    work = work.parent / ".work" / work.stem / "checkpoint"
+    work.mkdir(parents=True)
+    (work / "state.pt").write_bytes(b"")
+    (work / "meta.json").write_text(json.dumps({"global_step": 224}))
+    assert accuracy.checkpoint_step(accuracy.final_path(a, ("full", {}, 3e-5), 0)) == 224
+    calls.clear()
+    accuracy.final(a, log=logged.append)
+    assert calls[0] == ("full", {}, 3e-5, 0)
+    said = [line for line in logged if line.startswith("final stage:")][-1]
+    assert f"1 continuing from a checkpoint, about {(32 * per_step + overhead + short) / 60:.0f} min" in said
+    (work / "state.pt").unlink()  # no state, no checkpoint: from scratch again
+    assert accuracy.checkpoint_step(accuracy.final_path(a, ("full", {}, 3e-5), 0)) == 0
     a.until = time.time() + long + 60
     calls.clear()
     accuracy.final(a, log=logged.append)

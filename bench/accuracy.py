@@ -653,7 +653,7 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
     runs = sum(todo.values())
     log(f"final stage: {runs} run(s) to train" + (" (" + ", ".join(f"{k} ×{v}" for k, v in todo.items()) + ")"
                                                    if todo else "")
-        + (f", {partly} continuing from a checkpoint" if partly else "")
+        + (f", {partly} of them partly done (from a checkpoint, or running now)" if partly else "")
         + (f", about {total / 60:.0f} min ({total / 3600:.1f} h) on one core: {per_step:.1f} s per optimizer "
            f"step (the median full FT step measured here; less for cheaper methods) + {overhead / 60:.0f} min per "
            f"run to load, validate and test on {a.test_items} items" if runs else ""))

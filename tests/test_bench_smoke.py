@@ -433,7 +433,7 @@ def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypa
     accuracy.final(a, log=logged.append)
     assert calls[0] == ("full", {}, 3e-5, 0)
     said = [line for line in logged if line.startswith("final stage:")][-1]
-    assert f"1 continuing from a checkpoint, about {(32 * per_step + overhead + short) / 60:.0f} min" in said
+    assert f"1 of them partly done (from a checkpoint, or running now), about {(32 * per_step + overhead + short) / 60:.0f} min" in said
     (work / "state.pt").unlink()  # no state, no checkpoint: from scratch again
     assert accuracy.checkpoint_step(accuracy.final_path(a, ("full", {}, 3e-5), 0)) == 0
     a.until = time.time() + long + 60

@@ -90,13 +90,14 @@ def test_readme_headline_numbers_come_from_the_reports():
     assert not wrong, "README headline table differs from bench/results:\n" + "\n".join(wrong)
 
 
-
-
 def _quoted_numbers_not_in(text: str, reports: list[dict]) -> tuple[list[str], int]:
-    """Numbers quoted by hand from accuracy reports that none of them holds at the precision written: each
-    "difference (low to high)" must be a paired comparison (or a row against full FT, or a validation-loss
-    difference with its seed range), each other signed number one of those values, each number written to 4
-    decimals a validation loss (a row's, its seed range, or the sweep's); and how many intervals were checked.
+    """Numbers quoted by hand from accuracy reports that none of them holds at the precision written, and how many
+    intervals were checked. By the docs' convention ROUGE-L differences are written to 1-2 decimals, validation-
+    loss differences to 3 and losses to 4: each "difference ... (low to high)" must be one paired comparison of
+    that kind (ROUGE-L: a report's paired difference or a row against full FT, with its 95 % interval;
+    validation loss: the mean difference with its range over same-seed runs), each other signed number one of
+    that kind's differences, each unsigned 4-decimal number a validation loss (a row's, its seed range, the
+    sweep's).
     Percentages are not checked."""
     def values(tree, keys):
         if isinstance(tree, dict):
@@ -104,34 +105,41 @@ def _quoted_numbers_not_in(text: str, reports: list[dict]) -> tuple[list[str], i
                                                          else values(v, keys))]
         return [x for v in tree for x in values(v, keys)] if isinstance(tree, list) else []
 
-    triples = []
+    rouge, val = [], []  # (difference, low, high) triples of each kind
     for r in reports:
         for p in r.get("paired", []):
-            triples.append((p["difference"], p["ci_low"], p["ci_high"]))
+            rouge.append((p["difference"], p["ci_low"], p["ci_high"]))
             if None not in (p.get("val_loss_difference_seed_range") or [None]):
-                triples.append((p["val_loss_difference"], *p["val_loss_difference_seed_range"]))
-        triples += [(w["vs_full"], w["vs_full_low"], w["vs_full_high"]) for w in r.get("rows", [])
-                    if w.get("vs_full") is not None]
-    signed = [x for tr in triples for x in tr] + values(reports, {"val_loss_difference"})
-    losses = values(reports, {"val_loss", "val_min", "val_max"})
+                val.append((p["val_loss_difference"], *p["val_loss_difference_seed_range"]))
+        rouge += [(w["vs_full"], w["vs_full_low"], w["vs_full_high"]) for w in r.get("rows", [])
+                  if w.get("vs_full") is not None]
+    pools = {"rouge": [tr[0] for tr in rouge],  # a number quoted alone is a difference, not an interval's end
+             "val": values(reports, {"val_loss_difference"}),
+             "loss": values(reports, {"val_loss", "val_min", "val_max"})}
 
     def same(written: str, value) -> bool:  # value rounds to what is written
-        return value is not None and abs(value - float(written.replace("−", "-"))) <= 0.5 * 10 ** -len(
-            written.split(".")[1]) + 1e-9
+        x = float(written.replace("−", "-"))
+        return value is not None and abs(value - x) <= 0.5 * 10 ** -len(written.split(".")[1]) + 1e-9
 
-    number = r"(?<![\w.])([−+]\d+\.\d+|\d+\.\d{4})(?![\w.])(?!\s*%)"
-    found = [(m.group(1), m.start()) for m in re.finditer(number, text)]
-    wrong, used = [], set()
-    for k in range(1, len(found) - 1):  # "difference ... (low to high": a signed number, then "low to high"
-        (d, _), (lo, at), (hi, _) = found[k - 1], found[k], found[k + 1]
-        if d[0] in "−+" and lo[0] in "−+" and re.match(r"\s+to\s", text[at + len(lo):]) and k - 1 not in used:
-            used |= {k - 1, k, k + 1}
-            if not any(all(map(same, (d, lo, hi), tr)) for tr in triples):
-                wrong.append(f"{d} ({lo} to {hi}): no paired comparison")
-    for k, (w, _) in enumerate(found):
-        if k not in used and not any(same(w, v) for v in (signed if w[0] in "−+" else losses)):
-            wrong.append(f"{w}: no {'paired difference' if w[0] in '−+' else 'validation loss'}")
-    return wrong, len(used) // 3
+    def kind(written: str) -> str:
+        return "val" if len(written.split(".")[1]) >= 3 else "rouge"
+
+    signed, unsigned = r"[−+-]\d+\.\d+", r"[−+-]?\d+\.\d+"
+    interval = re.compile(rf"(?<![\w.])({signed})(?![\w.])(?:(?![−+-]\d)[^()]){{0,80}}?[(;,][^()\d−+]{{0,40}}?"
+                          rf"(?<![\w.])({signed})\s+to\s+({unsigned})(?![\w.])")
+    wrong, spans = [], []
+    for m in interval.finditer(text):
+        spans.append(m.span())
+        if not any(all(map(same, m.groups(), tr)) for tr in (val if kind(m.group(1)) == "val" else rouge)):
+            wrong.append(f"{m.group(1)} ({m.group(2)} to {m.group(3)}): no paired comparison")
+    for m in re.finditer(rf"(?<![\w.])({signed}|\d+\.\d{{4}})(?![\w.])(?!\s*%)", text):
+        w = m.group(1)
+        if any(a <= m.start() < b for a, b in spans):
+            continue
+        pool = kind(w) if w[0] in "−+-" else "loss"
+        if not any(same(w, v) for v in pools[pool]):
+            wrong.append(f"{w}: no {dict(rouge='ROUGE-L difference', val='validation-loss difference', loss='validation loss')[pool]}")
+    return wrong, len(spans)
 
 
 def _reports(*names: str) -> list[dict]:

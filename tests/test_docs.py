@@ -138,7 +138,8 @@ def _quoted_numbers_not_in(text: str, reports: list[dict]) -> tuple[list[str], i
             continue
         pool = kind(w) if w[0] in "−+-" else "loss"
         if not any(same(w, v) for v in pools[pool]):
-            wrong.append(f"{w}: no {dict(rouge='ROUGE-L difference', val='validation-loss difference', loss='validation loss')[pool]}")
+            named = {"rouge": "ROUGE-L difference", "val": "validation-loss difference", "loss": "validation loss"}
+            wrong.append(f"{w}: no {named[pool]}")
     return wrong, len(spans)
 
 

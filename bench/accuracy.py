@@ -283,7 +283,7 @@ def _train_one(a, stage, method, opts, lr, seed, log, path) -> dict:
         extra.setdefault("step_policy", "select")  # a quarter of the run chooses the blocks
     # our run folder while it trains, with a checkpoint every 1/8 of the run: a run stopped with its session
     # continues from there next time; the folder goes once the run's JSON is written
-    work = path.parent / ".work" / path.stem
+    work = work_dir(path)
     t0 = time.perf_counter()
     resumed = (work / "checkpoint" / "state.pt").is_file() or (work / "checkpoint.old" / "state.pt").is_file()
     try:
@@ -669,10 +669,15 @@ def run_cost(a, s: tuple | None, per_step: float, overhead: float, done: int = 0
     return max(0, n - done) * per_step + overhead
 
 
+def work_dir(path: Path) -> Path:
+    """The run folder of the run whose result file is ``path``, while it trains (its checkpoints are there)."""
+    return path.parent / ".work" / path.stem
+
+
 def checkpoint_step(path: Path) -> int:
     """The optimizer step a stopped run's checkpoint reached (0 without one): where its next call continues."""
-    for name in ("checkpoint", "checkpoint.old"):  # the folder one_run continues from
-        folder = path.parent / ".work" / path.stem / name
+    for name in ("checkpoint", "checkpoint.old"):  # the folders _train_one continues from
+        folder = work_dir(path) / name
         if (folder / "state.pt").is_file() and (folder / "meta.json").is_file():
             return int(json.loads((folder / "meta.json").read_text()).get("global_step", 0))
     return 0

@@ -423,8 +423,7 @@ def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypa
     assert calls == [("full", {"epochs": 2, "max_train": 512, "max_steps": 115}, 3e-5, 0)]
     assert logged[1].startswith(f"full seed 0: about {long / 60:.0f} min, past --until ")
     # a run stopped at its checkpoint costs only its steps left: at step 224 of 256 it fits, and the plan says so
-    work = accuracy.final_path(a, ("full", {}, 3e-5), 0)
-    work = work.parent / ".work" / work.stem / "checkpoint"
+    work = accuracy.work_dir(accuracy.final_path(a, ("full", {}, 3e-5), 0)) / "checkpoint"
     work.mkdir(parents=True)
     (work / "state.pt").write_bytes(b"")
     (work / "meta.json").write_text(json.dumps({"global_step": 224}))
@@ -433,7 +432,8 @@ def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypa
     accuracy.final(a, log=logged.append)
     assert calls[0] == ("full", {}, 3e-5, 0)
     said = [line for line in logged if line.startswith("final stage:")][-1]
-    assert f"1 of them partly done (from a checkpoint, or running now), about {(32 * per_step + overhead + short) / 60:.0f} min" in said
+    minutes = (32 * per_step + overhead + short) / 60
+    assert f"1 of them partly done (from a checkpoint, or running now), about {minutes:.0f} min" in said
     (work / "state.pt").unlink()  # no state, no checkpoint: from scratch again
     assert accuracy.checkpoint_step(accuracy.final_path(a, ("full", {}, 3e-5), 0)) == 0
     a.until = time.time() + long + 60

@@ -68,9 +68,7 @@ def test_readme_headline_numbers_come_from_the_reports():
     """Every number in the README's headline table is the committed accuracy report's: lr, validation loss (4
     decimals), ROUGE-L (1 decimal) and seeds, for SciTLDR and DialogSum (regenerate the table when runs land); "—"
     marks a variant the report has no runs of yet."""
-    import json
-    reports = [{r["variant"]: r for r in json.loads((ROOT / "bench" / "results" / name).read_text())["rows"]}
-               for name in _REPORTS]
+    reports = [{r["variant"]: r for r in report["rows"]} for report in _reports(*_REPORTS)]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     table = readme[readme.index("| at ρ 0.5 (FLOPs of full FT) |"):]
     table = table[:table.index("\n\n")].splitlines()[2:]
@@ -148,26 +146,16 @@ def _reports(*names: str) -> list[dict]:
     return [json.loads((ROOT / "bench" / "results" / name).read_text()) for name in names]
 
 
-def test_readme_headline_prose_numbers_come_from_the_reports():
-    """The paragraph under the headline table quotes paired differences by hand: a report regenerated with new
-    runs fails this until the prose follows."""
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    prose = readme[readme.index("| at ρ 0.5 (FLOPs of full FT) |"):readme.index("[docs/results.md](docs/results.md)")]
-    wrong, intervals = _quoted_numbers_not_in(prose[prose.index("\n\n"):], _reports(*_REPORTS))
-    assert intervals >= 3, "expected the paragraph's paired comparisons"
-    assert not wrong, "README headline prose numbers not in the reports:\n" + "\n".join(wrong)
-
-
-
-@pytest.mark.parametrize("page, start, end, at_least", [
-    ("docs/results.md", "## The accuracy benchmark (SciTLDR)", "## DialogSum\n", 10),
-    ("docs/options.md", "**What `--rho` buys by default", "\n\n", 2)])
-def test_docs_study_numbers_come_from_the_reports(page, start, end, at_least):
-    """The docs' passages on the accuracy study quote the reports' paired differences and losses by hand: each
-    must be the current report's (history lives in git, not in intervals that no file holds any more)."""
+@pytest.mark.parametrize("page, start, end, extra, at_least", [
+    ("README.md", "At the same learning rate the paper's selection", "[docs/results.md](docs/results.md)", (), 3),
+    ("docs/results.md", "## The accuracy benchmark (SciTLDR)", "## DialogSum\n", ("accuracy_sweep_scitldr.json",), 10),
+    ("docs/options.md", "**What `--rho` buys by default", "\n\n", ("accuracy_sweep_scitldr.json",), 2)])
+def test_docs_study_numbers_come_from_the_reports(page, start, end, extra, at_least):
+    """The README's paragraph under its headline table and the docs' passages on the accuracy study quote the
+    reports' paired differences and losses by hand: each must be the current report's, so a report regenerated
+    with new runs fails this until the prose follows (history lives in git, not in intervals no file holds)."""
     text = (ROOT / page).read_text(encoding="utf-8")
     text = text[text.index(start):]
-    wrong, intervals = _quoted_numbers_not_in(text[:text.index(end)],
-                                              _reports(*_REPORTS, "accuracy_sweep_scitldr.json"))
+    wrong, intervals = _quoted_numbers_not_in(text[:text.index(end)], _reports(*_REPORTS, *extra))
     assert intervals >= at_least, f"expected the study's paired comparisons in {page}"
     assert not wrong, f"{page} numbers not in the reports:\n" + "\n".join(wrong)

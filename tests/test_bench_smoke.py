@@ -402,9 +402,32 @@ def test_accuracy_cost_is_stated_at_the_median_full_ft_step_measured_by_the_stud
     logged = []
     accuracy.plan(a, log=logged.append)
     assert logged == [f"final stage: 1 run(s) to train (full ×1), about {(256 * 24.0 + 750) / 60:.0f} min (1.9 h) "
-                      "on one core: 24.0 s per optimizer step (the median full FT step measured here; less for "
-                      "cheaper methods) + 12 min per run to load, validate and test on 200 items"]
+                      "on one core: 24.0 s per optimizer step (the median full FT step measured here, times each "
+                      "method's FLOPs share) + 12 min per run to load, validate and test on 200 items"]
     assert calls == []
+
+
+def test_accuracy_cost_of_a_cheaper_method_is_its_flops_share_of_full_ft_steps(tmp_path, monkeypatch):
+    """A run's estimated training time is its steps at full FT's pace times the share of a full step its steps
+    cost: the FLOPs share its setting's finished runs measured (median over seeds), else GreenTrainer's ρ, else
+    the whole step; the default step policy trains ρ of the steps at full cost."""
+    accuracy, _ = final_stage(tmp_path, monkeypatch, {"full": {"lr": 3e-5, "options": {}},
+                                                      "greentrainer": {"lr": 1e-4, "options": {}},
+                                                      "gt-fewer0.5": {"lr": 1e-4, "options": {}},
+                                                      "lora": {"lr": 3e-4, "options": {"lora_r": 8}}})
+    a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
+                        test_items=200, methods=None)
+    winners = json.loads((tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]
+    gt, lora, fewer = (accuracy.setting(a, label, winners) for label in ("gt0.6", "lora", "gt-fewer0.5"))
+    assert accuracy.step_share(a, gt) == 0.6 and accuracy.step_share(a, lora) == 1.0
+    assert accuracy.run_cost(a, gt, 10.0, 100.0) == 256 * 10.0 * 0.6 + 100.0
+    assert accuracy.run_cost(a, fewer, 10.0, 100.0) == 128 * 10.0 + 100.0
+    for seed, share in [(0, 0.55), (1, 0.59), (2, 0.57)]:
+        path = accuracy.final_path(a, gt, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"flops_fraction_of_full": share}))
+    assert accuracy.step_share(a, gt) == 0.57
+    assert accuracy.run_cost(a, gt, 10.0, 100.0, done=56) == 200 * 10.0 * 0.57 + 100.0
 
 
 def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypatch):

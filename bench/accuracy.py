@@ -929,7 +929,8 @@ def plot_curves(curves: dict, rows: list, path: Path, dataset: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for label, pts in curves.items():
         r = by.get(label, {})
-        name = f"{LABELS[label]} (ROUGE-L {r['rougeL']:.1f}, {r['seeds']} seeds)" if "rougeL" in r else LABELS[label]
+        seeds = f"{r.get('seeds')} seed" + ("s" if r.get("seeds") != 1 else "")
+        name = f"{LABELS[label]} (ROUGE-L {r['rougeL']:.1f}, {seeds})" if "rougeL" in r else LABELS[label]
         ax.plot([x for _, _, x in pts], [v for _, v, _ in pts], marker="o", ms=3,
                 ls="--" if label.startswith("full") else "-", label=name)
     ax.set_xlabel("measured training FLOPs so far (probes included), % of full fine-tuning's whole run")

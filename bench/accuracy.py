@@ -839,8 +839,9 @@ def report(a) -> list[dict]:
                   "bound just inside a target does not print as on it). The interval covers the choice of test items, "
                   "not the spread between seeds. The validation loss difference (lower is better: negative favours "
                   "the first method) is of the final validation loss on the same validation items, mean over the "
-                  "seeds, and in brackets the smallest and largest difference between runs of the same seed; "
-                  "ROUGE-L and validation loss need not agree.", "",
+                  "seeds, and in brackets the smallest and largest difference between runs of the same seed (the "
+                  "seeds both ran; where one ran more, the mean also counts its other seeds and can lie outside "
+                  "them); ROUGE-L and validation loss need not agree.", "",
                   "| comparison | seeds | ROUGE-L difference (95% CI) | target | met | val loss difference | why |",
                   "|---|---|---|---|---|---|---|"]
         for d, lo, hi, v, w, target, why, vl in pairs:

@@ -244,7 +244,7 @@ def test_accuracy_report_from_run_files(tmp_path, monkeypatch):
                                                 ("lora", {}, 0, [30, 30, 30], 0.69, []),
                                                 ("lora", {"lr": 2e-5}, 0, [10, 10, 10], 0.69, []),
                                                 # not the sweep's setting: no variant's run, pooled with none
-                                                ("greentrainer", {"rho": 0.5, "lr": 3e-4}, 2, [0, 0, 0], 0.5, []),
+                                                ("greentrainer", {"rho": 0.5, "lr": 1e-3}, 2, [0, 0, 0], 0.5, []),
                                                 ("lora", {"lora_r": 16}, 1, [0, 0, 0], 0.69, [])):
         lr = opts.pop("lr", 1e-4)  # LoRA at the paper's lr is a row of its own, not a seed of LoRA's
         (folder / f"{method}-{opts.get('over', '')}-{len(opts)}-{lr}-{seed}.json").write_text(json.dumps({
@@ -381,6 +381,21 @@ def test_accuracy_a_variant_whose_setting_repeats_another_is_trained_counted_and
     calls.clear()
     accuracy.final(SimpleNamespace(**{**vars(a), "methods": ["full-lr1e-4"]}), log=lambda *x: None)
     assert calls == [("full", {}, 1e-4, 0)]  # the repeat's own one seed
+
+
+def test_accuracy_the_selection_at_a_higher_lr_is_its_own_one_seed_check(tmp_path, monkeypatch):
+    """The paper's selection at 3e-4 (its rate was swept on SciTLDR) is a setting of its own: one seed, its own
+    result file, paired in the report with the selection at its swept rate and with the default."""
+    accuracy, calls = final_stage(tmp_path, monkeypatch, {"greentrainer": {"lr": 1e-4, "options": {}}})
+    a = SimpleNamespace(dataset="dialogsum", sweep_from="scitldr", seeds=None, steps=512, epochs=1, batch_size=4,
+                        test_items=200, methods=["gt0.5", "gt0.5-lr3e-4"])
+    accuracy.final(a, log=lambda *x: None)
+    assert calls == [("greentrainer", {"rho": 0.5}, 1e-4, seed) for seed in range(3)][:1] + [
+        ("greentrainer", {"rho": 0.5}, 3e-4, 0)] + [("greentrainer", {"rho": 0.5}, 1e-4, seed) for seed in (1, 2)]
+    winners = {"greentrainer": {"lr": 1e-4, "options": {}}}
+    paths = {accuracy.final_path(a, accuracy.setting(a, v, winners), 0) for v in ("gt0.5", "gt0.5-lr3e-4")}
+    assert len(paths) == 2
+    assert {("gt0.5-lr3e-4", "gt0.5"), ("gt0.5-lr3e-4", "gt-fewer0.5")} <= {c[:2] for c in accuracy.COMPARISONS}
 
 
 def test_accuracy_cost_is_stated_at_the_median_full_ft_step_measured_by_the_study(tmp_path, monkeypatch):

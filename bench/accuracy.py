@@ -643,7 +643,7 @@ def plan(a, log) -> tuple[dict, dict]:
 
 def estimate(a, winners: dict, seeds: dict, log) -> float:
     """Say, before anything trains, how many runs are left and about how long they take on one core: each at
-    full FT's median measured step time, scaled by the share of a full step the method's steps cost
+    full FT's median measured step time, scaled by what the setting's steps measured against it
     (``step_share``), plus its loading, validation and test generation. Returns the seconds."""
     per_step, overhead = pace(a)
     todo, total, partly = {}, 0.0, 0
@@ -661,35 +661,38 @@ def estimate(a, winners: dict, seeds: dict, log) -> float:
                                                    if todo else "")
         + (f", {partly} of them partly done (from a checkpoint, or running now)" if partly else "")
         + (f", about {total / 60:.0f} min ({total / 3600:.1f} h) on one core: {per_step:.1f} s per optimizer "
-           f"step (the median full FT step measured here, times each method's FLOPs share) + "
-           f"{overhead / 60:.0f} min per run to load, validate and test on {a.test_items} items" if runs else ""))
+           f"step (the median full FT step measured here; a setting with a finished seed at its own measured "
+           f"pace) + {overhead / 60:.0f} min per run to load, validate and test on {a.test_items} items"
+           if runs else ""))
     return total
 
 
 def run_cost(a, s: tuple | None, per_step: float, overhead: float, done: int = 0) -> float:
-    """About how many seconds one run of this setting takes on one core: the optimizer steps it still has to train
-    (all of them, or those after its checkpoint's step ``done``) at full FT's pace times their share of a full
-    step (``step_share``) plus the per-run rest."""
+    """About how many seconds one run of this setting takes on one core: the steps it still has to train (all of
+    them, or those after its checkpoint's step ``done``) at full FT's pace times what one of its steps costs
+    against that pace (``step_share``), plus the per-run rest."""
     n = run_steps(a, s[1]) if s is not None else a.steps
-    if s is not None and s[1].get("step_policy") == "fewer":  # trains the first ρ of them, skips the rest
-        return max(0, round(s[1]["rho"] * n) - done) * per_step + overhead
-    return max(0, n - done) * per_step * (step_share(a, s) if s is not None else 1.0) + overhead
+    trained = n if s is None else trained_steps(s[1], n)
+    return max(0, trained - done) * per_step * (1.0 if s is None else step_share(a, s, per_step)) + overhead
 
 
-def step_share(a, s: tuple) -> float:
-    """What this setting's average optimizer step costs against a full FT step, as time follows FLOPs: the median
-    FLOPs share its finished final runs measured (any seed), else its ρ for GreenTrainer, else 1 (an upper
-    bound for cheaper methods)."""
+def trained_steps(opts: dict, n: int) -> int:
+    """The steps of an ``n``-step run that train: the first ρ of them under the ``fewer`` policy, else all."""
+    return round(opts["rho"] * n) if opts.get("step_policy") == "fewer" else n
+
+
+def step_share(a, s: tuple, per_step: float) -> float:
+    """What one trained step of this setting costs against full FT's pace ``per_step``: the median its finished
+    final runs measured (any seed; training seconds per trained step, selection, probes and validation
+    included), else 1, an upper bound until a first seed has measured it (a partial step costs more time than
+    its FLOPs share)."""
     shares = []
     for seed in range(max([*FINAL_SEEDS.values(), a.seeds or 0])):
         if (path := final_path(a, s, seed)).is_file():
             run = json.loads(path.read_text())
-            if isinstance(run.get("flops_fraction_of_full"), (int, float)):
-                shares.append(run["flops_fraction_of_full"])
-    if shares:
-        return statistics.median(shares)
-    rho = s[1].get("rho")
-    return rho if s[0] == "greentrainer" and isinstance(rho, (int, float)) else 1.0
+            if run.get("train_time_s") and (steps := run.get("optimizer_steps") or run.get("steps")):
+                shares.append(run["train_time_s"] / trained_steps(s[1], steps) / per_step)
+    return statistics.median(shares) if shares else 1.0
 
 
 def work_dir(path: Path) -> Path:

@@ -390,8 +390,8 @@ def test_accuracy_the_selection_at_a_higher_lr_is_its_own_one_seed_check(tmp_pat
     a = SimpleNamespace(dataset="dialogsum", sweep_from="scitldr", seeds=None, steps=512, epochs=1, batch_size=4,
                         test_items=200, methods=["gt0.5", "gt0.5-lr3e-4"])
     accuracy.final(a, log=lambda *x: None)
-    assert calls == [("greentrainer", {"rho": 0.5}, 1e-4, seed) for seed in range(3)][:1] + [
-        ("greentrainer", {"rho": 0.5}, 3e-4, 0)] + [("greentrainer", {"rho": 0.5}, 1e-4, seed) for seed in (1, 2)]
+    assert calls == [("greentrainer", {"rho": 0.5}, 1e-4, 0), ("greentrainer", {"rho": 0.5}, 3e-4, 0),
+                     ("greentrainer", {"rho": 0.5}, 1e-4, 1), ("greentrainer", {"rho": 0.5}, 1e-4, 2)]
     winners = {"greentrainer": {"lr": 1e-4, "options": {}}}
     paths = {accuracy.final_path(a, accuracy.setting(a, v, winners), 0) for v in ("gt0.5", "gt0.5-lr3e-4")}
     assert len(paths) == 2
@@ -416,33 +416,45 @@ def test_accuracy_cost_is_stated_at_the_median_full_ft_step_measured_by_the_stud
     assert accuracy.pace(a) == (24.0, 750.0)
     logged = []
     accuracy.plan(a, log=logged.append)
-    assert logged == [f"final stage: 1 run(s) to train (full ×1), about {(256 * 24.0 + 750) / 60:.0f} min (1.9 h) "
-                      "on one core: 24.0 s per optimizer step (the median full FT step measured here, times each "
-                      "method's FLOPs share) + 12 min per run to load, validate and test on 200 items"]
+    # the run left (seed 2 of the 256-step setting) at its own seeds' median, 22 s per step (20 and 24)
+    assert logged == [f"final stage: 1 run(s) to train (full ×1), about {(256 * 22.0 + 750) / 60:.0f} min (1.8 h) "
+                      "on one core: 24.0 s per optimizer step (the median full FT step measured here; a setting "
+                      "with a finished seed at its own measured pace) + 12 min per run to load, validate and test "
+                      "on 200 items"]
     assert calls == []
 
 
-def test_accuracy_cost_of_a_cheaper_method_is_its_flops_share_of_full_ft_steps(tmp_path, monkeypatch):
-    """A run's estimated training time is its steps at full FT's pace times the share of a full step its steps
-    cost: the FLOPs share its setting's finished runs measured (median over seeds), else GreenTrainer's ρ, else
-    the whole step; the default step policy trains ρ of the steps at full cost."""
+def test_accuracy_cost_of_a_setting_is_its_own_measured_pace_once_a_seed_is_done(tmp_path, monkeypatch):
+    """A run's estimated training time is its trained steps at full FT's pace times what one of its steps cost
+    against that pace in its setting's finished runs (median over seeds; another lr's runs, another study's and a
+    run that failed do not count), else full FT's step (an upper bound); the default step policy trains ρ of the
+    steps, and a checkpoint's steps are done."""
     accuracy, _ = final_stage(tmp_path, monkeypatch, {"full": {"lr": 3e-5, "options": {}},
                                                       "greentrainer": {"lr": 1e-4, "options": {}},
-                                                      "gt-fewer0.5": {"lr": 1e-4, "options": {}},
-                                                      "lora": {"lr": 3e-4, "options": {"lora_r": 8}}})
+                                                      "gt-fewer0.5": {"lr": 1e-4, "options": {}}})
     a = SimpleNamespace(dataset="scitldr", sweep_from="scitldr", seeds=None, steps=256, epochs=2, batch_size=4,
                         test_items=200, methods=None)
     winners = json.loads((tmp_path / "accuracy_sweep_scitldr.json").read_text())["winners"]
-    gt, lora, fewer = (accuracy.setting(a, label, winners) for label in ("gt0.6", "lora", "gt-fewer0.5"))
-    assert accuracy.step_share(a, gt) == 0.6 and accuracy.step_share(a, lora) == 1.0
-    assert accuracy.run_cost(a, gt, 10.0, 100.0) == 256 * 10.0 * 0.6 + 100.0
-    assert accuracy.run_cost(a, fewer, 10.0, 100.0) == 128 * 10.0 + 100.0
-    for seed, share in [(0, 0.55), (1, 0.59), (2, 0.57)]:
-        path = accuracy.final_path(a, gt, seed)
+    gt, fewer, other_lr = (accuracy.setting(a, label, winners) for label in ("gt0.6", "gt-fewer0.5", "gt0.5-lr3e-4"))
+    assert accuracy.run_cost(a, gt, 10.0, 100.0) == 256 * 10.0 + 100.0  # nothing measured yet: full FT's step
+    assert accuracy.run_cost(a, fewer, 10.0, 100.0, done=28) == 100 * 10.0 + 100.0
+
+    def finished(s, seed, train_time_s, study=a, **extra):
+        path = accuracy.final_path(study, s, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"flops_fraction_of_full": share}))
-    assert accuracy.step_share(a, gt) == 0.57
-    assert accuracy.run_cost(a, gt, 10.0, 100.0, done=56) == 200 * 10.0 * 0.57 + 100.0
+        path.write_text(json.dumps({"optimizer_steps": 256, "train_time_s": train_time_s, **extra}))
+    for seed, seconds in [(0, 256 * 6.0), (1, 256 * 7.0), (2, 256 * 9.0)]:
+        finished(gt, seed, seconds)
+    finished(other_lr, 0, 256 * 1.0)  # another setting: not gt0.6's pace
+    finished(gt, 0, 1.0, study=SimpleNamespace(**{**vars(a), "steps": 512}))  # another study length: neither
+    assert accuracy.step_share(a, gt, 10.0) == 0.7
+    assert accuracy.run_cost(a, gt, 10.0, 100.0, done=56) == pytest.approx(200 * 7.0 + 100.0)
+    finished(fewer, 0, 128 * 12.0)  # ρ·256 = 128 trained steps, each 1.2 of full FT's pace
+    finished(fewer, 1, 128 * 12.0, error="stopped: non-finite loss")  # counts its time like any other
+    assert accuracy.step_share(a, fewer, 10.0) == pytest.approx(1.2)
+    assert accuracy.run_cost(a, fewer, 10.0, 100.0, done=28) == pytest.approx(100 * 12.0 + 100.0)
+    finished(gt, 1, None, error="--rho 0.6 is below ...")  # a refused run, no training time: not counted
+    assert accuracy.step_share(a, gt, 10.0) == pytest.approx(0.75)
 
 
 def test_accuracy_until_starts_only_the_runs_that_end_in_time(tmp_path, monkeypatch):

@@ -671,9 +671,10 @@ def run_cost(a, s: tuple | None, per_step: float, overhead: float, done: int = 0
     """About how many seconds one run of this setting takes on one core: the steps it still has to train (all of
     them, or those after its checkpoint's step ``done``) at full FT's pace times what one of its steps costs
     against that pace (``step_share``), plus the per-run rest."""
-    n = run_steps(a, s[1]) if s is not None else a.steps
-    trained = n if s is None else trained_steps(s[1], n)
-    return max(0, trained - done) * per_step * (1.0 if s is None else step_share(a, s, per_step)) + overhead
+    if s is None:  # a variant not set yet: the study's steps at full FT's pace
+        return max(0, a.steps - done) * per_step + overhead
+    trained = trained_steps(s[1], run_steps(a, s[1]))
+    return max(0, trained - done) * per_step * step_share(a, s, per_step) + overhead
 
 
 def trained_steps(opts: dict, n: int) -> int:
